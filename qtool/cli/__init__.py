@@ -1,0 +1,1 @@
+"""Thin Typer layer: parse -> config -> library call. One module per command."""

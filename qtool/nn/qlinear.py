@@ -1,0 +1,105 @@
+"""QuantLinear: a Linear whose weight is stored as packed integer codes.
+
+Storage (names are the checkpoint's tensor names, see docs/format.md):
+  qweight  int32 [N, ceil(K/32)·bits]   codes packed along K (qtool.quant.pack)
+  scales   fp16/bf16/fp32 [N, G]        per-group (or per-channel, G = 1) scale s₀
+  zeros    uint8 [N, G]                 integer zero-points z
+  perm     int64 [K] (optional)         act-order column permutation
+  bias     [N] (optional)
+Ŵ = s · (q − z). PEQA adds a trainable `scale_delta` Δs [N, G]: s = s₀ + Δs.
+The layer knows nothing of LoRA; adapters wrap it (qtool.nn.lora).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qtool.quant.grid import QuantizedWeight, dequantize
+from qtool.quant.pack import pack, packed_words, unpack
+
+
+class QuantLinear(nn.Module):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int | None,
+        bias: bool = False,
+        act_order: bool = False,
+        scale_dtype: torch.dtype = torch.float16,
+        bias_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size  # None: per output channel
+        g = in_features if group_size is None else group_size
+        self.n_groups = (in_features + g - 1) // g
+        N, K, G = out_features, in_features, self.n_groups
+        self.register_buffer("qweight", torch.empty(N, packed_words(K, bits), dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.empty(N, G, dtype=scale_dtype, device=device))
+        self.register_buffer("zeros", torch.empty(N, G, dtype=torch.uint8, device=device))
+        self.register_buffer("perm", torch.empty(K, dtype=torch.int64, device=device) if act_order else None)
+        self.register_buffer("bias", torch.empty(N, dtype=bias_dtype, device=device) if bias else None)
+        self.scale_delta: nn.Parameter | None = None
+        self.use_kernels = True  # the Triton path on CUDA when qtool_kernels supports the config
+
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bits: int, group_size: int | None, bias: Tensor | None) -> QuantLinear:
+        N, K = qw.codes.shape
+        layer = cls(K, N, bits, group_size, bias is not None, qw.perm is not None, qw.scale.dtype,
+                    bias.dtype if bias is not None else torch.float32, device=qw.codes.device)
+        layer.qweight.copy_(pack(qw.codes, bits))
+        layer.scales.copy_(qw.scale)
+        layer.zeros.copy_(qw.zero)
+        if qw.perm is not None:
+            layer.perm.copy_(qw.perm)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def codes(self) -> Tensor:
+        return unpack(self.qweight, self.bits, self.in_features)
+
+    def effective_scales(self) -> Tensor:
+        if self.scale_delta is None:
+            return self.scales
+        return self.scales.float() + self.scale_delta
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Ŵ [N, K] in the stored (possibly act-order permuted) column order."""
+        return dequantize(self.codes(), self.effective_scales(), self.zeros, self.group_size).to(dtype)
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Ŵ [N, K] in the original column order (for export and tests)."""
+        W = self.dequantize(dtype)
+        if self.perm is None:
+            return W
+        return W[:, torch.argsort(self.perm)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        if self.use_kernels and x.is_cuda:
+            from qtool.nn import kernel_dispatch
+
+            y = kernel_dispatch.quant_linear(self, x)
+            if y is not None:
+                return y
+        if self.scale_delta is not None and self.scale_delta.requires_grad:
+            from qtool.nn.scale_grad import scale_trainable_linear
+
+            return scale_trainable_linear(self, x)
+        W = self.dequantize(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, W, bias)
+
+    def extra_repr(self) -> str:
+        g = "channel" if self.group_size is None else self.group_size
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={g}, act_order={self.perm is not None}, bias={self.bias is not None}")

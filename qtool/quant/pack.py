@@ -1,0 +1,57 @@
+"""Bit packing of integer codes into int32 words.
+
+Layout (one definition for every bit-width b ∈ {2, 3, 4, 8}): each row of codes is
+a little-endian bit stream. Code j of a row occupies stream bits [j·b, (j+1)·b),
+least-significant bit first; stream bit t lives in word t // 32 at bit t % 32. Rows
+are padded with zero codes to a multiple of 32 codes, so a row of K codes takes
+ceil(K / 32) · b words and 32 codes always fill exactly b words. For b = 2, 4, 8
+this is the usual "32/b codes per word, lowest code in the lowest bits"; for b = 3
+it is the dense stream (code 10 straddles words 0 and 1, code 21 words 1 and 2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_ROW_CHUNK = 4096  # rows per chunk: the bit matrix is N·K·b bytes, keep it bounded
+
+
+def packed_words(K: int, bits: int) -> int:
+    return (K + 31) // 32 * bits
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """uint8/int codes [N, K] with values < 2^bits -> int32 [N, ceil(K/32)·bits]."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D, got shape {tuple(codes.shape)}")
+    N, K = codes.shape
+    K32 = (K + 31) // 32 * 32
+    out = torch.empty(N, K32 // 32 * bits, dtype=torch.int32, device=codes.device)
+    shifts_in = torch.arange(bits, device=codes.device, dtype=torch.int64)
+    weights = torch.ones(32, dtype=torch.int64, device=codes.device) << torch.arange(32, device=codes.device)
+    for r0 in range(0, N, _ROW_CHUNK):
+        c = codes[r0 : r0 + _ROW_CHUNK].to(torch.int64)
+        if K32 != K:
+            c = torch.nn.functional.pad(c, (0, K32 - K))
+        stream = (c.unsqueeze(-1) >> shifts_in) & 1  # [n, K32, b] bits, LSB first
+        words = (stream.reshape(c.shape[0], -1, 32) * weights).sum(-1)  # [n, W] in [0, 2^32)
+        words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement view
+        out[r0 : r0 + _ROW_CHUNK] = words.to(torch.int32)
+    return out
+
+
+def unpack(packed: Tensor, bits: int, K: int) -> Tensor:
+    """int32 [N, ceil(K/32)·bits] -> uint8 codes [N, K]; exact inverse of `pack`."""
+    N, Wn = packed.shape
+    if Wn != packed_words(K, bits):
+        raise ValueError(f"packed row has {Wn} words, expected {packed_words(K, bits)} for K={K}, b={bits}")
+    out = torch.empty(N, K, dtype=torch.uint8, device=packed.device)
+    bit_idx = torch.arange(32, device=packed.device, dtype=torch.int64)
+    weights = torch.ones(bits, dtype=torch.int64, device=packed.device) << torch.arange(bits, device=packed.device)
+    for r0 in range(0, N, _ROW_CHUNK):
+        w = packed[r0 : r0 + _ROW_CHUNK].to(torch.int64) & 0xFFFFFFFF
+        stream = (w.unsqueeze(-1) >> bit_idx) & 1  # [n, W, 32]
+        codes = (stream.reshape(w.shape[0], -1, bits) * weights).sum(-1)  # [n, K32]
+        out[r0 : r0 + _ROW_CHUNK] = codes[:, :K].to(torch.uint8)
+    return out
