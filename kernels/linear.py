@@ -1,0 +1,106 @@
+"""QuantLinear's CUDA path: pick a kernel by M, and make it differentiable.
+
+Forward  y = x Ŵᵀ + b:  M ≤ SKINNY_MAX_M  -> fused dequant + skinny product (skinny.py);
+                         larger M           -> dequantize this layer (dequant.py) + cuBLAS.
+Backward dX = dY Ŵ:      dequantize this layer + cuBLAS (Ŵ is transient, one layer at a time).
+         ∂L/∂Δs:         fused scale-gradient kernel (scale_grad.py), when PEQA trains Δs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from qtool_kernels.dequant import dequantize_packed
+from qtool_kernels.scale_grad import scale_grad
+from qtool_kernels.skinny import skinny_matmul
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from qtool.nn.qlinear import QuantLinear
+
+# Above this many rows, dequantize + cuBLAS beats the skinny kernel (H100 crossover,
+# measured by `qtool bench kernels`, docs/benchmarks.md).
+SKINNY_MAX_M = 16
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUPS = (None, 32, 64, 128)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def forward_packed(
+    x2d: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int | None,
+    bias: Tensor | None,
+    skinny_max_m: int = SKINNY_MAX_M,
+) -> Tensor:
+    """y [M, N] = x2d [M, K] · Ŵᵀ + bias, no autograd."""
+    M, K = x2d.shape
+    if M <= skinny_max_m:
+        return skinny_matmul(x2d, qweight, scales, zeros, bits, group_size, bias)
+    W = dequantize_packed(qweight, scales, zeros, bits, group_size, K, x2d.dtype)
+    return F.linear(x2d, W, None if bias is None else bias.to(x2d.dtype))
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x Ŵᵀ + b with Ŵ = (s₀ + Δs)(q − z); gradients for x and Δs only (q, z, s₀ are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x2d, scale_delta, qweight, scales, zeros, bias, bits, group_size):
+        s = scales if scale_delta is None else scales.float() + scale_delta
+        y = forward_packed(x2d, qweight, s, zeros, bits, group_size, bias)
+        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, qweight, s, zeros)
+        ctx.bits, ctx.group_size, ctx.K = bits, group_size, x2d.shape[1]
+        ctx.delta_dtype = None if scale_delta is None else scale_delta.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, qweight, s, zeros = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = d_delta = None
+        if ctx.needs_input_grad[0]:
+            W = dequantize_packed(qweight, s, zeros, ctx.bits, ctx.group_size, ctx.K, dy.dtype)
+            dx = dy @ W
+        if ctx.needs_input_grad[1]:
+            d_delta = scale_grad(x2d, dy, qweight, zeros, ctx.bits, ctx.group_size).to(ctx.delta_dtype)
+        return dx, d_delta, None, None, None, None, None, None
+
+
+def quant_linear(layer: QuantLinear, x: Tensor) -> Tensor | None:
+    """QuantLinear.forward's kernel path; None when no kernel covers the case (torch fallback)."""
+    if not (x.is_cuda or _interpreting()):
+        return None
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if layer.bits not in SUPPORTED_BITS or layer.group_size not in SUPPORTED_GROUPS:
+        return None
+    if layer.qweight.device != x.device:
+        return None
+    K, N = layer.in_features, layer.out_features
+    x2d = x.reshape(-1, K)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    delta = layer.scale_delta
+    train_delta = delta is not None and delta.requires_grad and torch.is_grad_enabled()
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or train_delta)
+    if not needs_grad:
+        scales = layer.effective_scales()
+        if delta is not None:
+            scales = scales.detach()
+        y = forward_packed(x2d, layer.qweight, scales, layer.zeros, layer.bits, layer.group_size, layer.bias)
+    else:
+        y = _QuantMatmul.apply(
+            x2d, delta if train_delta else None, layer.qweight,
+            layer.scales if delta is None or train_delta else layer.effective_scales().detach(),
+            layer.zeros, layer.bias, layer.bits, layer.group_size,
+        )
+    return y.reshape(*x.shape[:-1], N)

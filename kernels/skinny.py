@@ -1,0 +1,200 @@
+"""Decode path: y = x · Ŵᵀ for few rows of x (M ≤ 64), dequantizing packed codes on the fly.
+
+Shapes: x [M, K] fp16/bf16, qweight int32 [N, ceil(K/32)·b], scales [N, G] (any float
+dtype), zeros uint8 [N, G], bias [N] or None -> y [M, N] in x's dtype.
+
+Each program owns BLOCK_N output channels and a slice of K (split-K). Per K tile it
+unpacks the codes once, turns them into exact fp16/bf16 integers and runs a tensor-core
+product against xᵀ padded to BLOCK_M columns (the padding costs nothing: a GEMV is bound
+by the weight bytes, and the tensor cores take the multiply-adds off the ALUs, which are
+busy unpacking). Scale and zero are applied per group to the partial sums,
+    Σ_k s (q − z) x = s · (Σ_k q x − z Σ_k x),
+so no per-element multiply by s is needed. When a K tile spans several groups (g <
+BLOCK_K), xᵀ is expanded block-diagonally to [BLOCK_K, GPB·BLOCK_M]: one product then
+yields every group's partial sums at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from qtool_kernels._unpack import codes_to_float, unpack_tile
+from torch import Tensor
+
+PER_CHANNEL = 1 << 30  # GROUP constexpr meaning "one group spans all of K"
+
+
+@triton.jit
+def _skinny_kernel(
+    # pointers
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    # sizes
+    M, N, K, Wn, G,
+    # strides (elements)
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_os, stride_om,
+    # meta
+    BITS: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    GS: tl.constexpr = BLOCK_K // GPB  # codes of one group inside a tile
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_start = pid_k * per_split
+    t_end = tl.minimum(t_start + per_split, k_tiles)
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for t in range(t_start, t_end):
+        k0 = t * BLOCK_K
+        codes = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K)
+        q = codes_to_float(codes, IS_BF16, BITS)  # [BN, BK] exact integers
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=m_mask[:, None] & (offs_k[None, :] < K),
+            other=0.0,
+        )  # [BM, BK]
+        if GPB == 1:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
+            p = tl.dot(q, tl.trans(xt))  # [BN, BM] Σ q x
+            xs = tl.sum(xt.to(tl.float32), axis=1)  # [BM] Σ x
+            acc += s[:, None] * (p - z[:, None] * xs[None, :])
+        else:
+            kg = tl.arange(0, BLOCK_K) // GS
+            gp = tl.arange(0, GPB)
+            xe = tl.where(kg[:, None, None] == gp[None, :, None], tl.trans(xt)[:, None, :], 0.0)
+            xe = tl.reshape(xe.to(xt.dtype), [BLOCK_K, GPB * BLOCK_M])
+            p = tl.reshape(tl.dot(q, xe), [BLOCK_N, GPB, BLOCK_M])  # per-group Σ q x
+            xs = tl.trans(tl.sum(tl.reshape(xt.to(tl.float32), [BLOCK_M, GPB, GS]), axis=2))  # [GPB, BM]
+            g = k0 // GROUP + gp
+            sz_mask = n_mask[:, None] & (g[None, :] < G)
+            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=sz_mask, other=0.0)
+            z = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=sz_mask, other=0)
+            s = s.to(tl.float32)
+            z = z.to(tl.float32)
+            acc += tl.sum(s[:, :, None] * (p - z[:, :, None] * xs[None, :, :]), axis=1)
+
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc, mask=out_mask)  # fp32 partials, summed by the wrapper
+
+
+def group_constexpr(group_size: int | None) -> int:
+    return PER_CHANNEL if group_size is None else group_size
+
+
+def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int) -> dict:
+    """Tile sizes for the skinny kernel (chosen from the H100 sweeps in docs/kernels.md)."""
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    block_k = 256 if bits <= 4 else 128
+    block_n = 64
+    # Enough programs to fill the SMs a few times over; split K otherwise.
+    n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    split_k = 1
+    k_tiles = triton.cdiv(K, block_k)
+    while n_tiles * split_k < 2 * n_sm and split_k * 2 <= k_tiles and split_k < 16:
+        split_k *= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
+            "num_warps": 4, "num_stages": 2}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def skinny_matmul(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int | None,
+    bias: Tensor | None = None,
+    config: dict | None = None,
+    out: Tensor | None = None,
+    workspace: Tensor | None = None,
+) -> Tensor:
+    """y [M, N] = x [M, K] · Ŵᵀ with Ŵ = s·(q − z) from the packed layout.
+
+    `out` [M, N] (x's dtype) receives y when K is not split; `workspace` [SPLIT_K, M, N]
+    fp32 holds the split-K partials. Both are allocated when not given.
+    """
+    M, K = x.shape
+    N, Wn = qweight.shape
+    G = scales.shape[1]
+    assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
+    assert x.stride(1) == 1 and qweight.stride(1) == 1
+    assert scales.stride(1) == 1 and zeros.stride(1) == 1
+    cfg = dict(config or default_config(M, N, K, bits, group_size, _num_sms(x.device)))
+    BM, BN, BK, SK = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
+    GROUP = group_constexpr(group_size)
+    if GROUP < BK:
+        gpb = BK // GROUP
+    else:
+        assert GROUP % BK == 0, "a tile must not straddle two groups"
+        gpb = 1
+    if SK == 1:
+        if out is None:
+            out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        assert out.shape == (M, N) and out.dtype == x.dtype and out.stride(1) == 1
+        stride_os = 0
+    else:
+        out = workspace
+        if out is None:
+            out = torch.empty(SK, M, N, dtype=torch.float32, device=x.device)
+        assert out.shape == (SK, M, N) and out.dtype == torch.float32 and out.is_contiguous()
+        stride_os = out.stride(0)
+    grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
+    _skinny_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else scales, out,
+        M, N, K, Wn, G,
+        x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), stride_os, out.stride(-2),
+        BITS=bits, GROUP=GROUP, GPB=gpb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+        SPLIT_K=SK, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
+        **cfg,
+    )
+    if SK == 1:
+        return out
+    y = out.sum(0)
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
+
+
+def reference_skinny(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int | None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """float64 x · Ŵᵀ (+ bias): what `skinny_matmul` computes, without rounding."""
+    from qtool.quant.grid import dequantize
+    from qtool.quant.pack import unpack
+
+    K = x.shape[1]
+    W = dequantize(unpack(qweight, bits, K), scales.double(), zeros, group_size)
+    y = x.double() @ W.T
+    if bias is not None:
+        y = y + bias.double()
+    return y

@@ -1,0 +1,36 @@
+"""Shared helpers: random packed layers, the error metric and its bounds.
+
+Tolerances (‖out − ref‖ / ‖ref‖ against float64 on the same fp16/bf16 inputs and stored
+scales). The kernels multiply exact integers by fp16/bf16 activations with fp32
+accumulation, so the error is dominated by the final rounding of each output:
+  fp16 output: unit roundoff 2^-11 ≈ 4.9e-4 per element (rms ≈ 2.8e-4)   -> bound 2e-3
+  bf16 output: unit roundoff 2^-8  ≈ 3.9e-3 per element (rms ≈ 2.3e-3)   -> bound 1e-2
+  fp32 output (scale gradient): fp32 accumulation of exact products      -> bound 1e-4
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qtool.quant.grid import QuantSpec, rtn
+from qtool.quant.pack import pack
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
+
+
+def rel_err(out: Tensor, ref: Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN/inf anywhere gives inf so it never passes."""
+    out = out.double().cpu()
+    ref = ref.double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def random_packed(N: int, K: int, bits: int, group_size: int | None, symmetric: bool = False,
+                  device: str = "cpu", gen: torch.Generator | None = None):
+    """(qweight, scales fp16, zeros) of an RTN-quantized random Gaussian weight."""
+    W = torch.randn(N, K, generator=gen)
+    qw = rtn(W, QuantSpec(bits, group_size, symmetric))
+    return pack(qw.codes, bits).to(device), qw.scale.to(device), qw.zero.to(device)

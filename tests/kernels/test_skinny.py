@@ -1,0 +1,65 @@
+"""Skinny (decode) kernel vs the float64 reference: every bit-width, group size, odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import qtool_kernels as qk
+import torch
+from kernel_testutil import TOL, random_packed, rel_err
+
+SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4}
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, None])
+@pytest.mark.parametrize("M", [1, 3, 17])
+def test_skinny_interpreter(bits: int, group_size: int | None, M: int) -> None:
+    # K = 576: with g = 128 the last group is short (64 codes); N = 80: a partial N tile.
+    N, K = 80, 576
+    qweight, scales, zeros = random_packed(N, K, bits, group_size)
+    x = torch.randn(M, K).half()
+    bias = torch.randn(N) if M == 3 else None
+    cfg = dict(SMALL, SPLIT_K=2 if M == 1 else 1)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    y = qk.skinny_matmul(x, qweight, scales, zeros, bits, group_size, bias, config=cfg, out=out)
+    assert y.data_ptr() == out.data_ptr() or cfg["SPLIT_K"] > 1
+    ref = qk.reference_skinny(x, qweight, scales, zeros, bits, group_size, bias)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_skinny_k_not_multiple_of_32(bits: int) -> None:
+    # K = 600: the packed row is padded to 608 codes; tiles past K must contribute nothing.
+    N, K = 48, 600
+    qweight, scales, zeros = random_packed(N, K, bits, 64, symmetric=True)
+    x = torch.randn(2, K).half()
+    y = qk.skinny_matmul(x, qweight, scales, zeros, bits, 64, config=dict(SMALL, BLOCK_K=256))
+    ref = qk.reference_skinny(x, qweight, scales, zeros, bits, 64)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+def test_split_k_partials_all_written() -> None:
+    N, K, bits = 64, 1024, 4
+    qweight, scales, zeros = random_packed(N, K, bits, 128)
+    x = torch.randn(1, K).half()
+    ws = torch.full((4, 1, N), float("nan"))
+    y = qk.skinny_matmul(x, qweight, scales, zeros, bits, 128, config=dict(SMALL, SPLIT_K=4), workspace=ws)
+    ref = qk.reference_skinny(x, qweight, scales, zeros, bits, 128)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, None])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1536, 576), (4096, 4096), (1000, 1000)])
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 64])
+def test_skinny_gpu(bits, group_size, dtype, shape, M) -> None:
+    N, K = shape
+    qweight, scales, zeros = random_packed(N, K, bits, group_size, device="cuda")
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+    y = qk.skinny_matmul(x, qweight, scales, zeros, bits, group_size, out=out)
+    ref = qk.reference_skinny(x, qweight, scales, zeros, bits, group_size)
+    assert rel_err(y, ref) < TOL[dtype]
