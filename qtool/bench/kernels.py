@@ -1,0 +1,177 @@
+"""`qtool bench kernels`: packed-weight matmul vs fp16 cuBLAS, both measured in the same run.
+
+Convention: a shape N×K is a Linear with N outputs and K inputs (W is [N, K], y = x Wᵀ),
+the way Llama's weights are stored (SHAPES names each one). The weight bandwidth counts
+the bytes a kernel must read at least once (packed codes + scales + zeros; the fp16
+weight for the baseline) over the median time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qtool.bench.timing import copies_needed, copy_bandwidth, time_rotated
+
+# (N out, K in). Llama-2-7B: q/k/v/o 4096×4096, gate/up 11008×4096, down 4096×11008;
+# Llama-3-70B: q/o 8192×8192, gate/up 28672×8192, down 8192×28672.
+SHAPES: dict[str, tuple[int, int]] = {
+    "7B.qo": (4096, 4096),
+    "7B.up": (11008, 4096),
+    "7B.down": (4096, 11008),
+    "70B.qo": (8192, 8192),
+    "70B.up": (28672, 8192),
+    "70B.down": (8192, 28672),
+}
+DEFAULT_MS = (1, 4, 16, 64, 256, 2048)
+DEFAULT_BITS = (2, 3, 4)
+DEFAULT_GROUPS: tuple[int | None, ...] = (64, 128, None)
+
+
+@dataclass
+class KernelRow:
+    shape: str
+    N: int
+    K: int
+    M: int
+    bits: int
+    group_size: int | None
+    dtype: str
+    path: str  # "skinny" or "dequant+cublas"
+    quant_us: float
+    fp16_us: float
+    speedup: float  # fp16 time / quantized time
+    weight_bytes: int
+    weight_gbps: float
+    copy_frac: float  # weight_gbps / device-to-device copy bandwidth
+    fwd_bwd_ratio: float | None = None  # (quant fwd + dX) / (fp16 fwd + dX), large M only
+
+
+@dataclass
+class KernelReport:
+    gpu: str
+    torch: str
+    triton: str
+    copy_gbps: float
+    rows: list[KernelRow]
+
+    def to_dict(self) -> dict:
+        return {"gpu": self.gpu, "torch": self.torch, "triton": self.triton,
+                "copy_gbps": self.copy_gbps, "rows": [asdict(r) for r in self.rows]}
+
+
+def random_packed_layer(N: int, K: int, bits: int, group_size: int | None, device: str = "cuda"):
+    """A QuantLinear with random codes, scales and zeros (never zeros: they time too well)."""
+    from qtool.nn.qlinear import QuantLinear
+
+    layer = QuantLinear(K, N, bits, group_size, device=device)
+    layer.qweight.random_(-(2**31), 2**31 - 1)
+    layer.scales.uniform_(0.5e-2, 2e-2)
+    layer.zeros.random_(0, 2**bits)
+    return layer
+
+
+def _layer_bytes(layer) -> int:
+    return sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.zeros))
+
+
+def bench_fp16(N: int, K: int, M: int, dtype: torch.dtype) -> float:
+    """Seconds of x · Wᵀ through torch (cuBLAS), weights rotated out of L2."""
+    n = copies_needed(N * K * 2)
+    Ws = [torch.randn(N, K, device="cuda", dtype=dtype) for _ in range(n)]
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    outs = [torch.empty(M, N, device="cuda", dtype=dtype) for _ in range(n)]
+    calls = [lambda W=W, o=o: torch.matmul(x, W.t(), out=o) for W, o in zip(Ws, outs, strict=True)]
+    t = time_rotated(calls, use_graph=M <= 256)
+    del Ws, outs
+    return t
+
+
+def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype: torch.dtype,
+                skinny_max_m: int | None = None, config: dict | None = None) -> tuple[float, int, str]:
+    """(seconds, weight bytes, path) of the kernel path, weights rotated out of L2."""
+    import qtool_kernels as qk
+
+    layers = [random_packed_layer(N, K, bits, group_size)]
+    nbytes = _layer_bytes(layers[0])
+    layers += [random_packed_layer(N, K, bits, group_size) for _ in range(copies_needed(nbytes) - 1)]
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    max_m = qk.SKINNY_MAX_M if skinny_max_m is None else skinny_max_m
+    path = "skinny" if M <= max_m else "dequant+cublas"
+    if config is not None and path == "skinny":
+        calls = [lambda L=L: qk.skinny_matmul(x, L.qweight, L.scales, L.zeros, bits, group_size,
+                                              config=config) for L in layers]
+    else:
+        calls = [lambda L=L: qk.forward_packed(x, L.qweight, L.scales, L.zeros, bits, group_size, None, max_m)
+                 for L in layers]
+    t = time_rotated(calls, use_graph=M <= 256)
+    del layers
+    return t, nbytes, path
+
+
+def bench_fwd_bwd(N: int, K: int, M: int, bits: int, group_size: int | None, dtype: torch.dtype) -> float:
+    """(quantized fwd + dX) / (fp16 fwd + dX) time, frozen weights (the LoRA-on-int-base case)."""
+    import qtool_kernels as qk
+
+    layer = random_packed_layer(N, K, bits, group_size)
+    W = torch.randn(N, K, device="cuda", dtype=dtype)
+    x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+    dy = torch.randn(M, N, device="cuda", dtype=dtype)
+
+    def quant() -> None:
+        qk.quant_linear(layer, x).backward(dy)
+
+    def dense() -> None:
+        F.linear(x, W).backward(dy)
+
+    tq = time_rotated([quant], use_graph=False)
+    td = time_rotated([dense], use_graph=False)
+    return tq / td
+
+
+def run(
+    shapes: list[str] | None = None,
+    Ms: tuple[int, ...] = DEFAULT_MS,
+    bits_list: tuple[int, ...] = DEFAULT_BITS,
+    groups: tuple[int | None, ...] = DEFAULT_GROUPS,
+    dtype: torch.dtype = torch.float16,
+    fwd_bwd_min_m: int = 2048,
+    progress=None,
+) -> KernelReport:
+    import triton
+
+    if not torch.cuda.is_available():
+        from qtool.errors import QtoolError
+
+        raise QtoolError("`qtool bench kernels` needs a CUDA GPU")
+    copy_bw = copy_bandwidth()
+    rows: list[KernelRow] = []
+    for name in shapes or list(SHAPES):
+        N, K = SHAPES[name]
+        for M in Ms:
+            t16 = bench_fp16(N, K, M, dtype)
+            for bits in bits_list:
+                for g in groups:
+                    tq, nbytes, path = bench_quant(N, K, M, bits, g, dtype)
+                    ratio = None
+                    if M >= fwd_bwd_min_m:
+                        ratio = bench_fwd_bwd(N, K, M, bits, g, dtype)
+                    gbps = nbytes / tq / 1e9
+                    row = KernelRow(name, N, K, M, bits, g, str(dtype).removeprefix("torch."), path,
+                                    tq * 1e6, t16 * 1e6, t16 / tq, nbytes, gbps, gbps * 1e9 / copy_bw, ratio)
+                    rows.append(row)
+                    if progress is not None:
+                        progress(row)
+    return KernelReport(torch.cuda.get_device_name(), torch.__version__, triton.__version__,
+                        copy_bw / 1e9, rows)
+
+
+def fmt_group(g: int | None) -> str:
+    return "ch" if g is None else str(g)
+
+
+def fmt_opt(v: float | None) -> str:
+    return "" if v is None or math.isnan(v) else f"{v:.3f}"
