@@ -1,0 +1,102 @@
+"""PEQA (METHODS.md §3): fine-tune only the quantization scales of a packed checkpoint.
+
+Ŵ = (s₀ + Δs)·(q − z). Each QuantLinear gets a trainable Δs [N, G] initialised to zero
+(so training starts exactly at the quantized model); q, z, s₀, embeddings, norms and
+lm_head stay frozen. The gradient of Δs comes from qtool.nn.scale_grad, which never keeps
+a dense weight. The result is a task-delta file (qtool.artifact.delta).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from qtool.artifact.delta import save_delta
+from qtool.data.tasks import Task
+from qtool.errors import QtoolError
+from qtool.nn.qlinear import QuantLinear
+from qtool.nn.replace import quant_linears
+from qtool.train.loop import TrainConfig, TrainResult, train
+
+# Default learning rates by bit-width (AdamW, cosine, 3 % warm-up, clip 0.3). Until the
+# sweep in docs/peqa.md was run these follow EfficientQAT's E2E-QP (train the step sizes
+# only): 1e-5 at 3/4 bits, 2e-5 at 2 bits; docs/peqa.md records what was measured.
+DEFAULT_LR = {2: 2e-5, 3: 1e-5, 4: 1e-5, 8: 1e-5}
+
+
+def default_lr(info: dict) -> float:
+    bits = {m.get("bits") for m in info.get("modules", {}).values()}
+    return DEFAULT_LR.get(min(bits) if bits else 4, 1e-5)
+
+
+def trainable_scales(model: nn.Module, info: dict | None = None) -> dict[str, nn.Parameter]:
+    """Freeze the model and attach a zero Δs to every QuantLinear; returns {module name: Δs}.
+
+    Refuses checkpoints with quantized modules whose scales PEQA cannot train (any module
+    in the manifest that is not an integer-grid QuantLinear, e.g. NF4 codebooks)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = quant_linears(model)
+    for name, entry in (info or {}).get("modules", {}).items():
+        kind = entry.get("kind", "int")
+        if kind != "int" or not isinstance(layers.get(name), QuantLinear):
+            raise QtoolError(f"PEQA trains integer-grid scales only; module {name} is of kind {kind!r} "
+                             "(NF4 and other codebook formats have no trainable per-channel scales)")
+    if not layers:
+        raise QtoolError("the model has no quantized layers: PEQA needs a qtool checkpoint")
+    params = {}
+    for name, layer in layers.items():
+        layer.scale_delta = nn.Parameter(torch.zeros(layer.scales.shape, dtype=torch.float32,
+                                                     device=layer.scales.device))
+        params[name] = layer.scale_delta
+    return params
+
+
+def remove_scale_deltas(model: nn.Module) -> None:
+    """Detach the trainable Δs again (the model is back to its plain quantized forward)."""
+    for layer in quant_linears(model).values():
+        layer.scale_delta = None
+
+
+@dataclass
+class PeqaResult:
+    delta_path: Path
+    delta_bytes: int
+    trainable: int  # number of trained values
+    train: TrainResult
+
+
+def finetune_peqa(model: nn.Module, tokenizer, info: dict, task: Task, config: TrainConfig,
+                  out: Path) -> PeqaResult:
+    """Train Δs on `task` and write the kept (best by default) Δs to `out`."""
+    if out.suffix != ".safetensors":
+        raise QtoolError(f"output {out} must end in .safetensors")
+    params = trainable_scales(model, info)
+    try:
+        result = train(model, tokenizer, task, params, config)
+    finally:
+        remove_scale_deltas(model)
+    kept: dict[str, Tensor] = result.params
+    metric = result.best.get(result.metric, float("nan"))
+    size = save_delta(out, kept, info, method="peqa", task=task.name,
+                      steps=result.best.get("step", result.steps), total_steps=result.total_steps,
+                      lr=repr(config.lr), seed=config.seed,
+                      metric_name=result.metric, metric=repr(float(metric)),
+                      val_loss=repr(float(result.best.get("loss", float("nan")))),
+                      seqlen=config.seqlen, batch_size=config.batch_size * config.grad_accum,
+                      task_source=task.source)
+    n = sum(t.numel() for t in kept.values())
+    return PeqaResult(out, size, n, result)
+
+
+def describe(result: PeqaResult) -> dict:
+    """A JSON-friendly summary (for --json and docs)."""
+    r = result.train
+    return {"delta": str(result.delta_path), "delta_bytes": result.delta_bytes, "trainable": result.trainable,
+            "steps": r.steps, "kept_step": r.best.get("step"), "metric": r.metric, "initial": r.initial,
+            "final": r.final, "kept": r.best, "tokens": r.tokens, "train_seconds": r.train_seconds,
+            "tokens_per_s": r.tokens_per_s, "peak_memory_bytes": r.peak_memory_bytes, "device": r.device,
+            "skipped_steps": r.skipped_steps, "history": r.history}

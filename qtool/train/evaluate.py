@@ -1,0 +1,58 @@
+"""Validation metrics of a tokenized task: mean target NLL, and accuracy for classification.
+
+Classification follows lm-eval's multiple choice: every choice is scored as a
+continuation of the same context by its summed log-likelihood; the highest wins (`acc`).
+The gold choice's NLL gives the loss, so one pass yields both numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from qtool.train.data import IGNORE, Encoded, TokenizedTask, collate, eval_subset
+from qtool.train.loss import nll_per_row
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tt: TokenizedTask, batch_size: int, device: torch.device,
+             limit: int | None = None, autocast: Callable[[], contextlib.AbstractContextManager] | None = None
+             ) -> dict[str, float]:
+    """{'loss', 'ppl', 'tokens'[, 'accuracy']} on (a fixed subset of) the validation split."""
+    was_training = model.training
+    model.eval()
+    ctx = autocast or contextlib.nullcontext
+    try:
+        if tt.choices is None:
+            seqs = [tt.validation[i] for i in eval_subset(len(tt.validation), limit)]
+            nll, n = _score(model, seqs, tt.pad_id, batch_size, device, ctx)
+            loss = float(nll.sum() / n.sum())
+            return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(n.sum())}
+        items = [tt.val_choice_items[i] for i in eval_subset(len(tt.val_choice_items), limit)]
+        C = len(tt.choices)
+        seqs = [Encoded(it.context + c, [IGNORE] * len(it.context) + c) for it in items for c in tt.choices]
+        nll, n = _score(model, seqs, tt.pad_id, batch_size, device, ctx)
+        nll, n = nll.view(len(items), C), n.view(len(items), C)
+        gold = torch.tensor([it.gold for it in items])
+        pred = nll.argmin(1)  # highest summed log-likelihood
+        g_nll, g_n = nll.gather(1, gold[:, None]), n.gather(1, gold[:, None])
+        loss = float(g_nll.sum() / g_n.sum())
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(g_n.sum()),
+                "accuracy": float((pred == gold).float().mean())}
+    finally:
+        model.train(was_training)
+
+
+def _score(model, seqs: list[Encoded], pad_id: int, batch_size: int, device, ctx):
+    nlls, counts = [], []
+    for b0 in range(0, len(seqs), batch_size):
+        batch = collate(seqs[b0:b0 + batch_size], pad_id).to(device)
+        with ctx():
+            s, n = nll_per_row(model, batch.input_ids, batch.attention_mask, batch.labels)
+        nlls.append(s.float().cpu())
+        counts.append(n.cpu())
+    return torch.cat(nlls).double(), torch.cat(counts).double()
