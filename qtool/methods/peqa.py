@@ -8,6 +8,7 @@ a dense weight. The result is a task-delta file (qtool.artifact.delta).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,17 @@ def default_lr(info: dict) -> float:
     return DEFAULT_LR.get(min(bits) if bits else 4, 1e-5)
 
 
+def check_trainable(info: dict, layers: dict | None = None) -> None:
+    """Every quantized module must be an integer-grid QuantLinear: NF4 and other codebook
+    formats (QLoRA) have no per-channel scales to train. Checked from the manifest alone
+    before any weight is loaded, and against the built model when `layers` is given."""
+    for name, entry in info.get("modules", {}).items():
+        kind = entry.get("kind", "int")
+        if kind != "int" or (layers is not None and not isinstance(layers.get(name), QuantLinear)):
+            raise QtoolError(f"PEQA trains integer-grid scales only; module {name} is of kind {kind!r} "
+                             "(NF4 and other codebook formats have no trainable scales)")
+
+
 def trainable_scales(model: nn.Module, info: dict | None = None) -> dict[str, nn.Parameter]:
     """Freeze the model and attach a zero Δs to every QuantLinear; returns {module name: Δs}.
 
@@ -40,11 +52,7 @@ def trainable_scales(model: nn.Module, info: dict | None = None) -> dict[str, nn
     for p in model.parameters():
         p.requires_grad_(False)
     layers = quant_linears(model)
-    for name, entry in (info or {}).get("modules", {}).items():
-        kind = entry.get("kind", "int")
-        if kind != "int" or not isinstance(layers.get(name), QuantLinear):
-            raise QtoolError(f"PEQA trains integer-grid scales only; module {name} is of kind {kind!r} "
-                             "(NF4 and other codebook formats have no trainable per-channel scales)")
+    check_trainable(info or {}, layers)
     if not layers:
         raise QtoolError("the model has no quantized layers: PEQA needs a qtool checkpoint")
     params = {}
@@ -100,3 +108,27 @@ def describe(result: PeqaResult) -> dict:
             "final": r.final, "kept": r.best, "tokens": r.tokens, "train_seconds": r.train_seconds,
             "tokens_per_s": r.tokens_per_s, "peak_memory_bytes": r.peak_memory_bytes, "device": r.device,
             "skipped_steps": r.skipped_steps, "history": r.history}
+
+
+def finetune_checkpoint(model_dir: Path, task_name: str | None, out: Path | None, config: TrainConfig,
+                        data: Path | None = None, fmt: str | None = None,
+                        overwrite: bool = False) -> PeqaResult:
+    """`qtool finetune --method peqa`: load the checkpoint and the task, train Δs, write it.
+
+    The task is read (and its data validated) before the model is loaded, so bad data fails
+    in a second. `config.lr` of 0 means the default for the checkpoint's bit-width."""
+    from qtool.artifact.checkpoint import load_checkpoint, read_manifest
+    from qtool.data.tasks import load_task
+
+    task = load_task(task_name, data, fmt)
+    out = Path(out) if out is not None else Path(f"{task.name}.safetensors")
+    if out.exists() and not overwrite:
+        raise QtoolError(f"output {out} exists (use --overwrite)")
+    info = read_manifest(Path(model_dir))
+    check_trainable(info)
+    if not config.lr:
+        config = dataclasses.replace(config, lr=default_lr(info))
+    if config.state_dir is None and (config.save_every or config.resume):
+        config = dataclasses.replace(config, state_dir=out.with_name(out.stem + ".train"))
+    ck = load_checkpoint(Path(model_dir))
+    return finetune_peqa(ck.model, ck.tokenizer, ck.info, task, config, out)
