@@ -12,6 +12,9 @@ The layer knows nothing of LoRA; adapters wrap it (qtool.nn.lora).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,6 +51,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.empty(N, dtype=bias_dtype, device=device) if bias else None)
         self.scale_delta: nn.Parameter | None = None
         self.use_kernels = True  # the Triton path on CUDA when qtool_kernels supports the config
+        self._dense: Tensor | None = None  # set only inside `dense_cache` (CPU inference)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bits: int, group_size: int | None, bias: Tensor | None) -> QuantLinear:
@@ -95,7 +99,10 @@ class QuantLinear(nn.Module):
             from qtool.nn.scale_grad import scale_trainable_linear
 
             return scale_trainable_linear(self, x)
-        W = self.dequantize(x.dtype)
+        if self._dense is not None and not torch.is_grad_enabled():
+            W = self._dense.to(x.dtype)
+        else:
+            W = self.dequantize(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, W, bias)
 
@@ -103,3 +110,19 @@ class QuantLinear(nn.Module):
         g = "channel" if self.group_size is None else self.group_size
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={g}, act_order={self.perm is not None}, bias={self.bias is not None}")
+
+
+@contextlib.contextmanager
+def dense_cache(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """Inference on a device without kernels: dequantize each QuantLinear once, not per call.
+
+    Costs one dense copy of the quantized layers for the duration of the block; meant for
+    CPU evaluation and generation, where unpacking on every token dominates the run time."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        for m in layers:
+            m._dense = m.dequantize(dtype)
+        yield
+    finally:
+        for m in layers:
+            m._dense = None

@@ -41,17 +41,28 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     return out
 
 
+def _code_windows(K32: int, bits: int, device) -> tuple[Tensor, Tensor]:
+    """For every code j: index of the word holding its first bit, and that bit's offset."""
+    first_bit = torch.arange(K32, device=device, dtype=torch.int64) * bits
+    return first_bit // 32, first_bit % 32
+
+
 def unpack(packed: Tensor, bits: int, K: int) -> Tensor:
-    """int32 [N, ceil(K/32)·bits] -> uint8 codes [N, K]; exact inverse of `pack`."""
+    """int32 [N, ceil(K/32)·bits] -> uint8 codes [N, K]; exact inverse of `pack`.
+
+    Each code is read from a 64-bit window (its first word, plus the next word shifted
+    up by 32), so codes that straddle two words (3-bit) need no special case."""
     N, Wn = packed.shape
     if Wn != packed_words(K, bits):
         raise ValueError(f"packed row has {Wn} words, expected {packed_words(K, bits)} for K={K}, b={bits}")
+    K32 = Wn // bits * 32
+    word, shift = _code_windows(K32, bits, packed.device)
+    nxt = torch.clamp(word + 1, max=Wn - 1)
+    spans = (shift + bits > 32).to(torch.int64)  # only then is the next word needed
+    mask = (1 << bits) - 1
     out = torch.empty(N, K, dtype=torch.uint8, device=packed.device)
-    bit_idx = torch.arange(32, device=packed.device, dtype=torch.int64)
-    weights = torch.ones(bits, dtype=torch.int64, device=packed.device) << torch.arange(bits, device=packed.device)
     for r0 in range(0, N, _ROW_CHUNK):
         w = packed[r0 : r0 + _ROW_CHUNK].to(torch.int64) & 0xFFFFFFFF
-        stream = (w.unsqueeze(-1) >> bit_idx) & 1  # [n, W, 32]
-        codes = (stream.reshape(w.shape[0], -1, bits) * weights).sum(-1)  # [n, K32]
-        out[r0 : r0 + _ROW_CHUNK] = codes[:, :K].to(torch.uint8)
+        window = w[:, word] | ((w[:, nxt] * spans) << 32)
+        out[r0 : r0 + _ROW_CHUNK] = ((window >> shift) & mask)[:, :K].to(torch.uint8)
     return out

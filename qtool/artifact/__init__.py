@@ -1,0 +1,1 @@
+"""Artifacts passed between commands: checkpoints, calibration sets, task deltas."""

@@ -1,0 +1,252 @@
+"""The qtool checkpoint directory: write, verify, load. docs/format.md is the specification.
+
+Layout:
+  config.json, tokenizer files      (still a Hugging Face model directory)
+  model.safetensors                 packed codes, zero-points, perms, biases + all
+                                    non-quantized tensors (sharded as model-0000i-of-0000n
+                                    with model.safetensors.index.json above a size)
+  scales.safetensors                `<module>.scales` of every quantized Linear: kept in
+                                    their own file so a task's scales can be swapped
+                                    (PEQA) while the codes stay hard-linked
+  qtool.json                        manifest: format version, method, grid, modules,
+                                    fingerprints, versions, sha256 of every other file
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qtool import __version__
+from qtool.artifact.atomic import atomic_dir
+from qtool.errors import QtoolError
+from qtool.models.load import sha256_file
+from qtool.nn.qlinear import QuantLinear
+from qtool.nn.replace import quant_linears, set_module
+
+FORMAT = "qtool-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST = "qtool.json"
+SCALES_FILE = "scales.safetensors"
+SHARD_BYTES = 2 * 1024**3
+QUANT_SUFFIXES = ("qweight", "zeros", "perm", "bias")
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    tokenizer: object
+    info: dict
+    path: Path
+
+
+def library_versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    return {"qtool": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Identity of the integer base: codes, zero-points, perms and the base scales.
+
+    Computed once at quantization and stored; swapping a task's scales does not change it."""
+    h = hashlib.sha256()
+    for name, layer in sorted(quant_linears(model).items()):
+        h.update(name.encode())
+        for t in (layer.qweight, layer.zeros, layer.perm, layer.scales):
+            if t is not None:
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def module_entry(layer: QuantLinear) -> dict:
+    return {"kind": "int", "bits": layer.bits, "group_size": layer.group_size,
+            "in_features": layer.in_features, "out_features": layer.out_features,
+            "bias": layer.bias is not None, "act_order": layer.perm is not None,
+            "scale_dtype": str(layer.scales.dtype).removeprefix("torch.")}
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that alias an earlier tensor (tied lm_head): saved once."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if v is None or v.device.type == "meta":
+            continue
+        ptr = v.data_ptr()
+        if ptr in seen and v.numel() > 0:
+            tied.add(k)
+        else:
+            seen[ptr] = k
+    return tied
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    return shards
+
+
+def write_manifest(directory: Path, info: dict) -> dict:
+    """Recompute the sha256 of every file in `directory` and write qtool.json. Returns info."""
+    directory = Path(directory)
+    info = dict(info)
+    info["files"] = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
+                     if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
+    return info
+
+
+def save_checkpoint(model: nn.Module, tokenizer, info: dict, out_dir: Path, overwrite: bool = False,
+                    shard_bytes: int = SHARD_BYTES) -> dict:
+    """Write the checkpoint atomically. `info` carries method/grid/source/calibration fields."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise QtoolError(f"output {out_dir} exists (use --overwrite)")
+    layers = quant_linears(model)
+    if not layers:
+        raise QtoolError("model has no quantized layers to save")
+    tied = _tied_keys(model)
+    scales, main = {}, {}
+    for k, v in model.state_dict().items():
+        if k in tied or v is None:
+            continue
+        if k.endswith(".scales") and k.removesuffix(".scales") in layers:
+            scales[k] = v.detach().cpu().contiguous()
+        else:
+            main[k] = v.detach().cpu().contiguous()
+    info = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **info,
+        "modules": {n: module_entry(m) for n, m in layers.items()},
+        "tied": sorted(tied),
+        "fingerprint": base_fingerprint(model),
+        "versions": library_versions(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shards = _shards(main, shard_bytes)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+        save_file(scales, str(tmp / SCALES_FILE), metadata={"format": "pt", "qtool.kind": "scales"})
+        info = write_manifest(tmp, info)
+    return info
+
+
+def read_manifest(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise QtoolError(f"checkpoint {path} not found (expected a directory made by `qtool quantize`)")
+    mf = path / MANIFEST
+    if not mf.is_file():
+        raise QtoolError(f"{path} is not a qtool checkpoint (no {MANIFEST})")
+    try:
+        info = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QtoolError(f"{mf}: corrupted manifest ({e})") from None
+    if info.get("format") != FORMAT:
+        raise QtoolError(f"{mf}: not a qtool checkpoint manifest")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise QtoolError(f"{path}: checkpoint format version {info.get('format_version')} is not supported "
+                         f"by qtool {__version__} (reads version {FORMAT_VERSION})")
+    return info
+
+
+def verify_files(path: Path, info: dict) -> None:
+    for name, digest in info.get("files", {}).items():
+        f = Path(path) / name
+        if not f.is_file():
+            raise QtoolError(f"{path}: file {name} listed in {MANIFEST} is missing")
+        if sha256_file(f) != digest:
+            raise QtoolError(f"{path}: {name} is corrupted or truncated (sha256 mismatch)")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("model*.safetensors")) + [path / SCALES_FILE]
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    out[k] = sf.get_tensor(k)
+        except (SafetensorError, OSError) as e:
+            raise QtoolError(f"{f}: cannot read ({e})") from None
+    return out
+
+
+def build_skeleton(path: Path, info: dict) -> nn.Module:
+    """The model on the meta device (buffers such as rotary tables real), QuantLinear in place."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    dtype_of = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    for name, m in info["modules"].items():
+        if m.get("kind") != "int":
+            raise QtoolError(f"{path}: module {name} has kind {m.get('kind')!r}, not supported by this qtool")
+        old = model.get_submodule(name)
+        bias_dtype = old.bias.dtype if getattr(old, "bias", None) is not None else torch.float32
+        layer = QuantLinear(m["in_features"], m["out_features"], m["bits"], m["group_size"], m["bias"],
+                            m["act_order"], dtype_of[m["scale_dtype"]], bias_dtype, device="meta")
+        set_module(model, name, layer)
+    return model
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu", verify: bool = True,
+                    with_tokenizer: bool = True) -> Checkpoint:
+    """Load a checkpoint without ever materialising dense fp weights of the quantized layers."""
+    path = Path(path)
+    info = read_manifest(path)
+    if verify:
+        verify_files(path, info)
+    model = build_skeleton(path, info)
+    state = _read_tensors(path)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(info.get("tied", []))
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise QtoolError(f"{path}: tensors do not match the model (missing {missing[:3]}, "
+                         f"unexpected {result.unexpected_keys[:3]})")
+    if tied:
+        model.tie_weights()
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if leftover:
+        raise QtoolError(f"{path}: no data for {leftover[:3]}")
+    model.to(device).eval()
+    tokenizer = None
+    if with_tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return Checkpoint(model, tokenizer, info, path)

@@ -1,0 +1,1 @@
+"""Offline data: the built-in BBC News corpus, user text files, calibration artifacts, tasks."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (GPTQ recipe), generation."""

@@ -1,0 +1,120 @@
+"""GPTQ over a whole model, block by block (qtool.quant.gptq holds the per-layer math).
+
+For each block: Linear layers that read the same input (q/k/v, gate/up) form a group;
+groups are quantized in forward order, each on Hessians collected with the earlier
+groups already quantized ("true sequential"). The block's quantized outputs then feed
+the next block, so every layer sees the inputs it will see at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qtool.methods import QuantizeOptions, register
+from qtool.methods.blocks import capture_inputs, propagate, run_block
+from qtool.methods.progress import progress_bar
+from qtool.methods.rtn import quantize_lm_head
+from qtool.models.load import decoder_layers
+from qtool.nn.qlinear import QuantLinear
+from qtool.nn.replace import block_linears, set_module
+from qtool.quant.gptq import accumulate_hessian, gptq
+
+
+@torch.no_grad()
+def input_groups(block: nn.Module, linears: dict[str, nn.Linear], x, kwargs) -> list[list[str]]:
+    """Group the block's Linear layers by the tensor they read, in the order they run."""
+    seen: dict[str, int] = {}
+    order: list[str] = []
+    hooks = []
+    for name, lin in linears.items():
+        def hook(_m, inp, name=name):
+            seen[name] = id(inp[0])
+            order.append(name)
+        hooks.append(lin.register_forward_pre_hook(hook))
+    try:
+        run_block(block, x, kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    for name in order:
+        if groups and seen[groups[-1][0]] == seen[name]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    missing = [n for n in linears if n not in seen]
+    return groups + [[n] for n in missing]
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, names: list[str], xs, kwargs, device) -> dict[str, torch.Tensor]:
+    Hs: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name in names:
+        lin = block.get_submodule(name)
+        K = lin.in_features
+        Hs[name] = torch.zeros(K, K, device=device, dtype=torch.float32)
+        counts[name] = 0
+
+        def hook(_m, inp, name=name):
+            Hs[name], counts[name] = accumulate_hessian(Hs[name], counts[name], inp[0])
+        hooks.append(lin.register_forward_pre_hook(hook))
+    try:
+        for x in xs:
+            run_block(block, x.to(device), kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return Hs
+
+
+@register("gptq", needs_calibration=True)
+@torch.no_grad()
+def quantize_gptq(model: nn.Module, opts: QuantizeOptions, calib: torch.Tensor) -> dict:
+    device = opts.device
+    use_cache = model.config.use_cache
+    model.config.use_cache = False
+    inputs = capture_inputs(model, calib, device)
+    xs = inputs.x
+    layers = decoder_layers(model)
+    stats: dict[str, dict] = {}
+    with progress_bar(opts.quiet) as bar:
+        task = bar.add_task("gptq blocks", total=len(layers))
+        for i, block in enumerate(layers):
+            block.to(device)
+            kwargs = inputs.kwargs[i]
+            linears = block_linears(block)
+            for group in input_groups(block, linears, xs[0].to(device), kwargs):
+                Hs = collect_hessians(block, group, xs, kwargs, device)
+                for name in group:
+                    lin = block.get_submodule(name)
+                    qw, st = gptq(lin.weight.float(), Hs[name], opts.spec, opts.block_size, opts.damp,
+                                  opts.act_order, opts.scale_dtype)
+                    set_module(block, name, QuantLinear.from_quantized(qw, opts.spec.bits, opts.spec.group_size,
+                                                                       lin.bias))
+                    stats[f"{i}.{name}"] = st
+                del Hs
+            xs = propagate(block, xs, kwargs, device)
+            block.to("cpu")
+            bar.update(task, advance=1, info=f"block {i}")
+    if opts.quantize_lm_head:
+        base = model.get_output_embeddings()
+        norm = _final_norm(model).to(device)
+        H = torch.zeros(base.in_features, base.in_features, device=device)
+        n = 0
+        for x in xs:
+            H, n = accumulate_hessian(H, n, norm(x.to(device)))
+        quantize_lm_head(model, opts, H)
+        norm.to("cpu")
+    model.config.use_cache = use_cache
+    model.to("cpu")
+    damps = [s["damp"] for s in stats.values()]
+    return {"layers": len(stats), "max_damp": max(damps) if damps else None,
+            "proxy_loss_total": sum(s["proxy_loss"] for s in stats.values())}
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    return inner.norm

@@ -1,0 +1,1 @@
+"""Finding and loading the unquantized model: built-in names, GGUF files, HF directories."""

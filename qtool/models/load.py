@@ -1,0 +1,183 @@
+"""Load the original (unquantized) model from a built-in name, a .gguf file or an HF directory.
+
+GGUF files are dequantized by transformers (GgufConfig(dequantize=True), offline) and the
+dense fp32 result is cached as an HF directory under the user cache dir, keyed by the
+file's sha256, so later loads skip the slow GGUF conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qtool.errors import QtoolError
+from qtool.models.builtin import BUILTINS, builtin_gguf
+
+
+@dataclass
+class SourceInfo:
+    """Identity of the original model: recorded in every artifact made from it."""
+
+    name: str
+    path: str
+    sha256: str
+    kind: str  # builtin | gguf | hf-dir
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "sha256": self.sha256, "kind": self.kind}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QTOOL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qtool"
+    )
+    return Path(root)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cached_sha256(path: Path) -> str:
+    """sha256 of a large immutable file, memoised by (path, size, mtime) in the cache dir."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
+    memo = cache_dir() / "sha256" / key
+    if memo.is_file():
+        return memo.read_text().strip()
+    digest = sha256_file(path)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest)
+    return digest
+
+
+def hf_dir_fingerprint(path: Path) -> str:
+    """sha256 over the weight and config files of an HF directory (names + contents)."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix in {".safetensors", ".json"} and f.is_file():
+            h.update(f.name.encode())
+            h.update(_cached_sha256(f).encode())
+    return h.hexdigest()
+
+
+def resolve_source(name_or_path: str) -> SourceInfo:
+    if name_or_path in BUILTINS:
+        path = builtin_gguf(name_or_path)
+        return SourceInfo(name_or_path, str(path), _cached_sha256(path), "builtin")
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        names = ", ".join(BUILTINS)
+        raise QtoolError(f"model '{name_or_path}' not found: give an HF model directory, a .gguf file, "
+                         f"or a built-in name ({names})")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise QtoolError(f"model file {path} is not a .gguf file")
+        return SourceInfo(path.name, str(path), _cached_sha256(path), "gguf")
+    if not (path / "config.json").is_file():
+        raise QtoolError(f"{path} is not a Hugging Face model directory (no config.json)")
+    if (path / "qtool.json").is_file():
+        raise QtoolError(f"{path} is already a qtool checkpoint; give the original model")
+    return SourceInfo(path.name, str(path), hf_dir_fingerprint(path), "hf-dir")
+
+
+def _gguf_to_hf_dir(gguf: Path, sha: str) -> Path:
+    """Dequantize a GGUF once and cache it as a dense fp32 HF directory; returns the directory."""
+    out = cache_dir() / "models" / sha[:32]
+    if (out / "config.json").is_file() and (out / ".complete").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    quiet_transformers()
+
+    kwargs = {"gguf_file": gguf.name, "quantization_config": GgufConfig(dequantize=True)}
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    # save_pretrained refuses a model that still carries the GGUF quantizer: it is fully dense now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "qtool-source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": sha}))
+        (tmp / ".complete").write_text("")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def quiet_transformers() -> None:
+    """transformers' own tqdm bars and load reports would interleave with qtool's rich output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def hf_dir_for(source: SourceInfo) -> Path:
+    if source.kind in ("builtin", "gguf"):
+        return _gguf_to_hf_dir(Path(source.path), source.sha256)
+    return Path(source.path)
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Returns (model, tokenizer, SourceInfo). The model is in eval mode, on `device`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    source = resolve_source(name_or_path)
+    path = hf_dir_for(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise QtoolError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    check_supported(model)
+    model.to(device).eval()
+    return model, tok, source
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of an HF causal LM."""
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers"):
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise QtoolError(f"unsupported architecture {type(model).__name__}: no list of decoder blocks found")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Every weight-bearing leaf in the blocks must be nn.Linear (or a norm/embedding)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for i, block in enumerate(decoder_layers(model)):
+        for name, mod in block.named_modules():
+            if isinstance(mod, Conv1D | nn.Conv1d | nn.Conv2d):
+                raise QtoolError(
+                    f"unsupported layer type {type(mod).__name__} at layers.{i}.{name}: "
+                    "qtool quantizes nn.Linear layers only"
+                )
