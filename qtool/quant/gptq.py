@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from qtool.errors import QtoolError
-from qtool.quant.grid import QuantizedWeight, QuantSpec, choose_qparams, quantize
+from qtool.quant.grid import QuantizedWeight, QuantSpec, choose_qparams
 
 
 def accumulate_hessian(H: Tensor, n_seen: int, X: Tensor) -> tuple[Tensor, int]:
@@ -79,30 +79,31 @@ def gptq(
         s, z = choose_qparams(W, spec)
         scale[:], zero[:] = s.to(scale_dtype).float(), z
 
+    qmax = spec.qmax
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
-        W1 = W[:, i1:i2].clone()
+        # Work on the block transposed ([cols, N]) so each column is a contiguous row.
+        W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if spec.group_size is not None and col % g == 0:
-                gi = col // g
-                # Groups never straddle blocks (g divides block_size), so the whole group is in W1.
-                s, z = choose_qparams(W1[:, i : i + g], QuantSpec(spec.bits, None, spec.symmetric))
-                scale[:, gi : gi + 1], zero[:, gi : gi + 1] = s.to(scale_dtype).float(), z
             gi = col // g
-            s, z = scale[:, gi : gi + 1], zero[:, gi : gi + 1]
-            w = W1[:, i : i + 1]
-            q = quantize(w, s, z, QuantSpec(spec.bits, None, spec.symmetric))
-            codes[:, col] = q[:, 0]
-            w_hat = s * (q.float() - z.float())
+            if spec.group_size is not None and col % g == 0:
+                # Groups never straddle blocks (g divides block_size), so the whole group is in W1.
+                s_new, z_new = choose_qparams(W1[i : i + g].t(), QuantSpec(spec.bits, None, spec.symmetric))
+                scale[:, gi : gi + 1], zero[:, gi : gi + 1] = s_new.to(scale_dtype).float(), z_new
+            s, z = scale[:, gi], zero[:, gi].float()
+            w = W1[i]
+            q = torch.clamp(torch.round(w / s) + z, 0, qmax)
+            codes[:, col] = q.to(torch.uint8)
+            w_hat = s * (q - z)
             d = Hinv1[i, i]
             err = (w - w_hat) / d
-            loss += ((w - w_hat) ** 2).squeeze(1) / d**2 / 2
-            W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
-            Err1[:, i : i + 1] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            loss += (w - w_hat) ** 2 / d**2 / 2
+            W1[i:] -= Hinv1[i, i:, None] * err[None, :]
+            Err1[i] = err
+        W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
 
     stats = {"damp": damp_used, "proxy_loss": loss.sum().item()}
     return QuantizedWeight(codes, scale.to(scale_dtype), zero, perm), stats
