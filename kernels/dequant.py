@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qtool_kernels._unpack import codes_to_float, unpack_tile
+from qtool_kernels._unpack import code_offset, unpack_tile
 from qtool_kernels.skinny import group_constexpr
 from torch import Tensor
 
@@ -29,8 +29,9 @@ def _dequant_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k0 = pid_k * BLOCK_K
-    codes = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K)
-    q = codes_to_float(codes, IS_BF16, BITS).to(tl.float32)
+    OFF: tl.constexpr = code_offset(IS_BF16, BITS)
+    q = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K, IS_BF16).to(tl.float32)
+    q = q - OFF
     GS: tl.constexpr = BLOCK_K // GPB
     g = k0 // GROUP + tl.arange(0, GPB)
     sz_mask = n_mask[:, None] & (g[None, :] < G)

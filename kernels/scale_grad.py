@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qtool_kernels._unpack import codes_to_float, unpack_tile
+from qtool_kernels._unpack import code_offset, unpack_tile
 from torch import Tensor
 
 
@@ -37,14 +37,14 @@ def _scale_grad_kernel(
         mask=m_mask[:, None] & n_mask[None, :],
         other=0.0,
     ).to(tl.float32)  # [BM, BN]
+    OFF: tl.constexpr = code_offset(IS_BF16, BITS)
     for g in range(0, G):
-        z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32) + OFF
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for c in range(0, chunks_per_group):
             k0 = g * group_len + c * BLOCK_K
-            codes = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K)
-            q = codes_to_float(codes, IS_BF16, BITS).to(tl.float32)
-            w = (q - z[:, None]).to(x_ptr.dtype.element_ty)  # exact: |q − z| ≤ 255
+            q = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K, IS_BF16)
+            w = (q.to(tl.float32) - z[:, None]).to(x_ptr.dtype.element_ty)  # exact: |q − z| ≤ 255
             offs_k = k0 + tl.arange(0, BLOCK_K)
             xt = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],

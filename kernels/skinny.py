@@ -7,11 +7,11 @@ Each program owns BLOCK_N output channels and a slice of K (split-K). Per K tile
 unpacks the codes once, turns them into exact fp16/bf16 integers and runs a tensor-core
 product against xᵀ padded to BLOCK_M columns (the padding costs nothing: a GEMV is bound
 by the weight bytes, and the tensor cores take the multiply-adds off the ALUs, which are
-busy unpacking). Scale and zero are applied per group to the partial sums,
-    Σ_k s (q − z) x = s · (Σ_k q x − z Σ_k x),
-so no per-element multiply by s is needed. When a K tile spans several groups (g <
-BLOCK_K), xᵀ is expanded block-diagonally to [BLOCK_K, GPB·BLOCK_M]: one product then
-yields every group's partial sums at once.
+busy unpacking). When a K tile lies inside one group, the zero-point is subtracted
+per element in fp16/bf16 (exact: integers) and the fp32 scale multiplies the tile's
+partial sums, Σ_k s (q − z) x = s · Σ_k (q − z) x, so no per-element multiply by s.
+When a tile spans several groups (g < BLOCK_K) each element is dequantized,
+s·(q − z) rounded once to fp16/bf16, and the product accumulates in the MMA itself.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qtool_kernels._unpack import codes_to_float, unpack_tile
+from qtool_kernels._unpack import code_offset, unpack_tile
 from torch import Tensor
 
 PER_CHANNEL = 1 << 30  # GROUP constexpr meaning "one group spans all of K"
@@ -36,7 +36,7 @@ def _skinny_kernel(
     # meta
     BITS: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -46,6 +46,8 @@ def _skinny_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
     GS: tl.constexpr = BLOCK_K // GPB  # codes of one group inside a tile
+    OFF: tl.constexpr = code_offset(IS_BF16, BITS)  # unpack_tile returns o + q
+    DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
 
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
@@ -55,35 +57,33 @@ def _skinny_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for t in range(t_start, t_end):
         k0 = t * BLOCK_K
-        codes = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K)
-        q = codes_to_float(codes, IS_BF16, BITS)  # [BN, BK] exact integers
+        v = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K, IS_BF16,
+                        not EVEN)  # [BN, BK] o + q, exact
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=m_mask[:, None] & (offs_k[None, :] < K),
-            other=0.0,
-        )  # [BM, BK]
+        if EVEN:
+            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+            xt = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        else:
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                         mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)  # [BM, BK]
         if GPB == 1:
+            # One group per tile: subtract o + z exactly in fp16/bf16 (integers), apply the
+            # fp32 scale to the tile's partial sums.
             g = k0 // GROUP
             s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32)
-            p = tl.dot(q, tl.trans(xt))  # [BN, BM] Σ q x
-            xs = tl.sum(xt.to(tl.float32), axis=1)  # [BM] Σ x
-            acc += s[:, None] * (p - z[:, None] * xs[None, :])
+            zo = (tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32) + OFF).to(DT)
+            p = tl.dot(v - zo[:, None], tl.trans(xt))  # [BN, BM] Σ (q − z) x
+            acc += s[:, None] * p
         else:
-            kg = tl.arange(0, BLOCK_K) // GS
-            gp = tl.arange(0, GPB)
-            xe = tl.where(kg[:, None, None] == gp[None, :, None], tl.trans(xt)[:, None, :], 0.0)
-            xe = tl.reshape(xe.to(xt.dtype), [BLOCK_K, GPB * BLOCK_M])
-            p = tl.reshape(tl.dot(q, xe), [BLOCK_N, GPB, BLOCK_M])  # per-group Σ q x
-            xs = tl.trans(tl.sum(tl.reshape(xt.to(tl.float32), [BLOCK_M, GPB, GS]), axis=2))  # [GPB, BM]
-            g = k0 // GROUP + gp
-            sz_mask = n_mask[:, None] & (g[None, :] < G)
-            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :], mask=sz_mask, other=0.0)
-            z = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :], mask=sz_mask, other=0)
-            s = s.to(tl.float32)
-            z = z.to(tl.float32)
-            acc += tl.sum(s[:, :, None] * (p - z[:, :, None] * xs[None, :, :]), axis=1)
+            # Several groups per tile: dequantize per element (one rounding to fp16/bf16).
+            gi = k0 // GROUP + tl.arange(0, GPB)
+            sz_mask = n_mask[:, None] & (gi[None, :] < G)
+            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + gi[None, :], mask=sz_mask, other=0.0).to(DT)
+            z = tl.load(z_ptr + offs_n[:, None] * stride_zn + gi[None, :], mask=sz_mask, other=0)
+            zo = (z.to(tl.float32) + OFF).to(DT)
+            v3 = tl.reshape(v, [BLOCK_N, GPB, GS])
+            w = tl.reshape((v3 - zo[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
+            acc = tl.dot(w, tl.trans(xt), acc)
 
     out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
     out_mask = n_mask[:, None] & m_mask[None, :]
@@ -102,7 +102,7 @@ def group_constexpr(group_size: int | None) -> int:
 def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int) -> dict:
     """Tile sizes for the skinny kernel (chosen from the H100 sweeps in docs/kernels.md)."""
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_k = 256 if bits <= 4 else 128
+    block_k = 128
     block_n = 64
     # Enough programs to fill the SMs a few times over; split K otherwise.
     n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
@@ -169,7 +169,7 @@ def skinny_matmul(
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), stride_os, out.stride(-2),
         BITS=bits, GROUP=GROUP, GPB=gpb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         SPLIT_K=SK, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
-        **cfg,
+        EVEN=(N % BN == 0) and (K % BK == 0), **cfg,
     )
     if SK == 1:
         return out

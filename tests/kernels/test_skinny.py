@@ -51,10 +51,10 @@ def test_split_k_partials_all_written() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group_size", [32, 64, 128, None])
+@pytest.mark.parametrize("group_size", [32, 128, None])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1536, 576), (1000, 1000)])
-@pytest.mark.parametrize("M", [1, 3, 16, 17, 64])
+@pytest.mark.parametrize("M", [1, 16, 17, 64])
 def test_skinny_gpu(bits, group_size, dtype, shape, M) -> None:
     N, K = shape
     qweight, scales, zeros = random_packed(N, K, bits, group_size, device="cuda")
