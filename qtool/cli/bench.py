@@ -1,13 +1,89 @@
 """Benchmarks on a CUDA GPU, each against its baseline measured in the same run."""
 
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
 import typer
 
 from qtool.errors import QtoolError
 
 app = typer.Typer(no_args_is_help=True)
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")]
+ShapesOpt = Annotated[str, typer.Option(help="Shape names, comma-separated (qtool.bench.kernels.SHAPES).")]
+GroupsOpt = Annotated[str, typer.Option(help="Group sizes, comma-separated; 'ch' = per channel.")]
+ModelArg = Annotated[str, typer.Argument(help="'synthetic-7b': Llama-2-7B shapes, random weights.")]
+
+
+def _csv(value: str, cast=int) -> tuple:
+    try:
+        return tuple(None if v in ("ch", "channel") else cast(v) for v in value.split(",") if v)
+    except ValueError as e:
+        raise QtoolError(f"could not parse {value!r}: {e}") from e
+
 
 @app.command("kernels")
-def kernels() -> None:
-    """Packed-weight matmul kernels vs fp16 cuBLAS."""
-    raise QtoolError("`qtool bench kernels` is not implemented yet")
+def kernels(
+    shapes: ShapesOpt = "",
+    m: Annotated[str, typer.Option("--m", help="Token counts M, comma-separated.")] = "1,4,16,64,256,2048",
+    bits: Annotated[str, typer.Option(help="Bit-widths, comma-separated.")] = "2,3,4",
+    groups: GroupsOpt = "64,128,ch",
+    dtype: Annotated[str, typer.Option(help="Activation dtype: fp16 or bf16.")] = "fp16",
+    as_json: JsonOpt = False,
+) -> None:
+    """Packed-weight matmul kernels vs fp16 cuBLAS (median times, weights rotated out of L2).
+
+    Examples: qtool bench kernels --shapes 70B.down,7B.down --m 1,16 --bits 4 --groups 128
+    """
+    from qtool.bench import kernels as kb
+    from qtool.bench.report import kernel_table
+
+    names = [s for s in shapes.split(",") if s] or list(kb.SHAPES)
+    unknown = [s for s in names if s not in kb.SHAPES]
+    if unknown:
+        raise QtoolError(f"unknown shape(s) {unknown}; choose from {list(kb.SHAPES)}")
+    report = kb.run(names, _csv(m), _csv(bits), _csv(groups), _dtype(dtype))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=1))
+    else:
+        kernel_table(report)
+
+
+@app.command("decode")
+def decode(
+    model: ModelArg = "synthetic-7b",
+    bits: Annotated[int, typer.Option(help="Weight bit-width.")] = 4,
+    group_size: Annotated[str, typer.Option(help="Group size or 'ch'.")] = "128",
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16",
+    new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per timing.")] = 64,
+    layers: Annotated[int, typer.Option(help="Decoder layers of the synthetic model (32 = full 7B).")] = 32,
+    as_json: JsonOpt = False,
+) -> None:
+    """Greedy decode tokens/s, quantized vs fp16, static KV cache and CUDA graphs."""
+    from qtool.bench import decode as db
+    from qtool.bench.report import decode_table
+
+    g = _csv(group_size)[0]
+    report = db.run(model, bits, g, _csv(batch), new_tokens, layers)
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+    else:
+        decode_table(report)
+
+
+@app.command("train")
+def train(model: Annotated[str, typer.Argument(help="Model to fine-tune.")] = "synthetic-7b") -> None:
+    """Forward+backward tokens/s and peak memory: PEQA and LoRA on the int base vs bf16 LoRA."""
+    raise QtoolError("`qtool bench train` is not implemented yet: it needs the PEQA/LoRA training code")
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"fp16": torch.float16, "float16": torch.float16,
+             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise QtoolError(f"dtype must be fp16 or bf16, got {name!r}")
+    return table[name]

@@ -1,0 +1,183 @@
+"""`qtool bench decode`: greedy decode tokens/s, quantized vs fp16, on a Llama-2-7B-shaped model.
+
+The synthetic model is the Llama architecture written out in plain torch (RMSNorm,
+rotary embeddings, grouped attention over a static KV cache, SwiGLU MLP) with random
+weights, so the layer sizes are the real ones without a download. One decode step has
+fixed shapes (the cache is preallocated, the position is a device tensor), so the step
+is captured once in a CUDA graph and replayed: the time measured is the GPU's, not
+Python's. fp16 runs first; then every Linear of the decoder blocks is quantized with RTN
+into a QuantLinear (the LM head stays fp16, as in GPTQ/AWQ checkpoints) and the same
+step is timed again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int = 4096
+    intermediate: int = 11008
+    heads: int = 32
+    kv_heads: int = 32
+    layers: int = 32
+    vocab: int = 32000
+    rope_theta: float = 10000.0
+
+
+SYNTHETIC = {"synthetic-7b": LlamaShape()}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaShape) -> None:
+        super().__init__()
+        d, hd = c.hidden, c.hidden // c.heads
+        self.heads, self.kv_heads, self.hd = c.heads, c.kv_heads, hd
+        self.q_proj = nn.Linear(d, c.heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, c.kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, c.kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(c.heads * hd, d, bias=False)
+        self.gate_proj = nn.Linear(d, c.intermediate, bias=False)
+        self.up_proj = nn.Linear(d, c.intermediate, bias=False)
+        self.down_proj = nn.Linear(c.intermediate, d, bias=False)
+        self.ln1, self.ln2 = RMSNorm(d), RMSNorm(d)
+
+    def forward(self, x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                mask: Tensor) -> Tensor:
+        B = x.shape[0]
+        h = self.ln1(x)
+        q = self.q_proj(h).view(B, 1, self.heads, self.hd).transpose(1, 2)
+        k = self.k_proj(h).view(B, 1, self.kv_heads, self.hd).transpose(1, 2)
+        v = self.v_proj(h).view(B, 1, self.kv_heads, self.hd).transpose(1, 2)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+                                           enable_gqa=self.kv_heads != self.heads)
+        x = x + self.o_proj(a.transpose(1, 2).reshape(B, 1, -1))
+        h = self.ln2(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class TinyLlama(nn.Module):
+    """Llama decoder for one-token steps over a static cache of `max_len` positions."""
+
+    def __init__(self, c: LlamaShape) -> None:
+        super().__init__()
+        self.c = c
+        self.embed = nn.Embedding(c.vocab, c.hidden)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
+        self.norm = RMSNorm(c.hidden)
+        self.lm_head = nn.Linear(c.hidden, c.vocab, bias=False)
+
+    def step(self, tok: Tensor, pos: Tensor, caches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """tok [B] at position pos [1] -> next greedy token [B]."""
+        c = self.c
+        hd = c.hidden // c.heads
+        max_len = caches[0][0].shape[2]
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, hd, 2, device=tok.device, dtype=torch.float32) / hd))
+        ang = pos.float()[:, None] * inv[None, :]
+        emb = torch.cat((ang, ang), dim=-1)
+        cos, sin = emb.cos().to(self.embed.weight.dtype), emb.sin().to(self.embed.weight.dtype)
+        mask = torch.arange(max_len, device=tok.device)[None, :] <= pos[:, None]  # [1, T]
+        x = self.embed(tok)[:, None, :]
+        for blk, (kc, vc) in zip(self.blocks, caches, strict=True):
+            x = blk(x, pos, cos, sin, kc, vc, mask)
+        return self.lm_head(self.norm(x))[:, 0].argmax(-1)
+
+
+def _time_decode(model: TinyLlama, batch: int, new_tokens: int, max_len: int) -> float:
+    """Seconds per decode step (one token for each of `batch` sequences), graph-replayed."""
+    c = model.c
+    dtype = model.embed.weight.dtype
+    hd = c.hidden // c.heads
+    kv = (batch, c.kv_heads, max_len, hd)
+    caches = [(torch.randn(kv, device="cuda", dtype=dtype), torch.randn(kv, device="cuda", dtype=dtype))
+              for _ in range(c.layers)]
+    tok = torch.randint(0, c.vocab, (batch,), device="cuda")
+    pos = torch.tensor([max_len // 2], device="cuda")  # attend over half the cache
+    with torch.no_grad():
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                nxt = model.step(tok, pos, caches)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            nxt = model.step(tok, pos, caches)
+            tok.copy_(nxt)
+            pos.add_(1)
+        times = []
+        for _ in range(3):
+            pos.fill_(max_len // 2 - new_tokens)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(new_tokens):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e-3 / new_tokens)
+    del graph, caches
+    return sorted(times)[len(times) // 2]
+
+
+def _quantize_blocks(model: TinyLlama, bits: int, group_size: int | None) -> None:
+    from qtool.nn.qlinear import QuantLinear
+    from qtool.quant.grid import QuantSpec, rtn
+
+    spec = QuantSpec(bits, group_size)
+    for blk in model.blocks:
+        for name, mod in list(blk.named_children()):
+            if isinstance(mod, nn.Linear):
+                qw = rtn(mod.weight.data.float(), spec)
+                setattr(blk, name, QuantLinear.from_quantized(qw, bits, group_size, None))
+                del mod
+    torch.cuda.empty_cache()
+
+
+def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, ...], new_tokens: int,
+        layers: int = 32, max_len: int = 512) -> dict:
+    from qtool.errors import QtoolError
+
+    if not torch.cuda.is_available():
+        raise QtoolError("`qtool bench decode` needs a CUDA GPU")
+    if model_name not in SYNTHETIC:
+        raise QtoolError(f"only {list(SYNTHETIC)} is supported so far (a HF model is not yet)")
+    shape = LlamaShape(**{**SYNTHETIC[model_name].__dict__, "layers": layers})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = TinyLlama(shape).half()
+    for p in model.parameters():  # Llama-like weight scale keeps activations finite
+        if p.dim() > 1:
+            p.data.normal_(0, 0.02)
+    fp16 = {b: _time_decode(model, b, new_tokens, max_len) for b in batches}
+    _quantize_blocks(model, bits, group_size)
+    quant = {b: _time_decode(model, b, new_tokens, max_len) for b in batches}
+    rows = [{"batch": b, "fp16_ms": fp16[b] * 1e3, "quant_ms": quant[b] * 1e3, "fp16_tok_s": b / fp16[b],
+             "quant_tok_s": b / quant[b], "speedup": fp16[b] / quant[b]} for b in batches]
+    return {"model": model_name, "layers": layers, "gpu": torch.cuda.get_device_name(), "bits": bits,
+            "group_size": group_size, "new_tokens": new_tokens, "kv_len": max_len, "torch": torch.__version__,
+            "rows": rows}
