@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qtool.quant.grid import expand_groups
 from qtool.quant.pack import unpack
 
 if TYPE_CHECKING:
@@ -50,14 +49,25 @@ def codes_minus_zero(qweight: Tensor, zeros: Tensor, bits: int, group_size: int 
     else:
         codes = unpack(qweight, bits, K)
     g = K if group_size is None else group_size
-    return codes.to(dtype) - expand_groups(zeros.to(dtype), g, K)
+    G = zeros.shape[1]
+    if G * g != K:
+        codes = F.pad(codes, (0, G * g - K))  # short last group: pad, subtract, cut below
+    # Broadcast z over its group instead of materialising an expanded N×K copy.
+    qz = codes.reshape(N, G, g).to(dtype) - zeros.to(dtype).unsqueeze(-1)
+    return qz.reshape(N, G * g)[:, :K]
 
 
 def _weight(qz: Tensor, s: Tensor, g: int, dtype: torch.dtype) -> Tensor:
     """Ŵ = s · (q − z), formed in s's precision and then rounded to the compute dtype, as
     QuantLinear.dequantize does, so training and inference see the same Ŵ."""
-    K = qz.shape[1]
-    return (expand_groups(s, g, K) * qz.to(s.dtype)).to(dtype)
+    N, K = qz.shape
+    G = s.shape[1]
+    if G == 1:
+        return (qz.to(s.dtype) * s).to(dtype)
+    if G * g != K:
+        qz = F.pad(qz, (0, G * g - K))
+    W = qz.to(s.dtype).reshape(N, G, g) * s.unsqueeze(-1)
+    return W.reshape(N, G * g)[:, :K].to(dtype)
 
 
 def scale_grad(x: Tensor, dY: Tensor, qz: Tensor, g: int, route: str = "auto") -> Tensor:
