@@ -100,18 +100,21 @@ def group_constexpr(group_size: int | None) -> int:
 
 
 def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int) -> dict:
-    """Tile sizes for the skinny kernel (chosen from the H100 sweeps in docs/kernels.md)."""
+    """Tile sizes for the skinny kernel, from the H100 sweep (qtool.bench.sweep, docs/kernels.md).
+
+    64 rows × 128 codes per tile, 4 warps, 3 pipeline stages won at every decode shape; K is
+    split until there are about four programs per SM (so each SM has several tiles of
+    loads in flight), keeping at least 4 K tiles per program.
+    """
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_k = 128
-    block_n = 64
-    # Enough programs to fill the SMs a few times over; split K otherwise.
+    block_n, block_k = 64, 128
     n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
-    split_k = 1
     k_tiles = triton.cdiv(K, block_k)
-    while n_tiles * split_k < 2 * n_sm and split_k * 2 <= k_tiles and split_k < 16:
+    split_k = 1
+    while n_tiles * split_k < 4 * n_sm and k_tiles // (2 * split_k) >= 4 and split_k < 8:
         split_k *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
-            "num_warps": 4, "num_stages": 2}
+            "num_warps": 4, "num_stages": 3}
 
 
 def _num_sms(device: torch.device) -> int:
