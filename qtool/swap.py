@@ -71,6 +71,9 @@ def install_scale_api(model: nn.Module, info: dict, path: Path | None = None) ->
     model._qtool_dir = Path(path) if path is not None else None
     model.load_scales = types.MethodType(load_scales, model)
     model.restore_base_scales = types.MethodType(restore_base_scales, model)
+    # Capture s0 now, in the stored dtype, before anything (e.g. a cast to bf16 for
+    # evaluation) can change the live scales.
+    _base_scales(model)
     return model
 
 
