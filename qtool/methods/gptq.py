@@ -19,17 +19,18 @@ from qtool.models.load import decoder_layers
 from qtool.nn.qlinear import QuantLinear
 from qtool.nn.replace import block_linears, set_module
 from qtool.quant.gptq import accumulate_hessian, gptq
+from qtool.quant.grid import QuantizedWeight
 
 
 @torch.no_grad()
 def input_groups(block: nn.Module, linears: dict[str, nn.Linear], x, kwargs) -> list[list[str]]:
     """Group the block's Linear layers by the tensor they read, in the order they run."""
-    seen: dict[str, int] = {}
+    seen: dict[str, torch.Tensor] = {}  # holding the tensors keeps their identities unique
     order: list[str] = []
     hooks = []
     for name, lin in linears.items():
         def hook(_m, inp, name=name):
-            seen[name] = id(inp[0])
+            seen[name] = inp[0]
             order.append(name)
         hooks.append(lin.register_forward_pre_hook(hook))
     try:
@@ -39,7 +40,7 @@ def input_groups(block: nn.Module, linears: dict[str, nn.Linear], x, kwargs) -> 
             h.remove()
     groups: list[list[str]] = []
     for name in order:
-        if groups and seen[groups[-1][0]] == seen[name]:
+        if groups and seen[groups[-1][0]] is seen[name]:
             groups[-1].append(name)
         else:
             groups.append([name])
@@ -87,15 +88,22 @@ def quantize_gptq(model: nn.Module, opts: QuantizeOptions, calib: torch.Tensor) 
             kwargs = inputs.kwargs[i]
             linears = block_linears(block)
             for group in input_groups(block, linears, xs[0].to(device), kwargs):
-                Hs = collect_hessians(block, group, xs, kwargs, device)
-                for name in group:
-                    lin = block.get_submodule(name)
-                    qw, st = gptq(lin.weight.float(), Hs[name], opts.spec, opts.block_size, opts.damp,
-                                  opts.act_order, opts.scale_dtype)
-                    set_module(block, name, QuantLinear.from_quantized(qw, opts.spec.bits, opts.spec.group_size,
-                                                                       lin.bias))
-                    stats[f"{i}.{name}"] = st
-                del Hs
+                H = collect_hessians(block, group[:1], xs, kwargs, device)[group[0]]
+                # Layers reading the same input share H, and GPTQ treats rows independently:
+                # quantize them as one stacked matrix (one column sweep instead of several).
+                lins = [block.get_submodule(name) for name in group]
+                W = torch.cat([lin.weight.float() for lin in lins])
+                qw, st = gptq(W, H, opts.spec, opts.block_size, opts.damp, opts.act_order, opts.scale_dtype)
+                row = 0
+                for name, lin in zip(group, lins, strict=True):
+                    n = lin.out_features
+                    part = QuantizedWeight(qw.codes[row : row + n], qw.scale[row : row + n],
+                                           qw.zero[row : row + n], qw.perm)
+                    set_module(block, name, QuantLinear.from_quantized(part, opts.spec.bits,
+                                                                       opts.spec.group_size, lin.bias))
+                    row += n
+                stats[f"{i}.{'+'.join(group)}"] = st
+                del H
             xs = propagate(block, xs, kwargs, device)
             block.to("cpu")
             bar.update(task, advance=1, info=f"block {i}")

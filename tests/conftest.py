@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny random Llama (unit tests) and the real default model (end to end)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    # Keep the GGUF conversion cache across the session but out of the user's home when asked.
+    if "QTOOL_CACHE" not in os.environ and os.environ.get("CI"):
+        os.environ["QTOOL_CACHE"] = str(tmp_path_factory.mktemp("qtool-cache"))
+    yield
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 96, inter: int = 160, vocab: int = 256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A tiny random Llama saved as an HF directory with a real (SmolLM2) tokenizer when available,
+    else a byte-level tokenizer trained here."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    model = tiny_llama()
+    tok_model = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok_model.pre_tokenizer = pre_tokenizers.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<unk>", "<s>", "</s>"])
+    tok_model.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog"] * 10, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok_model, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>")
+    out = tmp_path / "tiny"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
