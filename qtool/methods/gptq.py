@@ -48,10 +48,15 @@ def input_groups(block: nn.Module, linears: dict[str, nn.Linear], x, kwargs) -> 
     return groups + [[n] for n in missing]
 
 
+class _Collected(Exception):
+    """Raised once every layer of the group has seen its input: the rest of the block is not needed."""
+
+
 @torch.no_grad()
 def collect_hessians(block: nn.Module, names: list[str], xs, kwargs, device) -> dict[str, torch.Tensor]:
     Hs: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    pending: set[str] = set()
     hooks = []
     for name in names:
         lin = block.get_submodule(name)
@@ -61,10 +66,17 @@ def collect_hessians(block: nn.Module, names: list[str], xs, kwargs, device) -> 
 
         def hook(_m, inp, name=name):
             Hs[name], counts[name] = accumulate_hessian(Hs[name], counts[name], inp[0])
+            pending.discard(name)
+            if not pending:
+                raise _Collected
         hooks.append(lin.register_forward_pre_hook(hook))
     try:
         for x in xs:
-            run_block(block, x.to(device), kwargs)
+            pending.update(names)
+            try:
+                run_block(block, x.to(device), kwargs)
+            except _Collected:
+                pass
     finally:
         for h in hooks:
             h.remove()

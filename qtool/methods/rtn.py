@@ -26,7 +26,7 @@ def quantize_rtn(model: nn.Module, opts: QuantizeOptions, calib=None) -> dict:
     layers = decoder_layers(model)
     with progress_bar(opts.quiet) as bar:
         task = bar.add_task("rtn blocks", total=len(layers))
-        for i, block in enumerate(layers):
+        for block in layers:
             for name, lin in block_linears(block).items():
                 set_module(block, name, quantize_linear(lin, opts))
             bar.update(task, advance=1)
