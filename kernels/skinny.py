@@ -16,6 +16,10 @@ s·(q − z) rounded once to fp16/bf16, and the product accumulates in the MMA i
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -99,22 +103,40 @@ def group_constexpr(group_size: int | None) -> int:
     return PER_CHANNEL if group_size is None else group_size
 
 
-def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int) -> dict:
-    """Tile sizes for the skinny kernel, from the H100 sweep (qtool.bench.sweep, docs/kernels.md).
+TUNED_PATH = os.path.join(os.path.dirname(__file__), "tuned_skinny.json")
 
-    64 rows × 128 codes per tile, 4 warps, 3 pipeline stages won at every decode shape; K is
-    split until there are about four programs per SM (so each SM has several tiles of
-    loads in flight), keeping at least 4 K tiles per program.
+
+@functools.lru_cache(maxsize=1)
+def _tuned() -> dict:
+    """Per-bit-width tile choices written by `python -m qtool.bench.sweep --write` (H100)."""
+    try:
+        with open(TUNED_PATH) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int) -> dict:
+    """Tile sizes for the skinny kernel.
+
+    Defaults: 64 rows × 128 codes per tile, 4 warps, 3 pipeline stages (the v1 sweep's
+    winner at every decode shape); tuned_skinny.json (from the v2 sweep) overrides them per
+    bit-width. K is split until there are about `programs_per_sm` programs per SM, keeping
+    at least 4 K tiles per program, so every SM has several tiles of loads in flight.
     """
+    t = _tuned().get(str(bits), {})
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_n, block_k = 64, 128
+    block_n, block_k = t.get("BLOCK_N", 64), t.get("BLOCK_K", 128)
+    if group_size is not None and group_size < block_k and block_m > 16:
+        block_k = 128  # per-element dequantization with a wide x tile: keep shared memory small
     n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     k_tiles = triton.cdiv(K, block_k)
     split_k = 1
-    while n_tiles * split_k < 4 * n_sm and k_tiles // (2 * split_k) >= 4 and split_k < 8:
+    target = t.get("programs_per_sm", 4) * n_sm
+    while n_tiles * split_k < target and k_tiles // (2 * split_k) >= 4 and split_k < 16:
         split_k *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
-            "num_warps": 4, "num_stages": 3}
+            "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3)}
 
 
 def _num_sms(device: torch.device) -> int:
