@@ -6,7 +6,7 @@ each kernel version: docs/kernels.md. Every kernel has its `reference_*` beside 
 """
 
 from qtool_kernels.dequant import dequantize_packed, reference_dequantize
-from qtool_kernels.linear import SKINNY_MAX_M, forward_packed, quant_linear
+from qtool_kernels.linear import SKINNY_MAX_M, forward_packed, quant_linear, skinny_max_m
 from qtool_kernels.scale_grad import reference_scale_grad, scale_grad
 from qtool_kernels.skinny import reference_skinny, skinny_matmul
 
@@ -20,4 +20,5 @@ __all__ = [
     "reference_skinny",
     "scale_grad",
     "skinny_matmul",
+    "skinny_max_m",
 ]

@@ -21,9 +21,15 @@ from torch import Tensor
 if TYPE_CHECKING:
     from qtool.nn.qlinear import QuantLinear
 
-# Above this many rows, dequantize + cuBLAS beats the skinny kernel (H100 crossover,
-# measured by `qtool bench kernels`, docs/benchmarks.md).
+# Above this many rows, dequantize + cuBLAS beats the skinny kernel. The measured H100
+# crossover (qtool.bench.sweep) is stored as "skinny_max_m" in kernels/tuned_skinny.json.
 SKINNY_MAX_M = 16
+
+
+def skinny_max_m() -> int:
+    from qtool_kernels.skinny import _tuned
+
+    return int(_tuned().get("skinny_max_m", SKINNY_MAX_M))
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (None, 32, 64, 128)
 
@@ -40,11 +46,11 @@ def forward_packed(
     bits: int,
     group_size: int | None,
     bias: Tensor | None,
-    skinny_max_m: int = SKINNY_MAX_M,
+    max_m: int | None = None,
 ) -> Tensor:
     """y [M, N] = x2d [M, K] · Ŵᵀ + bias, no autograd."""
     M, K = x2d.shape
-    if M <= skinny_max_m:
+    if M <= (skinny_max_m() if max_m is None else max_m):
         return skinny_matmul(x2d, qweight, scales, zeros, bits, group_size, bias)
     W = dequantize_packed(qweight, scales, zeros, bits, group_size, K, x2d.dtype)
     return F.linear(x2d, W, None if bias is None else bias.to(x2d.dtype))

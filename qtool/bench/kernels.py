@@ -99,7 +99,7 @@ def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype
     nbytes = _layer_bytes(layers[0])
     layers += [random_packed_layer(N, K, bits, group_size) for _ in range(copies_needed(nbytes) - 1)]
     x = torch.randn(M, K, device="cuda", dtype=dtype)
-    max_m = qk.SKINNY_MAX_M if skinny_max_m is None else skinny_max_m
+    max_m = qk.skinny_max_m() if skinny_max_m is None else skinny_max_m
     path = "skinny" if M <= max_m else "dequant+cublas"
     if config is not None and path == "skinny":
         calls = [lambda L=L: qk.skinny_matmul(x, L.qweight, L.scales, L.zeros, bits, group_size,

@@ -85,6 +85,19 @@ def main(argv: list[str]) -> None:
             results["crossover"].append({"M": M, "path": path, "us": t * 1e6, "fp16_us": t16m * 1e6})
             print(f"crossover 70B.down W4g128 M={M} {path}: {t * 1e6:.1f} us (fp16 {t16m * 1e6:.1f})",
                   flush=True)
+    # Crossover: the largest M measured where the skinny kernel still beats dequant + cuBLAS.
+    best_m = 16
+    for M in (64, 128, 256):
+        by_path = {r["path"]: r["us"] for r in results["crossover"] if r["M"] == M}
+        if by_path.get("skinny", 1e9) < by_path.get("dequant+cublas", 0):
+            best_m = M
+    tuned["skinny_max_m"] = best_m
+    print(f"skinny_max_m = {best_m}", flush=True)
+    if "--write" in argv:
+        for path in (sk.TUNED_PATH, os.path.join(out_dir, "tuned_skinny.json")):
+            with open(path, "w") as f:
+                json.dump(tuned, f, indent=1)
+        sk._tuned.cache_clear()
     with open(os.path.join(out_dir, "sweep.json"), "w") as f:
         json.dump(results, f, indent=1)
 
