@@ -133,7 +133,7 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
     k_tiles = triton.cdiv(K, block_k)
     split_k = 1
     target = t.get("programs_per_sm", 4) * n_sm
-    while n_tiles * split_k < target and k_tiles // (2 * split_k) >= 4 and split_k < 16:
+    while n_tiles * split_k < target and k_tiles // (2 * split_k) >= 4 and split_k < 8:
         split_k *= 2
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
             "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3)}

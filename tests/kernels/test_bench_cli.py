@@ -1,0 +1,44 @@
+"""`qtool bench` CLI: thin parsing over qtool.bench (the library call is patched)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qtool.bench import kernels as kb
+from qtool.cli.bench import app
+from qtool.errors import QtoolError
+
+
+def test_kernels_passes_parsed_options(monkeypatch) -> None:
+    seen = {}
+
+    def fake_run(shapes, Ms, bits_list, groups, dtype):
+        seen.update(shapes=shapes, Ms=Ms, bits=bits_list, groups=groups, dtype=dtype)
+        return kb.KernelReport("gpu", "t", "tr", 3000.0, [])
+
+    monkeypatch.setattr(kb, "run", fake_run)
+    res = CliRunner().invoke(app, ["kernels", "--shapes", "7B.qo", "--m", "1,16", "--bits", "4",
+                                   "--groups", "128,ch", "--dtype", "bf16", "--json"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"shapes": ["7B.qo"], "Ms": (1, 16), "bits": (4,), "groups": (128, None),
+                    "dtype": torch.bfloat16}
+    assert '"copy_gbps": 3000.0' in res.output
+
+
+def test_unknown_shape_is_a_user_error() -> None:
+    res = CliRunner().invoke(app, ["kernels", "--shapes", "nope"])
+    assert isinstance(res.exception, QtoolError)
+
+
+def test_train_not_implemented() -> None:
+    res = CliRunner().invoke(app, ["train"])
+    assert isinstance(res.exception, QtoolError)
+
+
+def test_kernels_needs_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    with pytest.raises(QtoolError):
+        kb.run(["7B.qo"], (1,), (4,), (128,))
