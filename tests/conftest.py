@@ -29,10 +29,9 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 96, inter: int = 16
 
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Path:
-    """A tiny random Llama saved as an HF directory with a real (SmolLM2) tokenizer when available,
-    else a byte-level tokenizer trained here."""
-    from transformers import PreTrainedTokenizerFast
+    """A tiny random Llama saved as an HF directory, with a small byte-level BPE tokenizer trained here."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     model = tiny_llama()
     tok_model = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -22,10 +22,10 @@ def calibrate(
     quiet: o.Quiet = False,
     json_out: o.JsonOut = None,
 ) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
     from qtool.data import calib
     from qtool.models.load import hf_dir_for, resolve_source
-
-    from transformers import AutoConfig, AutoTokenizer
 
     if output.exists() and not overwrite:
         from qtool.errors import QtoolError
