@@ -74,7 +74,7 @@ def run(cfg: EvalConfig) -> dict:
         from qtool.artifact.delta import apply_delta, remove_delta
 
         for d in cfg.deltas:
-            apply_delta(model, d, info)
+            apply_delta(model, d, info, checkpoint_dir=path)
             rows.append(_score(f"{label} + Δs {d.name}", model, tok, ids, cfg, seqlen))
             remove_delta(model)
     return {"model": str(cfg.model), "corpus": corpus_name, "corpus_sha256": corpus_sha256(texts),

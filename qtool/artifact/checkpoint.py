@@ -243,6 +243,10 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", verify: bool
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise QtoolError(f"{path}: no data for {leftover[:3]}")
+    from qtool.swap import install_scale_api
+
+    # Before any cast or move: captures the base scales for model.load_scales / restore.
+    install_scale_api(model, info, path)
     model.to(device).eval()
     tokenizer = None
     if with_tokenizer:

