@@ -14,6 +14,7 @@ from qtool.data import calib as calib_mod
 from qtool.errors import QtoolError
 from qtool.methods import NEEDS_CALIBRATION, get_method, quantize_model
 from qtool.models.load import load_model
+from qtool.nn.replace import cast_float
 from qtool.quant.grid import QuantSpec
 
 
@@ -33,6 +34,7 @@ class QuantizeConfig:
     quantize_lm_head: bool = False
     overwrite: bool = False
     quiet: bool = False
+    keep_dtype: torch.dtype | None = None  # dtype of unquantized tensors in the checkpoint
 
 
 def peak_memory() -> dict:
@@ -69,6 +71,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
                            scale_dtype=cfg.scale_dtype, quantize_lm_head=cfg.quantize_lm_head,
                            act_order=cfg.act_order, quiet=cfg.quiet)
     seconds = time.perf_counter() - t0
+    if cfg.keep_dtype is not None:
+        cast_float(model, cfg.keep_dtype)
     info = {
         "method": cfg.method,
         "bits": cfg.spec.bits,

@@ -116,3 +116,20 @@ class _OtherTokenizer:
             input_ids = torch.tensor([[ord(c) % 95 for c in text[:5000]]])
 
         return _Out()
+
+
+def test_quantize_dtype_sets_unquantized_tensors_only(capsys, tmp_path, tiny_model_dir):
+    from safetensors import safe_open
+
+    out = tmp_path / "q"
+    code, _, err = run_cli(capsys, "quantize", "--method", "rtn", "--model", tiny_model_dir, "-o", out, "-q",
+                           "--dtype", "bfloat16")
+    assert code == 0, err
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype.is_floating_point
+        assert str(f.get_tensor("model.embed_tokens.weight").dtype) == "torch.bfloat16"
+        assert str(f.get_tensor("model.layers.0.self_attn.q_proj.qweight").dtype) == "torch.int32"
+    with safe_open(str(out / "scales.safetensors"), "pt") as f:
+        assert str(f.get_tensor("model.layers.0.self_attn.q_proj.scales").dtype) == "torch.float16"
+    code, _, err = run_cli(capsys, "eval", out, "--seqlen", "16", "--max-windows", "1", "-q")
+    assert code == 0, err

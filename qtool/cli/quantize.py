@@ -29,6 +29,9 @@ def quantize(
     quantize_lm_head: Annotated[bool, typer.Option(help="also quantize the output head")] = False,
     scale_dtype: Annotated[str, typer.Option(help="storage dtype of scales: float16 | bfloat16 | float32")]
     = "float16",
+    dtype: Annotated[str, typer.Option("--dtype", help="dtype of the tensors kept unquantized in the checkpoint "
+                                       "(embeddings, norms, lm_head): auto = the source's | float32 | bfloat16 | "
+                                       "float16; quantization itself always computes in float32")] = "auto",
     device: o.Device = "auto",
     seed: o.Seed = 0,
     overwrite: o.Overwrite = False,
@@ -45,8 +48,9 @@ def quantize(
     g = "c" if spec.group_size is None else spec.group_size
     out = output or Path(f"{Path(model).stem}-{method}-w{bits}g{g}")
     o.seed_everything(seed)
+    keep_dtype = None if dtype == "auto" else o.resolve_dtype(dtype, dev)
     cfg = QuantizeConfig(model, out, method, spec, calib, calib_n, calib_seqlen, seed, dev, sdt, act_order,
-                         quantize_lm_head, overwrite, quiet)
+                         quantize_lm_head, overwrite, quiet, keep_dtype)
     info = run(cfg)
     st = info["stats"]
     o.console(quiet).print(f"wrote {out} ({method}, W{bits} g{g}): {len(info['modules'])} layers quantized in "
