@@ -35,6 +35,8 @@ class QuantizeConfig:
     overwrite: bool = False
     quiet: bool = False
     keep_dtype: torch.dtype | None = None  # dtype of unquantized tensors in the checkpoint
+    double_quant: bool = True  # nf4 only: 8-bit absmax constants
+    nf4_block_size: int | None = None  # nf4 only: absmax block (32 | 64 | 128 | 256)
 
 
 def peak_memory() -> dict:
@@ -69,14 +71,15 @@ def quantize(cfg: QuantizeConfig) -> dict:
     t0 = time.perf_counter()
     stats = quantize_model(model, cfg.spec, cfg.method, calib=ids, device=cfg.device,
                            scale_dtype=cfg.scale_dtype, quantize_lm_head=cfg.quantize_lm_head,
-                           act_order=cfg.act_order, quiet=cfg.quiet)
+                           act_order=cfg.act_order, quiet=cfg.quiet, double_quant=cfg.double_quant,
+                           nf4_block_size=cfg.nf4_block_size)
     seconds = time.perf_counter() - t0
     if cfg.keep_dtype is not None:
         cast_float(model, cfg.keep_dtype)
     info = {
         "method": cfg.method,
         "bits": cfg.spec.bits,
-        "group_size": cfg.spec.group_size,
+        "group_size": stats.get("nf4_block_size", cfg.spec.group_size),
         "symmetric": cfg.spec.symmetric,
         "act_order": cfg.act_order,
         "quantize_lm_head": cfg.quantize_lm_head,

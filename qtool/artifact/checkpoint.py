@@ -8,6 +8,8 @@ Layout:
   scales.safetensors                `<module>.scales` of every quantized Linear: kept in
                                     their own file so a task's scales can be swapped
                                     (PEQA) while the codes stay hard-linked
+                                    NF4 layers (kind "nf4") keep codes and absmax constants in
+                                    model.safetensors, plus the level table `qtool.nf4_levels`
   qtool.json                        manifest: format version, method, grid, modules,
                                     fingerprints, versions, sha256 of every other file
 """
@@ -30,8 +32,10 @@ from qtool import __version__
 from qtool.artifact.atomic import atomic_dir
 from qtool.errors import QtoolError
 from qtool.models.load import sha256_file
+from qtool.nn.nf4linear import NF4Linear
 from qtool.nn.qlinear import QuantLinear
-from qtool.nn.replace import quant_linears, set_module
+from qtool.nn.replace import nf4_linears, quant_linears, quantized_linears, set_module
+from qtool.quant import nf4
 
 FORMAT = "qtool-checkpoint"
 FORMAT_VERSION = 1
@@ -39,6 +43,8 @@ MANIFEST = "qtool.json"
 SCALES_FILE = "scales.safetensors"
 SHARD_BYTES = 2 * 1024**3
 QUANT_SUFFIXES = ("qweight", "zeros", "perm", "bias")
+NF4_LEVELS_KEY = "qtool.nf4_levels"  # the fixed NF4 table, stored once when any layer is NF4
+DQ_MAP_KEY = "qtool.nf4_dq_map"  # the dynamic 8-bit map, stored once when any NF4 layer uses DQ
 
 
 @dataclass
@@ -58,7 +64,8 @@ def library_versions() -> dict[str, str]:
 
 
 def base_fingerprint(model: nn.Module) -> str:
-    """Identity of the integer base: codes, zero-points, perms and the base scales.
+    """Identity of the integer base: codes, zero-points, perms and the base scales (and for NF4
+    layers their codes and absmax constants, after those of the integer layers).
 
     Computed once at quantization and stored; swapping a task's scales does not change it."""
     h = hashlib.sha256()
@@ -67,10 +74,19 @@ def base_fingerprint(model: nn.Module) -> str:
         for t in (layer.qweight, layer.zeros, layer.perm, layer.scales):
             if t is not None:
                 h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for name, layer in sorted(nf4_linears(model).items()):
+        h.update(name.encode())
+        for t in (layer.nf4_codes, layer.absmax, layer.absmax_q, layer.absmax_scale, layer.absmax_mean):
+            if t is not None:
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
-def module_entry(layer: QuantLinear) -> dict:
+def module_entry(layer: QuantLinear | NF4Linear) -> dict:
+    if isinstance(layer, NF4Linear):
+        return {"kind": "nf4", "block_size": layer.block_size, "double_quant": layer.double_quant,
+                "in_features": layer.in_features, "out_features": layer.out_features,
+                "bias": layer.bias is not None}
     return {"kind": "int", "bits": layer.bits, "group_size": layer.group_size,
             "in_features": layer.in_features, "out_features": layer.out_features,
             "bias": layer.bias is not None, "act_order": layer.perm is not None,
@@ -121,7 +137,7 @@ def save_checkpoint(model: nn.Module, tokenizer, info: dict, out_dir: Path, over
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise QtoolError(f"output {out_dir} exists (use --overwrite)")
-    layers = quant_linears(model)
+    layers = quantized_linears(model)
     if not layers:
         raise QtoolError("model has no quantized layers to save")
     tied = _tied_keys(model)
@@ -133,6 +149,11 @@ def save_checkpoint(model: nn.Module, tokenizer, info: dict, out_dir: Path, over
             scales[k] = v.detach().cpu().contiguous()
         else:
             main[k] = v.detach().cpu().contiguous()
+    nf4_layers = [m for m in layers.values() if isinstance(m, NF4Linear)]
+    if nf4_layers:
+        main[NF4_LEVELS_KEY] = nf4.nf4_levels()
+        if any(m.double_quant for m in nf4_layers):
+            main[DQ_MAP_KEY] = nf4.dynamic_map()
     info = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -203,6 +224,14 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_tables(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Pop the stored NF4 tables and refuse a checkpoint whose tables differ from qtool's."""
+    for key, table in ((NF4_LEVELS_KEY, nf4.nf4_levels), (DQ_MAP_KEY, nf4.dynamic_map)):
+        stored = state.pop(key, None)
+        if stored is not None and not torch.equal(stored, table()):
+            raise QtoolError(f"{path}: {key} differs from the NF4 table this qtool implements")
+
+
 def build_skeleton(path: Path, info: dict) -> nn.Module:
     """The model on the meta device (buffers such as rotary tables real), QuantLinear in place."""
     from accelerate import init_empty_weights
@@ -213,10 +242,16 @@ def build_skeleton(path: Path, info: dict) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config)
     dtype_of = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     for name, m in info["modules"].items():
-        if m.get("kind") != "int":
+        if m.get("kind") not in ("int", "nf4"):
             raise QtoolError(f"{path}: module {name} has kind {m.get('kind')!r}, not supported by this qtool")
         old = model.get_submodule(name)
         bias_dtype = old.bias.dtype if getattr(old, "bias", None) is not None else torch.float32
+        if m["kind"] == "nf4":
+            if m.get("block_size") not in nf4.BLOCK_SIZES:
+                raise QtoolError(f"{path}: module {name} has nf4 block size {m.get('block_size')!r}")
+            set_module(model, name, NF4Linear(m["in_features"], m["out_features"], m["block_size"],
+                                              bool(m["double_quant"]), m["bias"], bias_dtype, device="meta"))
+            continue
         layer = QuantLinear(m["in_features"], m["out_features"], m["bits"], m["group_size"], m["bias"],
                             m["act_order"], dtype_of[m["scale_dtype"]], bias_dtype, device="meta")
         set_module(model, name, layer)
@@ -232,6 +267,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", verify: bool
         verify_files(path, info)
     model = build_skeleton(path, info)
     state = _read_tensors(path)
+    _check_tables(path, state)
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = set(info.get("tied", []))
     missing = [k for k in result.missing_keys if k not in tied]

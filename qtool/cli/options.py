@@ -71,6 +71,18 @@ def write_json(target: Path | None, payload: Any) -> None:
             tmp.write_text(text + "\n")
 
 
+def parse_nf4_block(value: str) -> int:
+    from qtool.quant.nf4 import BLOCK_SIZES
+
+    try:
+        block = int(value)
+    except ValueError:
+        block = None
+    if block not in BLOCK_SIZES:
+        raise QtoolError(f"--group-size for nf4 is the absmax block: one of {BLOCK_SIZES}, got {value!r}")
+    return block
+
+
 def parse_group_size(value: str) -> int | None:
     if value in ("channel", "-1", "0", "none"):
         return None

@@ -3,6 +3,7 @@
 Examples:
   qtool quantize --method rtn --bits 4 -o smollm2-w4/
   qtool quantize --method gptq --bits 3 --group-size 64 --calib calib.safetensors -o w3g64/
+  qtool quantize --method nf4 --group-size 64 --double-quant -o smollm2-nf4/
 """
 
 from pathlib import Path
@@ -14,9 +15,13 @@ from qtool.cli import options as o
 
 
 def quantize(
-    method: Annotated[str, typer.Option(help="rtn | gptq (apiq-bw, apiq-lw, omniquant, loftq, nf4: planned)")],
-    bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8")] = 4,
-    group_size: Annotated[str, typer.Option("--group-size", "-g", help="32 | 64 | 128 | channel")] = "128",
+    method: Annotated[str, typer.Option(help="rtn | gptq | nf4 (apiq-bw, apiq-lw, omniquant, loftq: planned)")],
+    bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8 (nf4: 4)")] = 4,
+    group_size: Annotated[str | None, typer.Option("--group-size", "-g", help="32 | 64 | 128 | channel "
+                                                   "(default 128); nf4: absmax block 32 | 64 | 128 | 256 "
+                                                   "(default 64)")] = None,
+    double_quant: Annotated[bool, typer.Option("--double-quant/--no-double-quant",
+                                               help="nf4: quantize the absmax constants to 8 bits")] = True,
     symmetric: Annotated[bool, typer.Option(help="symmetric grid (zero-point 2^(b-1))")] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="checkpoint dir "
                                                 "(default: ./<model>-<method>-w<bits>g<group>)")] = None,
@@ -38,21 +43,32 @@ def quantize(
     quiet: o.Quiet = False,
     json_out: o.JsonOut = None,
 ) -> None:
+    from qtool.errors import QtoolError
     from qtool.pipeline import QuantizeConfig
     from qtool.pipeline import quantize as run
     from qtool.quant.grid import QuantSpec
 
-    spec = QuantSpec(bits, o.parse_group_size(group_size), symmetric)
+    nf4_block = None
+    if method == "nf4":
+        nf4_block = o.parse_nf4_block(group_size or "64")
+        if bits != 4:
+            raise QtoolError(f"nf4 is a 4-bit data type; got --bits {bits}")
+        spec = QuantSpec(bits, None, symmetric)  # the grid spec is unused by nf4 (only bits=4 is checked)
+        g = nf4_block
+    else:
+        spec = QuantSpec(bits, o.parse_group_size(group_size or "128"), symmetric)
+        g = "c" if spec.group_size is None else spec.group_size
     dev = o.resolve_device(device)
     sdt = o.resolve_dtype(scale_dtype, dev)
-    g = "c" if spec.group_size is None else spec.group_size
     out = output or Path(f"{Path(model).stem}-{method}-w{bits}g{g}")
     o.seed_everything(seed)
     keep_dtype = None if dtype == "auto" else o.resolve_dtype(dtype, dev)
     cfg = QuantizeConfig(model, out, method, spec, calib, calib_n, calib_seqlen, seed, dev, sdt, act_order,
-                         quantize_lm_head, overwrite, quiet, keep_dtype)
+                         quantize_lm_head, overwrite, quiet, keep_dtype, double_quant, nf4_block)
     info = run(cfg)
     st = info["stats"]
-    o.console(quiet).print(f"wrote {out} ({method}, W{bits} g{g}): {len(info['modules'])} layers quantized in "
+    what = f"nf4 block {g}{' + double quant' if double_quant else ''}" if method == "nf4" else f"W{bits} g{g}"
+    bpp = f", {st['bits_per_param']:.3f} bits/param" if "bits_per_param" in st else ""
+    o.console(quiet).print(f"wrote {out} ({method}, {what}{bpp}): {len(info['modules'])} layers quantized in "
                            f"{st['seconds']:.1f} s, peak RSS {st['peak_rss_gb']:.2f} GB")
     o.write_json(json_out, {"output": str(out), **info})

@@ -1,7 +1,7 @@
 """Whole-model quantization methods, one file each, registered by name.
 
 A method takes the fp model (modified in place: its nn.Linear layers become
-QuantLinear) and returns statistics to record in the checkpoint manifest.
+QuantLinear, or NF4Linear for nf4) and returns statistics to record in the checkpoint manifest.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ class QuantizeOptions:
     damp: float = 0.01
     block_size: int = 128
     quiet: bool = False
+    double_quant: bool = True  # nf4: 8-bit absmax constants (QLoRA double quantization)
+    nf4_block_size: int | None = None  # nf4: absmax block; None = spec.group_size (64 if per-channel)
 
 
 METHODS: dict[str, Callable] = {}
 NEEDS_CALIBRATION = {"gptq"}
-PLANNED = ("apiq-bw", "apiq-lw", "omniquant", "loftq", "nf4")
+PLANNED = ("apiq-bw", "apiq-lw", "omniquant", "loftq")
 
 
 def register(name: str, needs_calibration: bool = False):
@@ -58,7 +60,7 @@ def get_method(name: str) -> Callable:
 
 
 def _load() -> None:
-    from qtool.methods import gptq, rtn  # noqa: F401  (registration side effect)
+    from qtool.methods import gptq, nf4, rtn  # noqa: F401  (registration side effect)
 
 
 def quantize_model(model, spec: QuantSpec, method: str = "rtn", calib=None, **options) -> dict:

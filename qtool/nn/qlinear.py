@@ -118,11 +118,14 @@ class QuantLinear(nn.Module):
 
 @contextlib.contextmanager
 def dense_cache(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[None]:
-    """Inference on a device without kernels: dequantize each QuantLinear once, not per call.
+    """Inference on a device without kernels: dequantize each QuantLinear (and NF4Linear)
+    once, not per call.
 
     Costs one dense copy of the quantized layers for the duration of the block; meant for
     CPU evaluation and generation, where unpacking on every token dominates the run time."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    from qtool.nn.nf4linear import NF4Linear
+
+    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, NF4Linear))]
     try:
         for m in layers:
             m._dense = m.dequantize(dtype)
