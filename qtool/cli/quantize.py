@@ -67,7 +67,7 @@ def quantize(
                          quantize_lm_head, overwrite, quiet, keep_dtype, double_quant, nf4_block)
     info = run(cfg)
     st = info["stats"]
-    what = f"nf4 block {g}{' + double quant' if double_quant else ''}" if method == "nf4" else f"W{bits} g{g}"
+    what = f"block {g}{' + double quant' if double_quant else ''}" if method == "nf4" else f"W{bits} g{g}"
     bpp = f", {st['bits_per_param']:.3f} bits/param" if "bits_per_param" in st else ""
     o.console(quiet).print(f"wrote {out} ({method}, {what}{bpp}): {len(info['modules'])} layers quantized in "
                            f"{st['seconds']:.1f} s, peak RSS {st['peak_rss_gb']:.2f} GB")
