@@ -15,9 +15,9 @@ to x.dtype on the fly. The constants are not trainable (PEQA refuses this kind).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qtool.nn.qlinear import dequantized_linear
 from qtool.quant import nf4
 
 
@@ -95,12 +95,7 @@ class NF4Linear(nn.Module):
         return 8 * nbytes / (self.in_features * self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._dense is not None and not torch.is_grad_enabled():
-            W = self._dense.to(x.dtype)
-        else:
-            W = self.dequantize(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, W, bias)
+        return dequantized_linear(self, x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4, "

@@ -103,17 +103,22 @@ class QuantLinear(nn.Module):
             from qtool.nn.scale_grad import scale_trainable_linear
 
             return scale_trainable_linear(self, x)
-        if self._dense is not None and not torch.is_grad_enabled():
-            W = self._dense.to(x.dtype)
-        else:
-            W = self.dequantize(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, W, bias)
+        return dequantized_linear(self, x)
 
     def extra_repr(self) -> str:
         g = "channel" if self.group_size is None else self.group_size
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={g}, act_order={self.perm is not None}, bias={self.bias is not None}")
+
+
+def dequantized_linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """The torch path of any packed layer: Ŵ from the dense cache if one is set, else dequantized now."""
+    if layer._dense is not None and not torch.is_grad_enabled():
+        W = layer._dense.to(x.dtype)
+    else:
+        W = layer.dequantize(x.dtype)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, W, bias)
 
 
 @contextlib.contextmanager
