@@ -20,8 +20,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -35,8 +33,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from qtool.artifact.checkpoint import dump_manifest as _write_manifest  # the name tests patch
 from qtool.artifact.delta import ScaleDelta, check_delta, read_delta
 from qtool.errors import QtoolError
+from qtool.models.load import sha256_file
 
 MANIFEST = "qtool.json"
 SCALES_FILE = "scales.safetensors"
@@ -139,14 +139,6 @@ class SwapReport:
     copied: int  # files copied because hard links were impossible
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_scales(path: Path) -> dict[str, Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -167,15 +159,9 @@ def _verified(model_dir: Path, info: dict, name: str) -> Path:
     want = info.get("files", {}).get(name)
     if not path.is_file() or want is None:
         raise QtoolError(f"{model_dir}: {name} is missing")
-    if _sha256(path) != want:
+    if sha256_file(path) != want:
         raise QtoolError(f"{model_dir}: {name} is corrupted (sha256 mismatch with {MANIFEST})")
     return path
-
-
-def _write_manifest(directory: Path, info: dict) -> None:
-    # The same serialisation as qtool.artifact.checkpoint.write_manifest, so that --base
-    # restores qtool.json byte for byte.
-    (directory / MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
 
 
 def _link_or_copy(src: Path, dst: Path) -> bool:
@@ -264,7 +250,7 @@ def swap_scales_dir(model_dir: Path, delta_path: Path, out_dir: Path | None = No
         if s0 is None:
             raise QtoolError(f"{model_dir}: {base_name} has no scales for {mod}")
         new[f"{mod}.scales"] = combine_scales(s0, delta.tensors[mod])
-    delta_sha = _sha256(delta.path)
+    delta_sha = sha256_file(delta.path)
     with _staging(model_dir, out_dir, overwrite) as tmp:
         linked, copied = _populate(model_dir, tmp, {SCALES_FILE, BASE_SCALES_FILE, MANIFEST})
         if _link_or_copy(base_path, tmp / BASE_SCALES_FILE):
@@ -274,7 +260,7 @@ def swap_scales_dir(model_dir: Path, delta_path: Path, out_dir: Path | None = No
         save_file(new, str(tmp / SCALES_FILE), metadata={**scales_meta, "qtool.task": delta.task})
         files = dict(info["files"])
         files[BASE_SCALES_FILE] = info["files"][base_name]
-        files[SCALES_FILE] = _sha256(tmp / SCALES_FILE)
+        files[SCALES_FILE] = sha256_file(tmp / SCALES_FILE)
         out = {k: v for k, v in info.items() if k != APPLIED_KEY}
         out["files"] = dict(sorted(files.items()))
         out[APPLIED_KEY] = {"task": delta.task, "delta_file": delta.path.name, "delta_sha256": delta_sha,

@@ -127,8 +127,14 @@ def write_manifest(directory: Path, info: dict) -> dict:
     info = dict(info)
     info["files"] = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
                      if p.is_file() and p.name != MANIFEST}
-    (directory / MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
+    dump_manifest(directory, info)
     return info
+
+
+def dump_manifest(directory: Path, info: dict) -> None:
+    """Write qtool.json as given. One serialisation everywhere, so that restoring a
+    manifest (swap-scales --base) reproduces it byte for byte."""
+    (Path(directory) / MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
 
 
 def save_checkpoint(model: nn.Module, tokenizer, info: dict, out_dir: Path, overwrite: bool = False,
