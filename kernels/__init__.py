@@ -5,10 +5,13 @@ None for any case it does not cover, and the torch fallback runs. Design and the
 each kernel version: docs/kernels.md. Every kernel has its `reference_*` beside it.
 """
 
-from qtool_kernels.dequant import dequantize_packed, reference_dequantize
-from qtool_kernels.linear import SKINNY_MAX_M, forward_packed, quant_linear, skinny_max_m
-from qtool_kernels.scale_grad import reference_scale_grad, scale_grad
-from qtool_kernels.skinny import reference_skinny, skinny_matmul
+# Relative imports: run from the repository root, this folder is also importable as plain
+# `kernels` (cwd on sys.path), and transformers probes `import kernels` for Hugging Face's
+# hub package; absolute `qtool_kernels` imports here would then recurse into a half-built module.
+from .dequant import dequantize_packed, reference_dequantize
+from .linear import SKINNY_MAX_M, forward_packed, quant_linear, skinny_max_m
+from .scale_grad import reference_scale_grad, scale_grad
+from .skinny import reference_skinny, skinny_matmul
 
 __all__ = [
     "SKINNY_MAX_M",
