@@ -2,7 +2,7 @@
 
 Tensors:  param.<name>               current trainable values
           best.<name>                values at the best validation metric so far
-          optim.<name>.<key>         AdamW state (step, exp_avg, exp_avg_sq)
+          optim.<name>.<key>         AdamW / PagedAdamW state (step, exp_avg, exp_avg_sq)
           rng.cpu, rng.cuda.<i>      generator states (uint8), so dropout continues as well
 Metadata (strings): qtool.kind = train-state, step, config (JSON of the fields a resumed
 run must share), history (JSON list of evaluations), best_step, best (JSON), tokens, seconds.
@@ -98,9 +98,14 @@ def optimizer_state(optimizer: torch.optim.Optimizer,
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter],
                       saved: dict[str, dict[str, Tensor]]) -> None:
+    # An optimizer that places its own state (PagedAdamW: pinned host memory) says so.
+    load = getattr(optimizer, "load_param_state", None)
     for name, p in params.items():
         st = saved.get(name)
         if not st:
+            continue
+        if load is not None:
+            load(p, st)
             continue
         # `step` stays a CPU scalar as torch's (non-fused) AdamW keeps it; moments go to the param.
         optimizer.state[p] = {k: (v if k == "step" else v.to(p.device, p.dtype)) for k, v in st.items()}
