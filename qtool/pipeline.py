@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
+from qtool.artifact.adapter import AdapterSpec, save_adapter
 from qtool.artifact.checkpoint import save_checkpoint
 from qtool.data import calib as calib_mod
 from qtool.errors import QtoolError
 from qtool.methods import NEEDS_CALIBRATION, get_method, quantize_model
 from qtool.models.load import load_model
+from qtool.nn.lora import lora_layers, lora_tensors, remove_lora
 from qtool.nn.replace import cast_float
 from qtool.quant.grid import QuantSpec
 
@@ -37,6 +39,12 @@ class QuantizeConfig:
     keep_dtype: torch.dtype | None = None  # dtype of unquantized tensors in the checkpoint
     double_quant: bool = True  # nf4 only: 8-bit absmax constants
     nf4_block_size: int | None = None  # nf4 only: absmax block (32 | 64 | 128 | 256)
+    lora_rank: int = 64  # loftq: rank r of the adapter written to OUTPUT/adapter/
+    lora_alpha: float = 16.0  # loftq: LoRA α (scaling α/r)
+    loftq_iters: int = 5  # loftq: alternations T
+
+
+ADAPTER_DIR = "adapter"  # where quantize writes the LoRA adapter of a method that initialises one
 
 
 def peak_memory() -> dict:
@@ -72,8 +80,10 @@ def quantize(cfg: QuantizeConfig) -> dict:
     stats = quantize_model(model, cfg.spec, cfg.method, calib=ids, device=cfg.device,
                            scale_dtype=cfg.scale_dtype, quantize_lm_head=cfg.quantize_lm_head,
                            act_order=cfg.act_order, quiet=cfg.quiet, double_quant=cfg.double_quant,
-                           nf4_block_size=cfg.nf4_block_size)
+                           nf4_block_size=cfg.nf4_block_size, lora_rank=cfg.lora_rank,
+                           lora_alpha=cfg.lora_alpha, loftq_iters=cfg.loftq_iters)
     seconds = time.perf_counter() - t0
+    adapter = take_adapter(model)  # before any cast: the adapter stays fp32
     if cfg.keep_dtype is not None:
         cast_float(model, cfg.keep_dtype)
     info = {
@@ -88,4 +98,26 @@ def quantize(cfg: QuantizeConfig) -> dict:
         "stats": {**stats, "seconds": round(seconds, 2), **peak_memory(), "device": str(cfg.device),
                   "seed": cfg.seed},
     }
-    return save_checkpoint(model, tok, info, cfg.output, cfg.overwrite)
+    info = save_checkpoint(model, tok, info, cfg.output, cfg.overwrite)
+    if adapter is not None:
+        # After the checkpoint, so the sidecar records the fingerprint of the base as written.
+        # A sub-directory: the manifest hashes only top-level files, so the checkpoint is unchanged.
+        tensors, spec = adapter
+        fields = {k: v for k, v in stats.items() if isinstance(v, (bool, int, float, str))}
+        save_adapter(cfg.output / ADAPTER_DIR, tensors, spec, info["fingerprint"], init=cfg.method,
+                     overwrite=cfg.overwrite, **fields)
+        info = {**info, "adapter": str(cfg.output / ADAPTER_DIR)}
+    return info
+
+
+def take_adapter(model: torch.nn.Module) -> tuple[dict, AdapterSpec] | None:
+    """Detach the LoRA wrappers a method left on the model: (tensors, spec), or None if there are none."""
+    layers = lora_layers(model)
+    if not layers:
+        return None
+    w = next(iter(layers.values()))
+    spec = AdapterSpec(w.rank, w.alpha, 0.0, w.lora_magnitude_vector is not None,
+                       tuple(sorted({n.rpartition(".")[2] for n in layers})))
+    tensors = lora_tensors(layers)
+    remove_lora(model)
+    return tensors, spec

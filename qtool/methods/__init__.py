@@ -2,6 +2,8 @@
 
 A method takes the fp model (modified in place: its nn.Linear layers become
 QuantLinear, or NF4Linear for nf4) and returns statistics to record in the checkpoint manifest.
+A method that also initialises a LoRA adapter (loftq) leaves its layers wrapped in
+qtool.nn.lora.LoraLinear; the pipeline takes the adapter off and writes it beside the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ class QuantizeOptions:
     quiet: bool = False
     double_quant: bool = True  # nf4: 8-bit absmax constants (QLoRA double quantization)
     nf4_block_size: int | None = None  # nf4: absmax block; None = spec.group_size (64 if per-channel)
+    lora_rank: int = 64  # methods that also initialise a LoRA adapter (loftq): its rank r
+    lora_alpha: float = 16.0  # ... and its α (the wrapper scales B·A by α/r)
+    loftq_iters: int = 5  # loftq: alternations T (LoftQ's published scripts use 5)
 
 
 METHODS: dict[str, Callable] = {}
 NEEDS_CALIBRATION = {"gptq"}
-PLANNED = ("apiq-bw", "apiq-lw", "omniquant", "loftq")
+PLANNED = ("apiq-bw", "apiq-lw", "omniquant")
 
 
 def register(name: str, needs_calibration: bool = False):
@@ -60,7 +65,7 @@ def get_method(name: str) -> Callable:
 
 
 def _load() -> None:
-    from qtool.methods import gptq, nf4, rtn  # noqa: F401  (registration side effect)
+    from qtool.methods import gptq, loftq, nf4, rtn  # noqa: F401  (registration side effect)
 
 
 def quantize_model(model, spec: QuantSpec, method: str = "rtn", calib=None, **options) -> dict:
