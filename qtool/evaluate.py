@@ -28,6 +28,7 @@ class EvalConfig:
     max_windows: int | None = None
     baseline: bool = False
     deltas: list[Path] = field(default_factory=list)
+    adapters: list[Path] = field(default_factory=list)
     prompt: str | None = None
     max_new_tokens: int = 32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -52,11 +53,19 @@ def run(cfg: EvalConfig) -> dict:
     is_ckpt = (path / MANIFEST).is_file()
     if cfg.deltas and not is_ckpt:
         raise QtoolError("--delta needs a qtool checkpoint directory as MODEL")
+    if cfg.adapters and not is_ckpt:
+        raise QtoolError("--adapter needs a qtool checkpoint directory as MODEL")
+    if cfg.adapters:
+        from qtool.artifact.adapter import read_adapter
+
+        for a in cfg.adapters:  # a bad adapter fails before the model loads
+            read_adapter(a)
     rows = []
     if is_ckpt:
         ck = load_checkpoint(path)
         model, tok, info = ck.model, ck.tokenizer, ck.info
-        source = info["source"]["name"] if info["source"]["kind"] == "builtin" else info["source"]["path"]
+        src = info.get("source") or {}  # checkpoints written from an in-memory model have none
+        source = src.get("name") if src.get("kind") == "builtin" else src.get("path")
         g = "channel" if info["group_size"] is None else info["group_size"]
         label = f"{info['method']} W{info['bits']} g{g}"
     else:
@@ -77,6 +86,14 @@ def run(cfg: EvalConfig) -> dict:
             apply_delta(model, d, info, checkpoint_dir=path)
             rows.append(_score(f"{label} + Δs {d.name}", model, tok, ids, cfg, seqlen))
             remove_delta(model)
+    if cfg.adapters:
+        from qtool.methods.lora import attach_adapter
+        from qtool.nn.lora import remove_lora
+
+        for a in cfg.adapters:
+            attach_adapter(model, a, info.get("fingerprint"), dropout=0.0)
+            rows.append(_score(f"{label} + adapter {Path(a).name}", model, tok, ids, cfg, seqlen))
+            remove_lora(model)
     return {"model": str(cfg.model), "corpus": corpus_name, "corpus_sha256": corpus_sha256(texts),
             "split": cfg.split, "seqlen": seqlen, "device": str(cfg.device),
             "dtype": str(cfg.dtype).removeprefix("torch."), "checkpoint": info and {

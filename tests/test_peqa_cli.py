@@ -65,8 +65,8 @@ def test_finetune_alpaca_cli(ckpt, tmp_path):
 
 def test_finetune_refusals(ckpt, tmp_path):
     d, info = ckpt
-    r = invoke("finetune", d, "--method", "lora", "--task", "bbc-news")
-    assert "not implemented yet" in str(r.exception)
+    r = invoke("finetune", d, "--method", "sft", "--task", "bbc-news")
+    assert "unknown --method" in str(r.exception)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n')
     r = invoke("finetune", d, "--task", "alpaca", "--data", bad)

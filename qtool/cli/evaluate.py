@@ -23,6 +23,10 @@ def evaluate(
     baseline: Annotated[bool, typer.Option(help="also score the original model in the same run")] = False,
     delta: Annotated[list[Path] | None, typer.Option(help="apply a PEQA Δs file in memory (repeatable: "
                                                      "scores each)")] = None,
+    adapter: Annotated[list[Path] | None, typer.Option(help="apply a LoRA/DoRA adapter dir (PEFT format; "
+                                                       "repeatable: scores each)")] = None,
+    merge: Annotated[bool, typer.Option(help="merge the adapter into the weights (refused for quantized bases)")]
+    = False,
     prompt: Annotated[str | None, typer.Option(help="generate greedily from this prompt")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate for --prompt")] = 32,
     device: o.Device = "auto",
@@ -31,12 +35,17 @@ def evaluate(
     quiet: o.Quiet = False,
     json_out: o.JsonOut = None,
 ) -> None:
+    from qtool.errors import QtoolError
     from qtool.evaluate import EvalConfig, run
+
+    if merge:
+        raise QtoolError("--merge is refused: adding LoRA's dense update to a 2/3/4-bit base and re-quantizing "
+                         "rounds most of it away; the adapter is applied beside the base instead")
 
     dev = o.resolve_device(device)
     o.seed_everything(seed)
-    cfg = EvalConfig(model, corpus, split, seqlen, max_windows, baseline, list(delta or []), prompt,
-                     max_new_tokens, dev, o.resolve_dtype(dtype, dev), quiet)
+    cfg = EvalConfig(model, corpus, split, seqlen, max_windows, baseline, list(delta or []), list(adapter or []),
+                     prompt, max_new_tokens, dev, o.resolve_dtype(dtype, dev), quiet)
     results = run(cfg)
     con = o.console(quiet and json_out is not None and str(json_out) == "-")
     for r in results["rows"]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from qtool.errors import QtoolError
 from qtool.train.data import BatchOrder, TokenizedTask, collate, tokenize_task
 from qtool.train.evaluate import evaluate
 from qtool.train.loss import nll_per_row
+from qtool.train.optim import build_optimizer
 from qtool.train.state import (
     STATE_FILE,
     TrainState,
@@ -60,12 +62,14 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, none on CPU) | bf16 | no
     keep: str = "best"  # best | last: which parameters the result's `params` holds
     quiet: bool = False
+    schedule: str = "cosine"  # cosine | constant (both after the linear warm-up)
+    optim: str = "adamw"  # adamw | paged_adamw (qtool.train.optim)
 
     def resume_key(self, task: str, total_steps: int) -> dict:
         """Fields that a resumed run must share with the run that saved the state."""
         return {"task": task, "lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                 "seqlen": self.seqlen, "seed": self.seed, "total_steps": total_steps,
-                "warmup_ratio": self.warmup_ratio, "weight_decay": self.weight_decay}
+                "warmup_ratio": self.warmup_ratio, "weight_decay": self.weight_decay, "schedule": self.schedule}
 
 
 @dataclass
@@ -90,11 +94,16 @@ class TrainResult:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def lr_at(step: int, total: int, warmup: int) -> float:
+SCHEDULES = ("cosine", "constant")
+
+
+def lr_at(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
     """Multiplier of the base lr at 0-based `step`: linear warm-up to 1 (the first step is
-    already 1/warmup, not 0), then cosine decay to 0 at `total`."""
+    already 1/warmup, not 0), then cosine decay to 0 at `total`, or constant 1 (QLoRA)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -133,8 +142,12 @@ def _better(a: float, b: float | None, higher: bool) -> bool:
 
 
 def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[str, nn.Parameter],
-          config: TrainConfig) -> TrainResult:
-    """Train `params` (everything else must already be frozen) on `task`."""
+          config: TrainConfig, optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+          ) -> TrainResult:
+    """Train `params` (everything else must already be frozen) on `task`.
+
+    `optimizer_factory` replaces `config.optim` (comparison scripts use it to train a peer
+    library's model with that library's optimizer through this same loop)."""
     if not params:
         raise QtoolError("nothing to train: the method selected no parameters")
     ids = {id(p) for p in params.values()}
@@ -143,6 +156,8 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
         raise QtoolError(f"parameter {stray[0]} requires grad but is not in the trainable set")
     if not all(p.requires_grad for p in params.values()):
         raise QtoolError("every trainable parameter must have requires_grad=True")
+    if config.schedule not in SCHEDULES:
+        raise QtoolError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {config.schedule!r}")
     device = _device(config.device)
     accelerator = _accelerator(device, config.mixed_precision)
     device = accelerator.device
@@ -160,8 +175,11 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
 
     model.to(device)
     names = list(params)
-    optimizer = torch.optim.AdamW([params[n] for n in names], lr=config.lr, betas=config.betas,
-                                  weight_decay=config.weight_decay)
+    if optimizer_factory is not None:
+        optimizer = optimizer_factory([params[n] for n in names])
+    else:
+        optimizer = build_optimizer(config.optim, [params[n] for n in names], lr=config.lr, betas=config.betas,
+                                    weight_decay=config.weight_decay)
     key = config.resume_key(tt.task.name, total)
     state_path = Path(config.state_dir) / STATE_FILE if config.state_dir else None
 
@@ -226,7 +244,7 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
             ptask = bar.add_task(f"train {tt.task.name}", total=total, completed=start)
             for step in range(start, total):
                 for group in optimizer.param_groups:
-                    group["lr"] = config.lr * lr_at(step, total, warmup)
+                    group["lr"] = config.lr * lr_at(step, total, warmup, config.schedule)
                 micro = [collate([tt.train[i] for i in order.indices(k)], tt.pad_id)
                          for k in range(step * config.grad_accum, (step + 1) * config.grad_accum)]
                 n_targets = sum(b.n_targets for b in micro)
