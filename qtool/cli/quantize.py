@@ -4,6 +4,7 @@ Examples:
   qtool quantize --method rtn --bits 4 -o smollm2-w4/
   qtool quantize --method gptq --bits 3 --group-size 64 --calib calib.safetensors -o w3g64/
   qtool quantize --method nf4 --group-size 64 --double-quant -o smollm2-nf4/
+  qtool quantize --method loftq --bits 2 --group-size 64 --rank 64 --alpha 16 --loftq-iters 5 -o w2-loftq/
 """
 
 from pathlib import Path
@@ -15,7 +16,8 @@ from qtool.cli import options as o
 
 
 def quantize(
-    method: Annotated[str, typer.Option(help="rtn | gptq | nf4 (apiq-bw, apiq-lw, omniquant, loftq: planned)")],
+    method: Annotated[str, typer.Option(help="rtn | gptq | nf4 | loftq | loftq-nf4 (apiq-bw, apiq-lw, omniquant: "
+                                                "planned)")],
     bits: Annotated[int, typer.Option(help="2 | 3 | 4 | 8 (nf4: 4)")] = 4,
     group_size: Annotated[str | None, typer.Option("--group-size", "-g", help="32 | 64 | 128 | channel "
                                                    "(default 128); nf4: absmax block 32 | 64 | 128 | 256 "
@@ -31,6 +33,10 @@ def quantize(
     calib_n: Annotated[int, typer.Option(help="windows when building calibration implicitly")] = 128,
     calib_seqlen: Annotated[int, typer.Option(help="window length when building calibration")] = 2048,
     act_order: Annotated[bool, typer.Option(help="GPTQ: quantize columns by decreasing Hessian diagonal")] = False,
+    rank: Annotated[int, typer.Option(help="loftq: LoRA rank r of the adapter written to OUTPUT/adapter/")] = 64,
+    alpha: Annotated[float, typer.Option(help="loftq: LoRA alpha (the adapter is scaled by alpha/r)")] = 16.0,
+    loftq_iters: Annotated[int, typer.Option(help="loftq: alternating quantize/SVD steps T (0: plain RTN "
+                                             "base, default-init adapter)")] = 5,
     quantize_lm_head: Annotated[bool, typer.Option(help="also quantize the output head")] = False,
     scale_dtype: Annotated[str, typer.Option(help="storage dtype of scales: float16 | bfloat16 | float32")]
     = "float16",
@@ -48,8 +54,14 @@ def quantize(
     from qtool.pipeline import quantize as run
     from qtool.quant.grid import QuantSpec
 
+    if rank < 1:
+        raise QtoolError(f"--rank must be ≥ 1, got {rank}")
+    if not alpha > 0:
+        raise QtoolError(f"--alpha must be > 0, got {alpha}")
+    if loftq_iters < 0:
+        raise QtoolError(f"--loftq-iters must be ≥ 0, got {loftq_iters}")
     nf4_block = None
-    if method == "nf4":
+    if method in ("nf4", "loftq-nf4"):
         nf4_block = o.parse_nf4_block(group_size or "64")
         if bits != 4:
             raise QtoolError(f"nf4 is a 4-bit data type; got --bits {bits}")
@@ -64,11 +76,16 @@ def quantize(
     o.seed_everything(seed)
     keep_dtype = None if dtype == "auto" else o.resolve_dtype(dtype, dev)
     cfg = QuantizeConfig(model, out, method, spec, calib, calib_n, calib_seqlen, seed, dev, sdt, act_order,
-                         quantize_lm_head, overwrite, quiet, keep_dtype, double_quant, nf4_block)
+                         quantize_lm_head, overwrite, quiet, keep_dtype, double_quant, nf4_block,
+                         lora_rank=rank, lora_alpha=alpha, loftq_iters=loftq_iters)
     info = run(cfg)
     st = info["stats"]
-    what = f"block {g}{' + double quant' if double_quant else ''}" if method == "nf4" else f"W{bits} g{g}"
+    what = f"block {g}{' + double quant' if double_quant else ''}" if nf4_block else f"W{bits} g{g}"
     bpp = f", {st['bits_per_param']:.3f} bits/param" if "bits_per_param" in st else ""
     o.console(quiet).print(f"wrote {out} ({method}, {what}{bpp}): {len(info['modules'])} layers quantized in "
                            f"{st['seconds']:.1f} s, peak RSS {st['peak_rss_gb']:.2f} GB")
+    if "adapter" in info:
+        err = (f": weight error {st['weight_rel_error_quant']:.4f} → {st['weight_rel_error_loftq']:.4f}"
+               if "weight_rel_error_loftq" in st else "")
+        o.console(quiet).print(f"wrote {info['adapter']} (LoRA r {rank}, alpha {alpha:g}, init {method}{err})")
     o.write_json(json_out, {"output": str(out), **info})
