@@ -113,7 +113,8 @@ class QuantLinear(nn.Module):
 
 def dequantized_linear(layer: nn.Module, x: Tensor) -> Tensor:
     """The torch path of any packed layer: Ŵ from the dense cache if one is set, else dequantized now."""
-    if layer._dense is not None and not torch.is_grad_enabled():
+    trains = getattr(layer, "scale_delta", None) is not None and torch.is_grad_enabled()
+    if layer._dense is not None and not trains:
         W = layer._dense.to(x.dtype)
     else:
         W = layer.dequantize(x.dtype)
@@ -123,14 +124,17 @@ def dequantized_linear(layer: nn.Module, x: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def dense_cache(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[None]:
-    """Inference on a device without kernels: dequantize each QuantLinear (and NF4Linear)
-    once, not per call.
+    """A device without kernels: dequantize each frozen QuantLinear (and NF4Linear) once,
+    not per call.
 
     Costs one dense copy of the quantized layers for the duration of the block; meant for
-    CPU evaluation and generation, where unpacking on every token dominates the run time."""
+    CPU evaluation, generation and CPU LoRA training over a frozen base, where unpacking on
+    every call dominates the run time. Layers whose scales train (PEQA's Δs) are skipped:
+    their Ŵ changes every step."""
     from qtool.nn.nf4linear import NF4Linear
 
-    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, NF4Linear))]
+    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, NF4Linear))
+              and getattr(m, "scale_delta", None) is None]
     try:
         for m in layers:
             m._dense = m.dequantize(dtype)

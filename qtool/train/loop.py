@@ -10,6 +10,7 @@ continues with exactly the batches it would have seen.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from qtool.data.tasks import Task
 from qtool.errors import QtoolError
+from qtool.nn.qlinear import dense_cache
 from qtool.train.data import BatchOrder, TokenizedTask, collate, tokenize_task
 from qtool.train.evaluate import evaluate
 from qtool.train.loss import nll_per_row
@@ -236,7 +238,10 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
 
     bad = skipped = 0
     last_eval: dict | None = history[-1] if history else None
+    # No kernels on the CPU: a frozen base (LoRA, QLoRA) is dequantized once for the run.
+    cache = dense_cache(model) if device.type == "cpu" else contextlib.nullcontext()
     try:
+        cache.__enter__()
         model.train()
         if start == 0:
             initial = last_eval = run_eval(0)
@@ -282,6 +287,7 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
                     info += f" · val {metric} {last_eval[metric]:.4f} (step {last_eval['step']})"
                 bar.update(ptask, completed=done, info=info)
     finally:
+        cache.__exit__(None, None, None)
         if config.grad_checkpoint:
             _checkpointing(model, False)
         model.eval()
