@@ -1,28 +1,38 @@
-"""Route QuantLinear's forward to the Triton kernels (qtool_kernels) when they apply.
+"""Route QuantLinear's and NF4Linear's CUDA forwards to the Triton kernels (qtool_kernels).
 
-Returns None when no kernel covers the layer's configuration, and the caller falls
-back to dequantize + F.linear in torch.
+Each entry returns None when no kernel covers the layer's configuration, and the caller
+falls back to dequantize + F.linear in torch. QTOOL_KERNELS=0 forces that fallback.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from qtool.nn.nf4linear import NF4Linear
     from qtool.nn.qlinear import QuantLinear
 
 
-def quant_linear(layer: QuantLinear, x: Tensor) -> Tensor | None:
+def _entry(name: str) -> Callable | None:
+    """qtool_kernels.<name>, or None when kernels are switched off or not installed."""
     if os.environ.get("QTOOL_KERNELS", "1") == "0":  # force the torch reference path
         return None
     try:
         import qtool_kernels
     except ImportError:
         return None
-    fn = getattr(qtool_kernels, "quant_linear", None)
-    if fn is None:
-        return None
-    return fn(layer, x)
+    return getattr(qtool_kernels, name, None)
+
+
+def quant_linear(layer: QuantLinear, x: Tensor) -> Tensor | None:
+    fn = _entry("quant_linear")
+    return None if fn is None else fn(layer, x)
+
+
+def nf4_linear(layer: NF4Linear, x: Tensor) -> Tensor | None:
+    fn = _entry("nf4_linear")
+    return None if fn is None else fn(layer, x)

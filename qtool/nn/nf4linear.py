@@ -8,8 +8,10 @@ weight W [N out, K in] flattened row-major, B = ceil(n / block_size)):
   absmax_scale  fp32 [ceil(B/256)]  per-256 scale of those codes
   absmax_mean   fp32 [1]            the subtracted mean
   bias          [N] (optional)
-Ŵ = levels[code] · absmax_b (qtool.quant.nf4). No dense weight is kept; forward dequantizes
-to x.dtype on the fly. The constants are not trainable (PEQA refuses this kind).
+Ŵ = levels[code] · absmax_b (qtool.quant.nf4). No dense weight is kept. On CUDA the forward
+runs qtool_kernels.nf4_linear (fused decode for few rows, else a transient Ŵ + cuBLAS; dX
+for QLoRA); elsewhere it dequantizes to x.dtype on the fly. The constants are not
+trainable (PEQA refuses this kind).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class NF4Linear(nn.Module):
                              if double_quant else None)
         self.register_buffer("absmax_mean", torch.empty(1, **f32) if double_quant else None)
         self.register_buffer("bias", torch.empty(out_features, dtype=bias_dtype, device=device) if bias else None)
+        self.use_kernels = True  # qtool_kernels.nf4_linear on CUDA (fp16/bf16 activations)
         self._dense: Tensor | None = None  # set only inside qtool.nn.qlinear.dense_cache
 
     @classmethod
@@ -95,6 +98,16 @@ class NF4Linear(nn.Module):
         return 8 * nbytes / (self.in_features * self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.use_kernels and x.is_cuda:
+            from qtool.nn import kernel_dispatch
+
+            if torch.is_autocast_enabled("cuda"):
+                # As QuantLinear: autocast hands fp32 activations; the kernels take fp16/bf16,
+                # which autocast would have fed a dense Linear anyway.
+                x = x.to(torch.get_autocast_dtype("cuda"))
+            y = kernel_dispatch.nf4_linear(self, x)
+            if y is not None:
+                return y
         return dequantized_linear(self, x)
 
     def extra_repr(self) -> str:

@@ -34,3 +34,23 @@ def random_packed(N: int, K: int, bits: int, group_size: int | None, symmetric: 
     W = torch.randn(N, K, generator=gen)
     qw = rtn(W, QuantSpec(bits, group_size, symmetric))
     return pack(qw.codes, bits).to(device), qw.scale.to(device), qw.zero.to(device)
+
+
+def fresh_generator(device: str = "cpu") -> tuple[torch.Generator, int]:
+    """A generator seeded afresh on every run (QTOOL_TEST_SEED replays one); print the seed
+    in the test so a failure can be reproduced."""
+    import os
+
+    seed = int(os.environ.get("QTOOL_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    return torch.Generator(device).manual_seed(seed), seed
+
+
+def random_nf4(N: int, K: int, block_size: int = 64, double_quant: bool = True, bias: bool = False,
+               device: str = "cpu", gen: torch.Generator | None = None):
+    """An NF4Linear quantized from a random Gaussian weight (realistic codes and constants:
+    every code occurs, the absmax varies from block to block)."""
+    from qtool.nn.nf4linear import NF4Linear
+
+    W = torch.randn(N, K, generator=gen, device=gen.device if gen is not None else "cpu") * 0.02
+    b = torch.randn(N, generator=gen, device=W.device) if bias else None
+    return NF4Linear.from_weight(W.to(device), block_size, double_quant, None if b is None else b.to(device))
