@@ -19,8 +19,8 @@ References beside them: `nf4_linear_ref`, `reference_dequantize_nf4` (float64).
 
 Decoding a code is a lookup in the 16-entry table of levels. On the GPU the skinny kernel
 holds the table in registers, the operands of `prmt` byte permutes (inline PTX,
-`DECODE_ASM`): one int32 word of 8 codes becomes 4 registers of fp16/bf16 pairs in 21
-integer instructions, ~2.6 per code, no memory traffic. The alternatives compiled for
+`DECODE_ASM`): one int32 word of 8 codes becomes 4 registers of fp16/bf16 pairs in 22
+integer instructions (21 after ptxas), ~2.7 per code, no memory traffic. The alternatives compiled for
 sm_90 (Triton 3.9) cost more: a load from a 32-byte table in global memory (L1-resident)
 is 1 load + 2 address instructions per code and ~10 instructions per code in the loop in
 all; `tl.gather` from a register tensor becomes 4 warp shuffles + selects per value; a
@@ -109,7 +109,7 @@ def table_words(dtype: torch.dtype) -> list[int]:
 # sel` takes byte i of d from the 8 bytes {a, b} by bits 0-2 of nibble i of sel (bit 3
 # would switch to sign replication, so it is masked off). Per half: 4 table permutes; 2
 # take the 8-15 result where bit 3 of the code is set (selector nibble i = i + 4·bit3);
-# 2 interleave low and high bytes into (c0 | c1 << 16) and (c2 | c3 << 16). 21 integer
+# 2 interleave low and high bytes into (c0 | c1 << 16) and (c2 | c3 << 16). 22 integer
 # instructions per 8 codes; $0..$3 hold codes (0, 1), (2, 3), (4, 5), (6, 7).
 _DECODE_HALF = """prmt.b32 ll, $5, $6, {s7};
 prmt.b32 lh, $7, $8, {s7};

@@ -1,9 +1,11 @@
 """`qtool bench kernels`: packed-weight matmul vs fp16 cuBLAS, both measured in the same run.
 
+`bits_list` may hold "nf4": NF4Linear's kernels (block 64, double-quantized constants).
+
 Convention: a shape N×K is a Linear with N outputs and K inputs (W is [N, K], y = x Wᵀ),
 the way Llama's weights are stored (SHAPES names each one). The weight bandwidth counts
-the bytes a kernel must read at least once (packed codes + scales + zeros; the fp16
-weight for the baseline) over the median time.
+the bytes a kernel must read at least once (packed codes + scales + zeros, or NF4 codes +
+8-bit absmax + their scales; the fp16 weight for the baseline) over the median time.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ SHAPES: dict[str, tuple[int, int]] = {
 DEFAULT_MS = (1, 4, 16, 64, 256, 2048)
 DEFAULT_BITS = (2, 3, 4)
 DEFAULT_GROUPS: tuple[int | None, ...] = (64, 128, None)
+NF4 = "nf4"  # in bits_list: NF4Linear's kernels (QLoRA's block 64, double-quantized constants)
+NF4_BLOCK = 64
 
 
 @dataclass
@@ -37,8 +41,8 @@ class KernelRow:
     N: int
     K: int
     M: int
-    bits: int
-    group_size: int | None
+    bits: int | str  # or "nf4"
+    group_size: int | None  # the absmax block size for nf4
     dtype: str
     path: str  # "skinny" or "dequant+cublas"
     quant_us: float
@@ -74,8 +78,21 @@ def random_packed_layer(N: int, K: int, bits: int, group_size: int | None, devic
     return layer
 
 
+def random_nf4_layer(N: int, K: int, block_size: int = NF4_BLOCK, device: str = "cuda"):
+    """An NF4Linear with random codes and double-quantized constants (absmax ≈ 0.02 ± 0.01)."""
+    from qtool.nn.nf4linear import NF4Linear
+
+    layer = NF4Linear(K, N, block_size, double_quant=True, device=device)
+    layer.nf4_codes.random_(0, 256)
+    layer.absmax_q.random_(0, 256)
+    layer.absmax_scale.fill_(0.01)
+    layer.absmax_mean.fill_(0.02)
+    return layer
+
+
 def _layer_bytes(layer) -> int:
-    return sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.zeros))
+    """Weight bytes a kernel must read: every stored tensor but the bias."""
+    return sum(t.numel() * t.element_size() for name, t in layer.named_buffers() if name not in ("bias", "perm"))
 
 
 def bench_fp16(N: int, K: int, M: int, dtype: torch.dtype) -> float:
@@ -95,6 +112,8 @@ def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype
     """(seconds, weight bytes, path) of the kernel path, weights rotated out of L2."""
     import qtool_kernels as qk
 
+    if bits == NF4:
+        return bench_nf4(N, K, M, group_size or NF4_BLOCK, dtype, skinny_max_m)
     layers = [random_packed_layer(N, K, bits, group_size)]
     nbytes = _layer_bytes(layers[0])
     layers += [random_packed_layer(N, K, bits, group_size) for _ in range(copies_needed(nbytes) - 1)]
@@ -112,17 +131,38 @@ def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype
     return t, nbytes, path
 
 
-def bench_fwd_bwd(N: int, K: int, M: int, bits: int, group_size: int | None, dtype: torch.dtype) -> float:
+def bench_nf4(N: int, K: int, M: int, block_size: int, dtype: torch.dtype,
+              skinny_max_m: int | None = None) -> tuple[float, int, str]:
+    """(seconds, weight bytes, path) of NF4Linear's kernel path, weights rotated out of L2."""
+    import qtool_kernels as qk
+
+    layers = [random_nf4_layer(N, K, block_size)]
+    nbytes = _layer_bytes(layers[0])
+    layers += [random_nf4_layer(N, K, block_size) for _ in range(copies_needed(nbytes) - 1)]
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    max_m = qk.NF4_SKINNY_MAX_M if skinny_max_m is None else skinny_max_m
+    path = "skinny" if M <= max_m else "dequant+cublas"
+    ws = [qk.NF4Weight.of(L) for L in layers]
+    calls = [lambda w=w: qk.nf4_forward(x, w, None, max_m) for w in ws]
+    t = time_rotated(calls, use_graph=M <= 256)
+    del layers, ws
+    return t, nbytes, path
+
+
+def bench_fwd_bwd(N: int, K: int, M: int, bits: int | str, group_size: int | None, dtype: torch.dtype) -> float:
     """(quantized fwd + dX) / (fp16 fwd + dX) time, frozen weights (the LoRA-on-int-base case)."""
     import qtool_kernels as qk
 
-    layer = random_packed_layer(N, K, bits, group_size)
+    if bits == NF4:
+        layer, fwd = random_nf4_layer(N, K, group_size or NF4_BLOCK), qk.nf4_linear
+    else:
+        layer, fwd = random_packed_layer(N, K, bits, group_size), qk.quant_linear
     W = torch.randn(N, K, device="cuda", dtype=dtype)
     x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
     dy = torch.randn(M, N, device="cuda", dtype=dtype)
 
     def quant() -> None:
-        qk.quant_linear(layer, x).backward(dy)
+        fwd(layer, x).backward(dy)
 
     def dense() -> None:
         F.linear(x, W).backward(dy)
@@ -135,7 +175,7 @@ def bench_fwd_bwd(N: int, K: int, M: int, bits: int, group_size: int | None, dty
 def run(
     shapes: list[str] | None = None,
     Ms: tuple[int, ...] = DEFAULT_MS,
-    bits_list: tuple[int, ...] = DEFAULT_BITS,
+    bits_list: tuple[int | str, ...] = DEFAULT_BITS,
     groups: tuple[int | None, ...] = DEFAULT_GROUPS,
     dtype: torch.dtype = torch.float16,
     fwd_bwd_min_m: int = 2048,
@@ -154,7 +194,7 @@ def run(
         for M in Ms:
             t16 = bench_fp16(N, K, M, dtype)
             for bits in bits_list:
-                for g in groups:
+                for g in ((NF4_BLOCK,) if bits == NF4 else groups):
                     tq, nbytes, path = bench_quant(N, K, M, bits, g, dtype)
                     ratio = None
                     if M >= fwd_bwd_min_m:

@@ -42,3 +42,11 @@ def test_kernels_needs_cuda() -> None:
         pytest.skip("CPU-only check")
     with pytest.raises(QtoolError):
         kb.run(["7B.qo"], (1,), (4,), (128,))
+
+
+def test_nf4_weight_bytes() -> None:
+    # 0.5 B per weight + 1 B per block of 64 + fp32 per 256 blocks + the fp32 mean.
+    N, K = 256, 512
+    n_blocks = N * K // 64
+    layer = kb.random_nf4_layer(N, K, device="cpu")
+    assert kb._layer_bytes(layer) == N * K // 2 + n_blocks + 4 * -(-n_blocks // 256) + 4
