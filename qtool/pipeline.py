@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,9 @@ from qtool.artifact.adapter import AdapterSpec, save_adapter
 from qtool.artifact.checkpoint import save_checkpoint
 from qtool.data import calib as calib_mod
 from qtool.errors import QtoolError
-from qtool.methods import NEEDS_CALIBRATION, get_method, quantize_model
+from qtool.methods import NEEDS_CALIBRATION, ApiqOptions, get_method, quantize_model
 from qtool.models.load import load_model
-from qtool.nn.lora import lora_layers, lora_tensors, remove_lora
+from qtool.nn.lora import DEFAULT_TARGETS, lora_layers, lora_tensors, remove_lora
 from qtool.nn.replace import cast_float
 from qtool.quant.grid import QuantSpec
 
@@ -42,6 +43,8 @@ class QuantizeConfig:
     lora_rank: int = 64  # loftq: rank r of the adapter written to OUTPUT/adapter/
     lora_alpha: float = 16.0  # loftq: LoRA α (scaling α/r)
     loftq_iters: int = 5  # loftq: alternations T
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # apiq: layers that get LoRA
+    apiq: ApiqOptions = field(default_factory=ApiqOptions)  # apiq-bw | apiq-lw | omniquant training
 
 
 ADAPTER_DIR = "adapter"  # where quantize writes the LoRA adapter of a method that initialises one
@@ -81,7 +84,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
                            scale_dtype=cfg.scale_dtype, quantize_lm_head=cfg.quantize_lm_head,
                            act_order=cfg.act_order, quiet=cfg.quiet, double_quant=cfg.double_quant,
                            nf4_block_size=cfg.nf4_block_size, lora_rank=cfg.lora_rank,
-                           lora_alpha=cfg.lora_alpha, loftq_iters=cfg.loftq_iters)
+                           lora_alpha=cfg.lora_alpha, loftq_iters=cfg.loftq_iters,
+                           lora_targets=cfg.lora_targets, seed=cfg.seed, apiq=cfg.apiq)
     seconds = time.perf_counter() - t0
     adapter = take_adapter(model)  # before any cast: the adapter stays fp32
     if cfg.keep_dtype is not None:
@@ -107,6 +111,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
         save_adapter(cfg.output / ADAPTER_DIR, tensors, spec, info["fingerprint"], init=cfg.method,
                      overwrite=cfg.overwrite, **fields)
         info = {**info, "adapter": str(cfg.output / ADAPTER_DIR)}
+    if cfg.apiq.state_dir is not None and cfg.apiq.state_dir.exists():
+        shutil.rmtree(cfg.apiq.state_dir)  # resumable state of a training method: done with it
     return info
 
 

@@ -30,7 +30,7 @@ def test_each_help_shows_an_example(capsys, cmd):
     (["--method", "rtn", "--bits", "4", "-g", "100"], "group size must be one of"),
     (["--method", "rtn", "-g", "big"], "--group-size must be"),
     (["--method", "awq"], "unknown method 'awq'"),
-    (["--method", "apiq-bw"], "not implemented yet"),
+    (["--method", "apiq-bw", "--offload", "disk"], "--offload must be"),
     (["--method", "rtn", "--model", "/nonexistent/model"], "not found"),
     (["--method", "rtn", "--device", "tpu"], "--device must be"),
 ])

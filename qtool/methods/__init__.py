@@ -2,7 +2,7 @@
 
 A method takes the fp model (modified in place: its nn.Linear layers become
 QuantLinear, or NF4Linear for nf4) and returns statistics to record in the checkpoint manifest.
-A method that also initialises a LoRA adapter (loftq) leaves its layers wrapped in
+A method that also initialises a LoRA adapter (loftq, apiq-bw, apiq-lw) leaves its layers wrapped in
 qtool.nn.lora.LoraLinear; the pipeline takes the adapter off and writes it beside the checkpoint.
 """
 
@@ -10,11 +10,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from qtool.errors import QtoolError
+from qtool.nn.lora import DEFAULT_TARGETS
 from qtool.quant.grid import QuantSpec
+
+
+@dataclass
+class ApiqOptions:
+    """Training-based calibration (apiq-bw, apiq-lw, omniquant; qtool.methods.apiq)."""
+
+    epochs: int = 20
+    lr_clip: float | None = None  # γ/β learning rate; None = the method's default (apiq 5e-3, omniquant 1e-2)
+    lr_lora: float = 5e-4
+    weight_decay: float | None = None  # None = the method's default (apiq 0.1, omniquant 0)
+    aug_loss: bool = False  # also match the fp block run on the quantized inputs
+    offload: str = "auto"  # calibration activations: auto | gpu | cpu (pinned host memory)
+    state_dir: Path | None = None  # per-block state, for --resume (None: not kept)
+    resume: bool = False
 
 
 @dataclass
@@ -32,11 +48,14 @@ class QuantizeOptions:
     lora_rank: int = 64  # methods that also initialise a LoRA adapter (loftq): its rank r
     lora_alpha: float = 16.0  # ... and its α (the wrapper scales B·A by α/r)
     loftq_iters: int = 5  # loftq: alternations T (LoftQ's published scripts use 5)
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # apiq: leaf names of the layers that get LoRA
+    seed: int = 0  # apiq: per-block LoRA init
+    apiq: ApiqOptions = field(default_factory=ApiqOptions)
 
 
 METHODS: dict[str, Callable] = {}
 NEEDS_CALIBRATION = {"gptq"}
-PLANNED = ("apiq-bw", "apiq-lw", "omniquant")
+PLANNED: tuple[str, ...] = ()
 
 
 def register(name: str, needs_calibration: bool = False):
@@ -65,7 +84,7 @@ def get_method(name: str) -> Callable:
 
 
 def _load() -> None:
-    from qtool.methods import gptq, loftq, nf4, rtn  # noqa: F401  (registration side effect)
+    from qtool.methods import apiq, gptq, loftq, nf4, rtn  # noqa: F401  (registration side effect)
 
 
 def quantize_model(model, spec: QuantSpec, method: str = "rtn", calib=None, **options) -> dict:
