@@ -73,6 +73,32 @@ def decode(
         decode_table(report)
 
 
+@app.command("apiq-block")
+def apiq_block(
+    method: Annotated[str, typer.Option(help="apiq-bw | apiq-lw | omniquant")] = "apiq-bw",
+    bits: Annotated[int, typer.Option(help="Weight bit-width.")] = 2,
+    group_size: Annotated[str, typer.Option(help="Group size or 'ch'.")] = "64",
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 64,
+    windows: Annotated[int, typer.Option(help="Calibration windows measured.")] = 8,
+    seqlen: Annotated[int, typer.Option(help="Tokens per window.")] = 2048,
+    epochs: Annotated[int, typer.Option(help="Epochs measured.")] = 1,
+    offload: Annotated[str, typer.Option(help="Window activations: gpu | cpu (pinned) | auto.")] = "gpu",
+    device: Annotated[str, typer.Option(help="cuda | cpu (cpu: only with a small --hidden).")] = "cuda",
+    hidden: Annotated[int, typer.Option(help="Hidden size (Llama-2-7B: 4096).")] = 4096,
+    intermediate: Annotated[int, typer.Option(help="MLP size (Llama-2-7B: 11008).")] = 11008,
+    heads: Annotated[int, typer.Option(help="Attention heads (Llama-2-7B: 32).")] = 32,
+) -> None:
+    """One Llama-2-7B-shaped block through ApiQ calibration: s/step, peak GPU memory, 7B projection (JSON).
+
+    Examples: qtool bench apiq-block --windows 8 --epochs 1 ; qtool bench apiq-block --offload cpu
+    """
+    from qtool.bench import apiq_block as ab
+
+    shape = ab.BlockShape(hidden, intermediate, heads)
+    report = ab.run(method, bits, _csv(group_size)[0], rank, windows, seqlen, epochs, offload, device, shape)
+    typer.echo(json.dumps(report, indent=1))
+
+
 @app.command("train")
 def train(model: Annotated[str, typer.Argument(help="Model to fine-tune.")] = "synthetic-7b") -> None:
     """Forward+backward tokens/s and peak memory: PEQA and LoRA on the int base vs bf16 LoRA."""

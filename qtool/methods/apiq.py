@@ -394,6 +394,7 @@ class BlockResult:
     fell_back: bool = False
     steps: int = 0
     resumed: bool = False
+    train_seconds: float = 0.0  # of `seconds`, the optimisation steps (the rest: 3 forward passes per window)
     X_next: Windows | None = field(default=None, repr=False)
 
     def stats(self) -> dict:
@@ -477,11 +478,13 @@ def calibrate_block(block: nn.Module, index: int, X: Windows, Xq: Windows, kwarg
         set_mode(wrappers, "quant")
         res.loss_before = block_loss(block, Xq, T, kwargs, device)
         what = f"block {index}"
+        t_train = time.perf_counter()
         if cfg.layerwise:
             fitted = _fit_layerwise(block, wrappers, X, Xq, kwargs, cfg, device, warn, what)
         else:
             fitted = _fit_blockwise(block, list(wrappers.values()), Xq, T, T_aug, kwargs, cfg, device, warn, what)
         res.retries, res.fell_back, res.steps = fitted.retries, fitted.fell_back, fitted.steps
+        res.train_seconds = time.perf_counter() - t_train
         del T_aug
     for w in wrappers.values():
         if w.W_hat is None:
