@@ -13,6 +13,7 @@
 #        QTOOL_JOBS     quantize+eval runs at once (default 1: solo timings. A 135M model leaves an
 #                       H100 mostly idle, so 4-9 jobs finish far sooner; times are then upper bounds)
 #        QTOOL_BENCH_7B 0 skips the 7B block bench (default 1)
+#        QTOOL_KEEP     1 keeps each checkpoint dir after its eval (the fine-tuning table starts from them)
 # Every result lands in OUTDIR/*.json; the table is OUTDIR/results.md + OUTDIR/results.json.
 # Re-running skips what is done and continues an interrupted ApiQ/OmniQuant run (--resume).
 set -euo pipefail
@@ -44,7 +45,7 @@ one() {
     local adapter=()
     [ -d "$out/$tag/adapter" ] && adapter=(--adapter "$out/$tag/adapter")
     qtool eval "$out/$tag" --dtype float32 -q --json "$out/eval-$tag.json" "${adapter[@]}"
-    rm -rf "${out:?}/$tag"
+    [ "${QTOOL_KEEP:-0}" = 1 ] || rm -rf "${out:?}/$tag"
 }
 
 status=0
