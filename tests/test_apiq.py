@@ -22,7 +22,7 @@ from tests.cli_util import run_cli
 from tests.conftest import tiny_llama
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Thousands of tiny ops: on a shared 2-core machine OpenMP spin-waits make 2 threads ~10x slower.
     n = torch.get_num_threads()
