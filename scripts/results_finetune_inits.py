@@ -22,7 +22,8 @@ markdown table per task (rows = init, columns = grid) is printed and written to 
 
 Usage: python scripts/results_finetune_inits.py APIQ_OUTDIR OUT.json [--grids 2:64 3:64]
        [--tasks bbc-topic rotten-tomatoes bbc-news] [--steps 150] [--seqlen 384] [--batch-size 8]
-       [--eval-items 400] [--inits rtn gptq loftq apiq-bw peqa] [--seed 0] [--device cuda|cpu]
+       [--eval-items 400] [--eval-batch-size 32] [--inits rtn gptq loftq apiq-bw peqa] [--seed 0]
+       [--device cuda|cpu]
        [--retry-errors] [--report-only]
 """
 
@@ -245,6 +246,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=384)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--eval-items", type=int, default=400, help="validation items (sequences for LM tasks)")
+    ap.add_argument("--eval-batch-size", type=int, default=32,
+                    help="sequences per validation forward (speed only; the metric does not depend on it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--retry-errors", action="store_true", help="re-run runs recorded as failed")
@@ -277,7 +280,8 @@ def main() -> None:
             tasks[t] = load_task(t)
         cfg = TrainConfig(lr=LORA_LR, max_steps=args.steps, batch_size=args.batch_size, seqlen=args.seqlen,
                           warmup_ratio=0.03, schedule="cosine", max_grad_norm=0.3, eval_every=0,
-                          eval_samples=args.eval_items, seed=args.seed, quiet=True, device=args.device)
+                          eval_samples=args.eval_items, eval_batch_size=args.eval_batch_size, seed=args.seed,
+                          quiet=True, device=args.device)
         print(f"{key} ...", flush=True)
         try:
             rec = run_one(args.apiq_outdir / name, i, tasks[t], cfg, args.seed, args.device)
