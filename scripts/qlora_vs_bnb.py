@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--task", default="bbc-topic")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--paged-seeds", type=int, nargs="*", default=[0])
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)

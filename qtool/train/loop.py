@@ -211,9 +211,15 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
     def snapshot() -> dict[str, Tensor]:
         return {n: params[n].detach().float().cpu().clone() for n in names}
 
+    train_peak = 0
+
     def run_eval(step: int) -> dict:
-        nonlocal best, best_params
+        nonlocal best, best_params, train_peak
+        if device.type == "cuda":  # the reported peak is the training steps' own, evaluation excluded
+            train_peak = max(train_peak, torch.cuda.max_memory_allocated(device))
         m = evaluate(model, tt, eval_bs, device, config.eval_samples, accelerator.autocast)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         m = {"step": step, **m}
         history.append(m)
         if _better(m[metric], None if best is None else best[metric], higher):
@@ -296,7 +302,7 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
     final = history[-1]
     kept = best_params if (config.keep == "best" and best_params is not None) else snapshot()
     kept_info = best if config.keep == "best" and best is not None else final
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = max(train_peak, torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     return TrainResult(total, total, tokens, seconds, initial, final, kept_info, history, kept, metric, peak,
                        skipped, str(device))
 
