@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_models import tiny_llama
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -15,16 +15,6 @@ def _isolated_cache(tmp_path_factory):
     if "QTOOL_CACHE" not in os.environ and os.environ.get("CI"):
         os.environ["QTOOL_CACHE"] = str(tmp_path_factory.mktemp("qtool-cache"))
     yield
-
-
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 96, inter: int = 160, vocab: int = 256):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from cli_util import run_cli
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 
 from qtool.errors import QtoolError
 from qtool.quant.grid import QuantSpec
