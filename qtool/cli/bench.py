@@ -24,11 +24,15 @@ def _csv(value: str, cast=int) -> tuple:
         raise QtoolError(f"could not parse {value!r}: {e}") from e
 
 
+def _bits(v: str) -> int | str:
+    return v if v == "nf4" else int(v)
+
+
 @app.command("kernels")
 def kernels(
     shapes: ShapesOpt = "",
     m: Annotated[str, typer.Option("--m", help="Token counts M, comma-separated.")] = "1,4,16,64,256,2048",
-    bits: Annotated[str, typer.Option(help="Bit-widths, comma-separated.")] = "2,3,4",
+    bits: Annotated[str, typer.Option(help="Bit-widths, comma-separated (nf4 for QLoRA's NF4).")] = "2,3,4",
     groups: GroupsOpt = "64,128,ch",
     dtype: Annotated[str, typer.Option(help="Activation dtype: fp16 or bf16.")] = "fp16",
     as_json: JsonOpt = False,
@@ -44,7 +48,7 @@ def kernels(
     unknown = [s for s in names if s not in kb.SHAPES]
     if unknown:
         raise QtoolError(f"unknown shape(s) {unknown}; choose from {list(kb.SHAPES)}")
-    report = kb.run(names, _csv(m), _csv(bits), _csv(groups), _dtype(dtype))
+    report = kb.run(names, _csv(m), _csv(bits, _bits), _csv(groups), _dtype(dtype))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
     else:
