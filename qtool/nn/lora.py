@@ -13,6 +13,7 @@ wrapped model are PEFT's keys without the `base_model.model.` prefix
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 
@@ -45,8 +46,8 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / rank
-        device = next(iter(base.buffers()), None)
-        device = device.device if device is not None else None
+        anchor = next(itertools.chain(base.parameters(), base.buffers()), None)  # nn.Linear has no buffers
+        device = anchor.device if anchor is not None else None
         kw = dict(bias=False, device=device, dtype=torch.float32)
         self.lora_A = nn.Linear(self.in_features, rank, **kw)
         self.lora_B = nn.Linear(rank, self.out_features, **kw)
