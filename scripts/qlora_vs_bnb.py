@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-items", type=int, default=400)
     ap.add_argument("--skip-nf4", action="store_true")
+    ap.add_argument("--impls", nargs="+", default=["qtool", "bnb"], choices=["qtool", "bnb"])
     args = ap.parse_args()
     versions = {p: metadata.version(p) for p in ("qtool", "torch", "transformers", "peft", "bitsandbytes",
                                                  "triton", "accelerate")}
@@ -137,7 +138,7 @@ def main() -> None:
     tt = tokenize_task(load_task(args.task), tok, args.seqlen)
     plan = [(s, False) for s in args.seeds] + [(s, True) for s in args.paged_seeds]
     for seed, paged in plan:
-        for impl in ("qtool", "bnb"):
+        for impl in args.impls:
             t0 = time.time()
             if impl == "qtool":
                 row = run_qtool(args, tt, seed, "paged_adamw" if paged else "adamw")
