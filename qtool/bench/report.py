@@ -32,3 +32,16 @@ def decode_table(report: dict, console: Console | None = None) -> None:
         t.add_row(str(r["batch"]), f"{r['fp16_tok_s']:.0f}", f"{r['quant_tok_s']:.0f}",
                   f"{r['speedup']:.2f}×", f"{r['fp16_ms']:.2f}", f"{r['quant_ms']:.2f}")
     console.print(t)
+
+
+def train_table(report: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    g = fmt_group(report["group_size"])
+    t = Table(title=f"{report['model']} · {report['device']} · batch {report['batch']} × {report['seqlen']} · "
+                    f"W{report['bits']} g{g} (qlora: NF4)")
+    for col in ("variant", "trainable", "tokens/s", "vs bf16 LoRA", "ms/step", "peak GB"):
+        t.add_column(col, justify="right")
+    for r in report["rows"]:
+        t.add_row(r["variant"], f"{r['trainable']:,}", f"{r['tokens_per_s']:,.0f}", fmt_opt(r["vs_bf16_lora"]),
+                  f"{r['ms_per_step']:.1f}", "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}")
+    console.print(t)

@@ -104,14 +104,46 @@ def apiq_block(
 
 
 @app.command("train")
-def train(model: Annotated[str, typer.Argument(help="Model to fine-tune.")] = "synthetic-7b") -> None:
-    """Forward+backward tokens/s and peak memory: PEQA and LoRA on the int base vs bf16 LoRA."""
-    raise QtoolError("`qtool bench train` is not implemented yet: it needs the PEQA/LoRA training code")
+def train(
+    model: Annotated[str, typer.Argument(help="Built-in name, HF directory or .gguf file.")] = "smollm2-135m",
+    variants: Annotated[str, typer.Option(help="Comma-separated: bf16-lora (baseline), peqa, lora, qlora.")]
+    = "bf16-lora,peqa,lora,qlora",
+    bits: Annotated[int, typer.Option(help="Integer bit-width for peqa and lora.")] = 4,
+    group_size: Annotated[str, typer.Option(help="Group size or 'ch' (PEQA's per-channel).")] = "ch",
+    batch: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    seqlen: Annotated[int, typer.Option(help="Tokens per sequence.")] = 1024,
+    steps: Annotated[int, typer.Option(help="Timed steps.")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 3,
+    rank: Annotated[int, typer.Option(help="LoRA rank (all 7 block linears).")] = 64,
+    grad_checkpoint: Annotated[bool, typer.Option(help="Recompute activations in backward.")] = False,
+    device: Annotated[str, typer.Option(help="cuda | cpu (cpu: a smoke run only).")] = "cuda",
+    as_json: JsonOpt = False,
+) -> None:
+    """Training-step tokens/s and peak memory: PEQA and LoRA on the int base (QLoRA on NF4) vs bf16 LoRA.
+
+    Examples: qtool bench train ; qtool bench train --variants bf16-lora,peqa --batch 8 --seqlen 1024
+    """
+    from qtool.bench import train as tb
+
+    names = tuple(v.strip() for v in variants.split(",") if v.strip())
+    bad = [v for v in names if v not in tb.VARIANTS]
+    if bad or not names:
+        raise QtoolError(f"unknown variant {bad[0] if bad else variants!r}; choose from {', '.join(tb.VARIANTS)}")
+    for name, value in (("--batch", batch), ("--seqlen", seqlen), ("--steps", steps), ("--rank", rank)):
+        if value < 1:
+            raise QtoolError(f"{name} must be ≥ 1, got {value}")
+    report = tb.run(model, names, bits, _csv(group_size)[0], batch, seqlen, steps, warmup, rank, device,
+                    grad_checkpoint)
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+    else:
+        from qtool.bench.report import train_table
+
+        train_table(report)
 
 
 def _dtype(name: str):
     import torch
-
     table = {"fp16": torch.float16, "float16": torch.float16,
              "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if name not in table:
