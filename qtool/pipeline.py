@@ -102,14 +102,19 @@ def quantize(cfg: QuantizeConfig) -> dict:
         "stats": {**stats, "seconds": round(seconds, 2), **peak_memory(), "device": str(cfg.device),
                   "seed": cfg.seed},
     }
-    info = save_checkpoint(model, tok, info, cfg.output, cfg.overwrite)
+    write_adapter = None
     if adapter is not None:
-        # After the checkpoint, so the sidecar records the fingerprint of the base as written.
-        # A sub-directory: the manifest hashes only top-level files, so the checkpoint is unchanged.
+        # Inside the checkpoint's atomic write, after its manifest, so the sidecar records the
+        # fingerprint of the base as written. A sub-directory: the manifest hashes only
+        # top-level files, so the checkpoint itself is unchanged.
         tensors, spec = adapter
         fields = {k: v for k, v in stats.items() if isinstance(v, (bool, int, float, str))}
-        save_adapter(cfg.output / ADAPTER_DIR, tensors, spec, info["fingerprint"], init=cfg.method,
-                     overwrite=cfg.overwrite, **fields)
+
+        def write_adapter(tmp: Path, written: dict) -> None:
+            save_adapter(tmp / ADAPTER_DIR, tensors, spec, written["fingerprint"], init=cfg.method, **fields)
+
+    info = save_checkpoint(model, tok, info, cfg.output, cfg.overwrite, extra=write_adapter)
+    if adapter is not None:
         info = {**info, "adapter": str(cfg.output / ADAPTER_DIR)}
     if cfg.apiq.state_dir is not None and cfg.apiq.state_dir.exists():
         shutil.rmtree(cfg.apiq.state_dir)  # resumable state of a training method: done with it

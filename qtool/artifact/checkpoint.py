@@ -20,6 +20,7 @@ import datetime
 import hashlib
 import json
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,8 +139,11 @@ def dump_manifest(directory: Path, info: dict) -> None:
 
 
 def save_checkpoint(model: nn.Module, tokenizer, info: dict, out_dir: Path, overwrite: bool = False,
-                    shard_bytes: int = SHARD_BYTES) -> dict:
-    """Write the checkpoint atomically. `info` carries method/grid/source/calibration fields."""
+                    shard_bytes: int = SHARD_BYTES, extra: Callable[[Path, dict], None] | None = None) -> dict:
+    """Write the checkpoint atomically. `info` carries method/grid/source/calibration fields.
+
+    `extra(tmp_dir, info)` writes more into the directory before it is renamed into place (a
+    method's LoRA sidecar, which needs the final fingerprint), so both appear or neither."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise QtoolError(f"output {out_dir} exists (use --overwrite)")
@@ -186,6 +190,8 @@ def save_checkpoint(model: nn.Module, tokenizer, info: dict, out_dir: Path, over
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
         save_file(scales, str(tmp / SCALES_FILE), metadata={"format": "pt", "qtool.kind": "scales"})
         info = write_manifest(tmp, info)
+        if extra is not None:
+            extra(tmp, info)
     return info
 
 
