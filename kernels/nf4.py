@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from qtool_kernels._unpack import _halves, _tree8
 from qtool_kernels.linear import _interpreting
-from qtool_kernels.skinny import _num_sms
+from qtool_kernels.skinny import _num_sms, split_k_output, split_k_result
 from torch import Tensor
 
 from qtool.quant.nf4 import BLOCK_SIZES, DQ_BLOCK, NF4_LEVELS
@@ -354,17 +354,7 @@ def nf4_skinny_matmul(
             gpb = BK // w.block_size
     else:
         gpb = 1  # unused: the unaligned path scales per element
-    if SK == 1:
-        if out is None:
-            out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        assert out.shape == (M, N) and out.dtype == x.dtype and out.stride(1) == 1
-        stride_os = 0
-    else:
-        out = workspace
-        if out is None:
-            out = torch.empty(SK, M, N, dtype=torch.float32, device=x.device)
-        assert out.shape == (SK, M, N) and out.dtype == torch.float32 and out.is_contiguous()
-        stride_os = out.stride(0)
+    out, stride_os = split_k_output(x, M, N, SK, out, workspace)
     # Word reads need 4-byte alignment (a sliced or mmapped buffer may lack it); K is a
     # multiple of 32 whenever b divides it, so rows start on a word.
     words_ok = aligned and w.codes.numel() % 4 == 0 and w.codes.data_ptr() % 4 == 0
@@ -382,12 +372,7 @@ def nf4_skinny_matmul(
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, HAS_BIAS=bias is not None,
         IS_BF16=x.dtype == torch.bfloat16, EVEN=(N % BN == 0) and (K % BK == 0), LUT_REGS=regs, **cfg,
     )
-    if SK == 1:
-        return out
-    y = out.sum(0)
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype)
+    return split_k_result(out, SK, bias, x.dtype)
 
 
 @triton.jit

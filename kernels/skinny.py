@@ -176,17 +176,7 @@ def skinny_matmul(
     else:
         assert GROUP % BK == 0, "a tile must not straddle two groups"
         gpb = 1
-    if SK == 1:
-        if out is None:
-            out = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        assert out.shape == (M, N) and out.dtype == x.dtype and out.stride(1) == 1
-        stride_os = 0
-    else:
-        out = workspace
-        if out is None:
-            out = torch.empty(SK, M, N, dtype=torch.float32, device=x.device)
-        assert out.shape == (SK, M, N) and out.dtype == torch.float32 and out.is_contiguous()
-        stride_os = out.stride(0)
+    out, stride_os = split_k_output(x, M, N, SK, out, workspace)
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
     _skinny_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out,
@@ -196,12 +186,33 @@ def skinny_matmul(
         SPLIT_K=SK, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
         EVEN=(N % BN == 0) and (K % BK == 0), **cfg,
     )
+    return split_k_result(out, SK, bias, x.dtype)
+
+
+def split_k_output(x: Tensor, M: int, N: int, SK: int, out: Tensor | None, workspace: Tensor | None
+                   ) -> tuple[Tensor, int]:
+    """The buffer a skinny kernel writes: Y itself (SK = 1), or fp32 partial sums [SK, M, N]
+    reduced afterwards by `split_k_result` (no atomics, so the sum order is fixed)."""
+    if SK == 1:
+        if out is None:
+            out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        assert out.shape == (M, N) and out.dtype == x.dtype and out.stride(1) == 1
+        return out, 0
+    out = workspace
+    if out is None:
+        out = torch.empty(SK, M, N, dtype=torch.float32, device=x.device)
+    assert out.shape == (SK, M, N) and out.dtype == torch.float32 and out.is_contiguous()
+    return out, out.stride(0)
+
+
+def split_k_result(out: Tensor, SK: int, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Y from `split_k_output`'s buffer: the partial sums added in fp32, then the bias, one rounding."""
     if SK == 1:
         return out
     y = out.sum(0)
     if bias is not None:
         y += bias.float()
-    return y.to(x.dtype)
+    return y.to(dtype)
 
 
 def reference_skinny(
