@@ -15,6 +15,7 @@ checkpointing. Also compares the dequantized NF4 weights of every block linear.
 
 Usage: python scripts/qlora_vs_bnb.py OUT.json [--model smollm2-135m] [--task bbc-topic]
        [--steps 100] [--seeds 0 1 2] [--paged-seeds 0] [--batch-size 8] [--seqlen 512]
+       [--impls qtool bnb] [--resume]   (--model also takes a .gguf path)
 """
 
 from __future__ import annotations
@@ -125,11 +126,17 @@ def main() -> None:
     ap.add_argument("--eval-items", type=int, default=400)
     ap.add_argument("--skip-nf4", action="store_true")
     ap.add_argument("--impls", nargs="+", default=["qtool", "bnb"], choices=["qtool", "bnb"])
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in OUT.json, do the rest")
     args = ap.parse_args()
     versions = {p: metadata.version(p) for p in ("qtool", "torch", "transformers", "peft", "bitsandbytes",
                                                  "triton", "accelerate")}
     res: dict = {"args": vars(args) | {"out": str(args.out)}, "versions": versions,
                  "gpu": torch.cuda.get_device_name(), "runs": []}
+    if args.resume and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        res["runs"], res["nf4"] = old.get("runs", []), old.get("nf4")
+        args.skip_nf4 = args.skip_nf4 or res["nf4"] is not None
+    done = {(r["impl"], r["seed"], r["paged"]) for r in res["runs"]}
     model, tok, _ = load_model(args.model)
     if not args.skip_nf4:
         res["nf4"] = compare_nf4(model, torch.device("cuda"))
@@ -139,6 +146,8 @@ def main() -> None:
     plan = [(s, False) for s in args.seeds] + [(s, True) for s in args.paged_seeds]
     for seed, paged in plan:
         for impl in args.impls:
+            if (impl, seed, paged) in done:
+                continue
             t0 = time.time()
             if impl == "qtool":
                 row = run_qtool(args, tt, seed, "paged_adamw" if paged else "adamw")
