@@ -10,7 +10,8 @@ docs/kernels.md. Every kernel has its `reference_*` beside it.
 # `kernels` (cwd on sys.path), and transformers probes `import kernels` for Hugging Face's
 # hub package; absolute `qtool_kernels` imports here would then recurse into a half-built module.
 from .dequant import dequantize_packed, reference_dequantize
-from .linear import SKINNY_MAX_M, forward_packed, quant_linear, skinny_max_m
+from .gemv import default_gemv_config, gemv_matmul, reference_gemv
+from .linear import GEMV_MAX_M, SKINNY_MAX_M, forward_packed, gemv_max_m, quant_linear, skinny_max_m
 from .nf4 import (
     NF4_SKINNY_MAX_M,
     NF4Weight,
@@ -25,12 +26,16 @@ from .scale_grad import reference_scale_grad, scale_grad
 from .skinny import reference_skinny, skinny_matmul
 
 __all__ = [
+    "GEMV_MAX_M",
     "NF4_SKINNY_MAX_M",
     "SKINNY_MAX_M",
     "NF4Weight",
     "dequantize_nf4",
     "dequantize_packed",
+    "default_gemv_config",
     "forward_packed",
+    "gemv_matmul",
+    "gemv_max_m",
     "nf4_forward",
     "nf4_linear",
     "nf4_linear_ref",
@@ -38,6 +43,7 @@ __all__ = [
     "quant_linear",
     "reference_dequantize",
     "reference_dequantize_nf4",
+    "reference_gemv",
     "reference_scale_grad",
     "reference_skinny",
     "scale_grad",

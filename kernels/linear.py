@@ -1,6 +1,8 @@
 """QuantLinear's CUDA path: pick a kernel by M, and make it differentiable.
 
-Forward  y = x Ŵᵀ + b:  M ≤ SKINNY_MAX_M  -> fused dequant + skinny product (skinny.py);
+Forward  y = x Ŵᵀ + b:  M ≤ GEMV_MAX_M    -> fused dequant GEMV on the CUDA cores (gemv.py),
+                                               unless QTOOL_GEMV=0;
+                         M ≤ SKINNY_MAX_M  -> fused dequant + skinny product (skinny.py);
                          larger M           -> dequantize this layer (dequant.py) + cuBLAS.
 Backward dX = dY Ŵ:      dequantize this layer + cuBLAS (Ŵ is transient, one layer at a time).
          ∂L/∂Δs:         fused scale-gradient kernel (scale_grad.py), when PEQA trains Δs.
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from qtool_kernels.dequant import dequantize_packed
+from qtool_kernels.gemv import gemv_matmul
 from qtool_kernels.scale_grad import scale_grad
 from qtool_kernels.skinny import skinny_matmul
 from torch import Tensor
@@ -30,6 +33,25 @@ def skinny_max_m() -> int:
     from qtool_kernels.skinny import _tuned
 
     return int(_tuned().get("skinny_max_m", SKINNY_MAX_M))
+
+
+# Up to this many rows the CUDA-core GEMV (gemv.py) replaces the skinny kernel: it unpacks
+# each code once per 4 rows of x, so its cost grows with M where the tensor-core kernel's
+# does not. "gemv_max_m" in kernels/tuned_skinny.json overrides it (scripts/gemv_ab.py
+# measures both); QTOOL_GEMV=0 turns the GEMV off (the skinny kernel for every M it covered).
+GEMV_MAX_M = 4
+
+
+def gemv_max_m() -> int:
+    """Largest M routed to gemv_matmul; 0 when QTOOL_GEMV=0 (read on every call, so a
+    process can A/B both paths)."""
+    if os.environ.get("QTOOL_GEMV", "1") == "0":
+        return 0
+    from qtool_kernels.skinny import _tuned
+
+    return int(_tuned().get("gemv_max_m", GEMV_MAX_M))
+
+
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (None, 32, 64, 128)
 
@@ -48,9 +70,14 @@ def forward_packed(
     bias: Tensor | None,
     max_m: int | None = None,
 ) -> Tensor:
-    """y [M, N] = x2d [M, K] · Ŵᵀ + bias, no autograd."""
+    """y [M, N] = x2d [M, K] · Ŵᵀ + bias, no autograd.
+
+    max_m: the largest M for a fused kernel (default skinny_max_m()); within it, M ≤
+    gemv_max_m() takes the GEMV and the rest the skinny kernel."""
     M, K = x2d.shape
     if M <= (skinny_max_m() if max_m is None else max_m):
+        if M <= gemv_max_m():
+            return gemv_matmul(x2d, qweight, scales, zeros, bits, group_size, bias)
         return skinny_matmul(x2d, qweight, scales, zeros, bits, group_size, bias)
     W = dequantize_packed(qweight, scales, zeros, bits, group_size, K, x2d.dtype)
     return F.linear(x2d, W, None if bias is None else bias.to(x2d.dtype))

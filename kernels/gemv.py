@@ -1,0 +1,353 @@
+"""Decode path on the CUDA cores: y = x · Ŵᵀ for 1–4 rows of x, no tensor cores.
+
+Shapes as in skinny.py: x [M, K] fp16/bf16, qweight int32 [N, ceil(K/32)·b] (the stored
+layout, read directly), scales [N, G] (any float dtype), zeros uint8 [N, G], bias [N] or
+None -> y [M, N] in x's dtype. M is any size, but every BLOCK_M ≤ 4 rows re-read and
+re-unpack the weights, so this is meant for M ≤ 4 (the dispatcher's GEMV_MAX_M).
+
+Why not the tensor cores (skinny.py, v2): at M = 1 that kernel is bound by per-tile work
+(wgmma waited every K tile, the unpacked tile round-trips through shared memory), not by
+bytes. Here the whole product stays in registers: each program owns BLOCK_N rows and a
+K slice; per K tile it loads the packed words once, turns every code into an exact fp32
+q − z and multiply-adds it with x in fp32, so the work per code is a few ALU/FMA
+instructions and nothing goes through shared memory.
+
+Code -> fp32 without a shift or an int->float conversion (the budget is ~3 instructions
+per code): masking a b-bit field of a word in place at bit t and OR-ing in the exponent
+of 2^(23−t) gives the fp32 number 2^(23−t) + q exactly (the field is the low mantissa
+bits of a number whose unit in the last place is 1). One AND-OR (a LOP3) per code, then
+one subtraction of 2^(23−t) + z (exact: integers below 2^24) gives q − z, and one FFMA
+multiplies it into the accumulator. Fields above mantissa bit 23−b are first brought down
+by one shift of the whole word (w >> 16: one shift per word, not per code). The
+constants 2^(23−t) + z cost one add per row and distinct t per tile. 3-bit codes (32 in
+3 words, at every bit offset) take one shift per code instead, all at t = 0.
+
+Layout: the codes are never reassembled into a [BLOCK_N, BLOCK_K] tile. Code j of every
+word is a [BLOCK_N, words] tensor in the words' own layout, and x is loaded per code
+position j as x[k0 + word·codes_per_word + j] ([1, words]: fewer elements than threads,
+so Triton issues the load in that same layout instead of shuffling x through shared
+memory). The accumulator is [BLOCK_N, words]: one FFMA chain per code, reduced over the
+words (in-thread adds + a few shuffles) once per tile when grouped (the fp32 scale
+multiplies each tile's row sums: BLOCK_K divides the group size), once at the end per
+channel. Compiled for sm_90, W4 g128 M=1 (64 × 128 tile, 4 warps): 5.2 SASS instructions
+per code in the K loop, of which 1.0 LOP3, 1.3 FADD, 1.0 FFMA and 1.0 for x (a 2-byte
+load and a conversion per code position, shared by the 2 rows a thread holds).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from qtool_kernels.skinny import (
+    PER_CHANNEL,
+    _num_sms,
+    _tuned,
+    group_constexpr,
+    reference_skinny,
+    split_k_output,
+    split_k_result,
+)
+from torch import Tensor
+
+__all__ = ["default_gemv_config", "gemv_matmul", "reference_gemv"]
+
+MAX_BLOCK_M = 4  # rows of x per program; more rows re-unpack the weights in another program
+
+_PER_CHANNEL = tl.constexpr(PER_CHANNEL)  # a jit function reads globals only as constexpr
+reference_gemv = reference_skinny  # the same product: float64 x · Ŵᵀ (+ bias)
+
+
+@triton.jit
+def _field(w, zero, T: tl.constexpr, BITS: tl.constexpr):
+    """The b-bit field at bits T… of w as the fp32 number 2^(23−T) + q (exact, T + b ≤ 23).
+
+    `zero` is a runtime 0: the AND-OR takes one immediate and one register operand, and with
+    both constants known ptxas re-materialises the mask into a register before every AND-OR
+    (one extra MOV per code); mask + zero is computed once and stays in a register."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) << T
+    MAGIC: tl.constexpr = (150 - T) << 23
+    return ((w & (zero + MASK)) | MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _qz(w, wh, zf, zero, S: tl.constexpr, BITS: tl.constexpr):
+    """q − z (fp32, exact) of the code at bit S of w; wh = w >> 16 serves the high fields."""
+    if S + BITS <= 23:
+        T: tl.constexpr = S
+        v = _field(w, zero, T, BITS)
+    else:
+        T: tl.constexpr = S - 16
+        v = _field(wh, zero, T, BITS)
+    return v - (zf + (1 << (23 - T)))
+
+
+@triton.jit
+def _one3(w0, w1, w2, zc, J: tl.constexpr):
+    """q − z of 3-bit code J (0…31) of the 32-code blocks in words w0, w1, w2; zc = 2^23 + z."""
+    B: tl.constexpr = 3 * J
+    A: tl.constexpr = B // 32
+    S: tl.constexpr = B % 32
+    if A == 0:
+        w = w0
+        nxt = w1
+    elif A == 1:
+        w = w1
+        nxt = w2
+    else:
+        w = w2
+        nxt = w2
+    if S <= 29:
+        c = (w >> S) & 7
+    else:  # codes 10 and 21 straddle two words
+        c = ((w >> S) & ((1 << (32 - S)) - 1)) | ((nxt << (32 - S)) & 7)
+    return (c | 0x4B000000).to(tl.float32, bitcast=True) - zc
+
+
+@triton.jit
+def _x(xr, offs, kmask, MASK_K: tl.constexpr):
+    """x at offs as fp32 [1, len]: one x value per word (or 3-bit block) of the tile, so the
+    load has fewer elements than the program has threads and Triton issues it directly in
+    the words' layout (a larger load would get its own layout and a shared-memory shuffle)."""
+    if MASK_K:
+        xv = tl.load(xr + offs, mask=kmask, other=0.0)
+    else:
+        xv = tl.load(xr + offs)
+    return xv.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _fma_rows(v, offs, kmask, x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M: tl.constexpr, MASK_K: tl.constexpr):
+    """a_m += v · x_m[offs] for the BLOCK_M rows of x (row pointers x0…x3): each code is
+    unpacked once for all rows."""
+    a0 = tl.fma(v, _x(x0, offs, kmask, MASK_K), a0)
+    if BLOCK_M > 1:
+        a1 = tl.fma(v, _x(x1, offs, kmask, MASK_K), a1)
+    if BLOCK_M > 2:
+        a2 = tl.fma(v, _x(x2, offs, kmask, MASK_K), a2)
+    if BLOCK_M > 3:
+        a3 = tl.fma(v, _x(x3, offs, kmask, MASK_K), a3)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _flush(acc, a, s, SCALED: tl.constexpr):
+    # Σ over the tile's words (in-thread adds + a few shuffles), times the group's scale
+    p = tl.sum(a, axis=1)
+    if SCALED:
+        return tl.fma(s, p, acc)
+    return acc + p
+
+
+@triton.jit(do_not_specialize=["zero"])  # a runtime 0 (see _field): never a compile-time constant
+def _gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, Wn, zero,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_os, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    MASKED: tl.constexpr = not (EVEN_N and EVEN_K)
+    MASK_K: tl.constexpr = not EVEN_K
+    GROUPED: tl.constexpr = GROUP != _PER_CHANNEL
+    row0 = pid_m * BLOCK_M
+    # Rows past M (when BLOCK_M does not divide M) read row M − 1 and are not stored.
+    x0 = x_ptr + row0.to(tl.int64) * stride_xm
+    x1 = x_ptr + tl.minimum(row0 + 1, M - 1).to(tl.int64) * stride_xm
+    x2 = x_ptr + tl.minimum(row0 + 2, M - 1).to(tl.int64) * stride_xm
+    x3 = x_ptr + tl.minimum(row0 + 3, M - 1).to(tl.int64) * stride_xm
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_start = pid_k * per_split
+    t_end = tl.minimum(t_start + per_split, k_tiles)
+
+    if BITS == 3:
+        NW: tl.constexpr = BLOCK_K // 32  # 32-code blocks (3 words each) per row and tile
+        CPW: tl.constexpr = 32
+    else:
+        CPW: tl.constexpr = 32 // BITS
+        NW: tl.constexpr = BLOCK_K // CPW  # words per row and tile
+    wi = tl.arange(0, NW)
+    if not GROUPED:  # one scale and zero per row: the scale multiplies the sums at the end
+        s = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        zf = tl.broadcast_to(tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None],
+                             [BLOCK_N, NW])
+    acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # Per channel the products accumulate per (row, word) over the whole K slice and are
+    # reduced once at the end; per group they are reduced and scaled every tile.
+    a0 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+    a1 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+    a2 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+    a3 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+    for t in range(t_start, t_end):
+        k0 = t * BLOCK_K
+        if GROUPED:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            zf = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
+            # broadcast before the per-position constants are formed from it: one layout
+            # conversion of z instead of one per constant
+            zf = tl.broadcast_to(zf, [BLOCK_N, NW])
+            a0 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+            a1 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+            a2 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+            a3 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+        xk = k0 + wi * CPW  # x index of each word's (block's) first code
+        if BITS == 3:
+            blk = (k0 // 32 + wi) * 3
+            base = qw_ptr + offs_n[:, None] * stride_qn + blk[None, :]
+            if MASKED:
+                m = n_mask[:, None] & (blk[None, :] < Wn)
+                w0 = tl.load(base, mask=m, other=0)
+                w1 = tl.load(base + 1, mask=m, other=0)
+                w2 = tl.load(base + 2, mask=m, other=0)
+            else:
+                w0 = tl.load(base)
+                w1 = tl.load(base + 1)
+                w2 = tl.load(base + 2)
+            zc = zf + 8388608.0
+            for j in tl.static_range(32):
+                a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,
+                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
+        else:
+            wk = k0 // CPW + wi
+            ptrs = qw_ptr + offs_n[:, None] * stride_qn + wk[None, :]
+            if MASKED:
+                w = tl.load(ptrs, mask=n_mask[:, None] & (wk[None, :] < Wn), other=0)
+            else:
+                w = tl.load(ptrs)
+            wh = w >> 16  # masked afterwards, so the arithmetic shift's sign bits never show
+            for j in tl.static_range(CPW):
+                a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS), xk + j, xk + j < K,
+                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
+        if GROUPED:
+            acc0 = _flush(acc0, a0, s, True)
+            if BLOCK_M > 1:
+                acc1 = _flush(acc1, a1, s, True)
+            if BLOCK_M > 2:
+                acc2 = _flush(acc2, a2, s, True)
+            if BLOCK_M > 3:
+                acc3 = _flush(acc3, a3, s, True)
+
+    if not GROUPED:
+        acc0 = _flush(acc0, a0, s, False) * s
+        acc1 = _flush(acc1, a1, s, False) * s
+        acc2 = _flush(acc2, a2, s, False) * s
+        acc3 = _flush(acc3, a3, s, False) * s
+    out_row = out_ptr + pid_k * stride_os + row0.to(tl.int64) * stride_om + offs_n
+    rows_left = offs_n * 0 + (M - row0)  # as a tensor: the interpreter rejects scalar & tensor masks
+    _store_row(out_row, acc0, b_ptr, offs_n, n_mask, SPLIT_K, HAS_BIAS)
+    if BLOCK_M > 1:
+        _store_row(out_row + stride_om, acc1, b_ptr, offs_n, n_mask & (rows_left > 1), SPLIT_K, HAS_BIAS)
+    if BLOCK_M > 2:
+        _store_row(out_row + 2 * stride_om, acc2, b_ptr, offs_n, n_mask & (rows_left > 2), SPLIT_K, HAS_BIAS)
+    if BLOCK_M > 3:
+        _store_row(out_row + 3 * stride_om, acc3, b_ptr, offs_n, n_mask & (rows_left > 3), SPLIT_K, HAS_BIAS)
+
+
+@triton.jit
+def _store_row(ptrs, acc, b_ptr, offs_n, mask, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptrs, acc, mask=mask)  # fp32 partials, summed by split_k_result
+
+
+def _block_k(bits: int, group_size: int | None, want: int) -> int:
+    """The largest tile width ≤ want (a multiple of 32) that lies inside one group."""
+    bk = max(32, want - want % 32)
+    if group_size is not None:
+        bk = min(bk, group_size)
+        while group_size % bk:
+            bk -= 32
+    return bk
+
+
+def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int) -> dict:
+    """Tile sizes for the GEMV kernel.
+
+    Defaults (compiled for sm_90, not yet timed on a GPU): 64 rows × 128 codes per tile with
+    4 warps: each thread holds 2 rows × 32 codes, and every per-row load (scale, zero) has
+    fewer elements than the program has threads, so Triton issues it in the words' layout
+    (128 rows with 4 warps would shuffle scale, zero and the 2^(23−t) + z constants through
+    shared memory every tile: 12 barriers per tile). BLOCK_K shrinks to the group size when
+    groups are smaller. Nothing is software-pipelined (the loads feed no dot), so latency is
+    hidden by warps: K is split until there are about `programs_per_sm` (8) programs of 4
+    warps per SM, keeping ≥ 4 K tiles per program.
+    tuned_skinny.json's "gemv" section overrides per "bits:group:M" class ("pc" = per
+    channel), then per bit-width, with what scripts/gemv_ab.py measured.
+    """
+    block_m = min(M, MAX_BLOCK_M)
+    gemv = _tuned().get("gemv", {})
+    t = dict(gemv.get(str(bits), {}))
+    t.update(gemv.get(f"{bits}:{group_size or 'pc'}:{block_m}", {}))
+    block_n = t.get("BLOCK_N", 64)
+    block_k = _block_k(bits, group_size, t.get("BLOCK_K", 128))
+    n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
+    k_tiles = triton.cdiv(K, block_k)
+    split_k = t.get("SPLIT_K", 0)
+    if not split_k:
+        split_k = 1
+        target = t.get("programs_per_sm", 8) * n_sm
+        while n_tiles * split_k < target and k_tiles // (2 * split_k) >= 4 and split_k < 16:
+            split_k *= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
+            "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 2)}
+
+
+def gemv_matmul(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int | None,
+    bias: Tensor | None = None,
+    config: dict | None = None,
+    out: Tensor | None = None,
+    workspace: Tensor | None = None,
+) -> Tensor:
+    """y [M, N] = x [M, K] · Ŵᵀ (+ bias) with Ŵ = s·(q − z) from the packed layout, on CUDA cores.
+
+    `out` [M, N] (x's dtype) receives y when K is not split; `workspace` [SPLIT_K, M, N]
+    fp32 holds the split-K partials. Both are allocated when not given. `config` keys:
+    BLOCK_N, BLOCK_K (a multiple of 32 dividing the group size), SPLIT_K, num_warps,
+    num_stages, optional BLOCK_M (1…4, default min(M, 4)).
+    """
+    M, K = x.shape
+    N, Wn = qweight.shape
+    assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
+    assert bits in (2, 3, 4, 8), bits
+    assert x.stride(1) == 1 and qweight.stride(1) == 1
+    assert scales.stride(1) == 1 and zeros.stride(1) == 1
+    assert Wn * 32 >= K * bits, "qweight holds fewer codes than K"
+    cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device)))
+    BM = cfg.pop("BLOCK_M", min(M, MAX_BLOCK_M))
+    BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
+    GROUP = group_constexpr(group_size)
+    assert 1 <= BM <= MAX_BLOCK_M and BK % 32 == 0
+    assert GROUP % BK == 0, "a K tile must lie inside one group"
+    out, stride_os = split_k_output(x, M, N, SK, out, workspace)
+    grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
+    _gemv_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else scales, out,
+        M, N, K, Wn, 0,
+        x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), stride_os, out.stride(-2),
+        BITS=bits, GROUP=GROUP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
+        HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
+        enable_fp_fusion=True,  # the products must fuse into the row sums (FFMA), whatever the default
+        **cfg,
+    )
+    return split_k_result(out, SK, bias, x.dtype)

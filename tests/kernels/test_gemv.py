@@ -1,0 +1,171 @@
+"""CUDA-core GEMV kernel (kernels/gemv.py) vs the float64 reference: every bit-width, group
+size, odd shapes, split-K, rows of x past a BLOCK_M multiple, and the dispatcher switch."""
+
+from __future__ import annotations
+
+import pytest
+import qtool_kernels as qk
+import torch
+from kernel_testutil import TOL, fresh_generator, random_packed, rel_err
+from qtool_kernels.gemv import default_gemv_config
+
+SMALL = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1}
+
+
+def _cfg(group_size: int | None, **kw) -> dict:
+    cfg = dict(SMALL, **kw)
+    if group_size is not None:
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], group_size)  # a tile lies inside one group
+    return cfg
+
+
+def _inputs(N: int, K: int, M: int, bits: int, group_size: int | None, device: str = "cpu",
+            dtype: torch.dtype = torch.float16, symmetric: bool = False):
+    gen, seed = fresh_generator()
+    print(f"seed={seed}")
+    qweight, scales, zeros = random_packed(N, K, bits, group_size, symmetric, gen=gen)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    return qweight.to(device), scales.to(device), zeros.to(device), x.to(device)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128, None])
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_interpreter(bits: int, group_size: int | None, M: int) -> None:
+    # K = 576: with g = 128 the last group is short (64 codes); N = 80: a partial N tile.
+    N, K = 80, 576
+    qweight, scales, zeros, x = _inputs(N, K, M, bits, group_size)
+    bias = torch.randn(N) if M == 3 else None
+    cfg = _cfg(group_size, SPLIT_K=2 if M == 1 else 1)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, group_size, bias, config=cfg, out=out)
+    assert y.data_ptr() == out.data_ptr() or cfg["SPLIT_K"] > 1
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size, bias)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize(("bits", "group_size", "M"), [(4, 128, 3), (3, None, 1)])
+def test_gemv_default_config(bits: int, group_size: int | None, M: int) -> None:
+    # SmolLM2-like shape (N = 1536, K = 576) through the default tiles.
+    N, K = 1536, 576
+    qweight, scales, zeros, x = _inputs(N, K, M, bits, group_size)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, group_size, out=out)
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gemv_k_not_multiple_of_32(bits: int) -> None:
+    # K = 600: the packed row is padded to 608 codes, the last group of 64 holds 24 of them;
+    # codes past K must contribute nothing (x is masked there, whatever the padding holds).
+    N, K = 48, 600
+    qweight, scales, zeros, x = _inputs(N, K, 2, bits, 64, symmetric=True)
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, 64, config=_cfg(64))
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, 64)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+def test_gemv_split_k_partials_all_written() -> None:
+    N, K, bits = 64, 1024, 4
+    qweight, scales, zeros, x = _inputs(N, K, 1, bits, 128)
+    ws = torch.full((4, 1, N), float("nan"))
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, 128, config=_cfg(128, SPLIT_K=4), workspace=ws)
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, 128)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+def test_gemv_rows_past_block_m() -> None:
+    # M = 5 in programs of 2 rows: the last program's second row does not exist (it reads
+    # row 4 again and must not be stored); the output is poisoned to catch stray writes.
+    N, K, M, bits = 40, 256, 5, 4
+    qweight, scales, zeros, x = _inputs(N, K, M, bits, None)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, None, config=_cfg(None, BLOCK_M=2), out=out)
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, None)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, None])
+@pytest.mark.parametrize("M", [1, 2, 4, 9])
+def test_default_gemv_config_tiles(group_size: int | None, M: int) -> None:
+    N, K = 8192, 28672
+    cfg = default_gemv_config(M, N, K, 4, group_size, 132)
+    assert cfg["BLOCK_K"] % 32 == 0
+    if group_size is not None:
+        assert group_size % cfg["BLOCK_K"] == 0
+    assert 1 <= cfg["BLOCK_M"] <= 4 and cfg["BLOCK_M"] == min(M, 4)
+    k_tiles = -(-K // cfg["BLOCK_K"])
+    assert 1 <= cfg["SPLIT_K"] <= 16 and k_tiles // cfg["SPLIT_K"] >= 4
+
+
+def test_dispatch_gemv_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """M ≤ gemv_max_m() goes to the GEMV unless QTOOL_GEMV=0; above it, the skinny kernel."""
+    import qtool_kernels.linear as lin
+
+    calls: list[str] = []
+    gemv, skinny = lin.gemv_matmul, lin.skinny_matmul
+    monkeypatch.setattr(lin, "gemv_matmul", lambda *a, **k: calls.append("gemv") or gemv(*a, **k))
+    monkeypatch.setattr(lin, "skinny_matmul", lambda *a, **k: calls.append("skinny") or skinny(*a, **k))
+    N, K, bits = 32, 128, 4
+    qweight, scales, zeros, _ = _inputs(N, K, 1, bits, 128)
+    monkeypatch.delenv("QTOOL_GEMV", raising=False)
+    assert lin.gemv_max_m() >= 1
+    for M, env, path in [(1, "1", "gemv"), (4, "1", "gemv"), (1, "0", "skinny"), (8, "1", "skinny")]:
+        monkeypatch.setenv("QTOOL_GEMV", env)
+        calls.clear()
+        x = torch.randn(M, K).half()
+        y = lin.forward_packed(x, qweight, scales, zeros, bits, 128, None)
+        assert calls == [path], (M, env, calls)
+        assert rel_err(y, qk.reference_gemv(x, qweight, scales, zeros, bits, 128)) < TOL[torch.float16]
+    monkeypatch.setenv("QTOOL_GEMV", "1")
+    calls.clear()
+    lin.forward_packed(torch.randn(2, K).half(), qweight, scales, zeros, bits, 128, None, max_m=0)
+    assert calls == []  # max_m = 0 forces dequantize + matmul, GEMV included
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128, None])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1536, 576), (1000, 1000), (4096, 4096)])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 7])
+def test_gemv_gpu(bits, group_size, dtype, shape, M) -> None:
+    N, K = shape
+    qweight, scales, zeros, x = _inputs(N, K, M, bits, group_size, device="cuda", dtype=dtype)
+    out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, group_size, out=out)
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size)
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [
+    {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 2, "num_stages": 1},
+])
+def test_gemv_gpu_configs(dtype, cfg) -> None:
+    """The A/B script's sweep configs compile and agree (bias, fp32 scales as PEQA passes them)."""
+    N, K, M = 2048, 4096, 4
+    qweight, scales, zeros, x = _inputs(N, K, M, 4, 128, device="cuda", dtype=dtype)
+    bias = torch.randn(N, device="cuda").to(dtype)
+    y = qk.gemv_matmul(x, qweight, scales.float(), zeros, 4, 128, bias, config=cfg)
+    ref = qk.reference_gemv(x, qweight, scales.float(), zeros, 4, 128, bias)
+    assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_gpu_matches_skinny(dtype) -> None:
+    """Both decode kernels on one input: they must agree to the output rounding."""
+    N, K, M = 4096, 11008, 1
+    qweight, scales, zeros, x = _inputs(N, K, M, 4, 128, device="cuda", dtype=dtype)
+    a = qk.gemv_matmul(x, qweight, scales, zeros, 4, 128)
+    b = qk.skinny_matmul(x, qweight, scales, zeros, 4, 128)
+    assert rel_err(a, b.double()) < 2 * TOL[dtype]
