@@ -471,3 +471,24 @@ def test_real_model_apiq_bw_beats_rtn_on_held_out_block_output(smollm2_two_block
         quantize_model(model, QuantSpec(bits, 64), method, calib=ids, quiet=True, apiq=ApiqOptions(epochs=2))
         errs[method] = (((last_block_output(model, held_out) - ref) ** 2).mean() / (ref**2).mean()).item()
     assert errs["apiq-bw"] < 0.9 * errs["rtn"], errs
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["apiq-bw", "apiq-lw"])
+def test_cuda_graph_steps_match_eager_steps(method):
+    """The replayed CUDA-graph step trains the same parameters as the eager loop (same kernels)."""
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    out = {}
+    for graphs in (False, True):
+        for fp in (tiny_llama(layers=2), tiny_gemma3()):
+            model = copy.deepcopy(fp)
+            stats = quantize_model(model, QuantSpec(2, 32), method, calib=ids, quiet=True, lora_rank=4,
+                                   device=torch.device("cuda"), apiq=ApiqOptions(epochs=3, cuda_graphs=graphs))
+            out.setdefault(graphs, []).append((stats, model))
+    for (s_e, m_e), (s_g, m_g) in zip(out[False], out[True], strict=True):
+        assert s_g["block_loss_after"] < s_g["block_loss_before"]
+        assert s_g["block_loss_after"] == pytest.approx(s_e["block_loss_after"], rel=1e-3)
+        for (name, a), (_, b) in zip(m_e.state_dict().items(), m_g.state_dict().items(), strict=True):
+            if a.is_floating_point():
+                assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-5), name

@@ -31,6 +31,7 @@ class ApiqOptions:
     offload: str = "auto"  # calibration activations: auto | gpu | cpu (pinned host memory)
     state_dir: Path | None = None  # per-block state, for --resume (None: not kept)
     resume: bool = False
+    cuda_graphs: bool = True  # replay each training step as a CUDA graph (GPU only; same math as eager)
 
 
 @dataclass

@@ -53,6 +53,7 @@ from qtool.nn.qlinear import QuantLinear
 from qtool.nn.replace import block_linears, set_module
 from qtool.quant.clip import fake_quant, group_range, init_logits, quantize_clipped
 from qtool.quant.grid import QuantizedWeight, QuantSpec, dequantize
+from qtool.train.cuda_graph import GraphedStep, graphable
 
 # Per-method defaults of (γ/β learning rate, weight decay). ApiQ's reference code: lwc_lr 5e-3,
 # wd 0.1 on both groups. OmniQuant's reference scripts: lwc_lr 1e-2, wd 0.
@@ -318,18 +319,21 @@ def _restore(params: list[nn.Parameter], snap: list[Tensor]) -> None:
         p.copy_(s)
 
 
-def fit(wrappers: list[ClipLoraLinear], loss_of: Callable[[int], Tensor], n: int, cfg: ApiqConfig,
-        warn: Callable[[str], None], what: str) -> FitResult:
-    """AdamW over γ/β and LoRA, `cfg.epochs` epochs of batch-1 steps over n windows.
+def fit(wrappers: list[ClipLoraLinear], inputs_of: Callable[[int], tuple[Tensor, ...]],
+        loss_fn: Callable[..., Tensor], n: int, cfg: ApiqConfig, warn: Callable[[str], None], what: str,
+        cuda_graphs: bool = True) -> FitResult:
+    """AdamW over γ/β and LoRA, `cfg.epochs` epochs of batch-1 steps over n windows; the loss of
+    window j is loss_fn(*inputs_of(j)).
 
     A non-finite loss or parameter restarts the set from its initial state with both learning
     rates ×0.1 (at most cfg.max_retries times); after that the last finite state (end of the last
     complete epoch, at worst the initial one) is kept. Nothing non-finite is ever kept.
 
     The losses are checked once per epoch, not per step: a per-step `.item()` would make the host
-    wait for every step, and at 135M-model scale the launches, not the GPU, set the step time. A
-    non-finite loss poisons the parameters through the optimizer, so the epoch-end check sees it
-    either way, and the outcome (restart from the initial state) is the same as stopping at once."""
+    wait for every step. A non-finite loss poisons the parameters through the optimizer, so the
+    epoch-end check sees it either way, and the outcome (restart from the initial state) is the
+    same as stopping at once. On CUDA the step is one replayed CUDA graph (qtool.train.cuda_graph):
+    at 135M-model scale the kernel launches, not the GPU, set the step time."""
     clip = [p for w in wrappers for p in w.trainable()[0]]
     lora = [p for w in wrappers for p in w.trainable()[1]]
     params = clip + lora
@@ -338,37 +342,41 @@ def fit(wrappers: list[ClipLoraLinear], loss_of: Callable[[int], Tensor], n: int
     init = _snapshot(params)
     res = FitResult()
     lr_scale = 1.0
-    fused = all(p.is_cuda for p in params)  # one kernel for the whole update instead of a foreach chain
+    use_graph = graphable(params, cuda_graphs)
     for attempt in range(cfg.max_retries + 1):
         groups = [{"params": clip, "lr": cfg.lr_clip * lr_scale, "weight_decay": cfg.weight_decay}]
         if lora:
             groups.append({"params": lora, "lr": cfg.lr_lora * lr_scale, "weight_decay": cfg.weight_decay})
-        opt = torch.optim.AdamW(groups, fused=fused)
+        on_gpu = graphable(params)
+        # fused: one kernel for the whole update; capturable: its step counter lives on the GPU
+        opt = torch.optim.AdamW(groups, fused=on_gpu, capturable=use_graph)
+        step = _eager_step(loss_fn, params, opt, cfg.grad_clip)
+        if use_graph and n and cfg.epochs:
+            try:
+                step = GraphedStep(loss_fn, params, opt, inputs_of(0), cfg.grad_clip).step
+            except RuntimeError as e:  # an op the capture cannot take: run eagerly, same math
+                warn(f"{what}: CUDA graph capture failed ({str(e).splitlines()[0]}); running eagerly")
+                use_graph = False
+                _restore(params, init)
+                opt = torch.optim.AdamW(groups, fused=on_gpu)
+                step = _eager_step(loss_fn, params, opt, cfg.grad_clip)
         good, good_epoch, failure = init, 0, None
         for epoch in range(cfg.epochs):
-            losses = []
-            for j in range(n):
-                loss = loss_of(j)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                losses.append(loss.detach())
-            values = torch.stack(losses).tolist()  # the epoch's one host-device sync
+            losses = [step(*inputs_of(j)).clone() for j in range(n)]
+            values = torch.stack(losses).tolist() if losses else []  # the epoch's one host-device sync
             bad = next((j for j, v in enumerate(values) if not math.isfinite(v)), None)
             if bad is not None:
                 failure = f"loss {values[bad]} at epoch {epoch + 1}, window {bad}"
             else:
                 res.steps += n
-                res.last_loss = values[-1]
+                res.last_loss = values[-1] if values else res.last_loss
                 snap = _snapshot(params)
                 if not all(torch.isfinite(s).all() for s in snap):
                     failure = f"non-finite parameters after epoch {epoch + 1}"
             if failure is not None:
                 break
             good, good_epoch = snap, epoch + 1
-        del opt
+        del opt, step
         if failure is None:
             break
         if attempt < cfg.max_retries:
@@ -384,6 +392,20 @@ def fit(wrappers: list[ClipLoraLinear], loss_of: Callable[[int], Tensor], n: int
         p.requires_grad_(False)
         p.grad = None
     return res
+
+
+def _eager_step(loss_fn: Callable[..., Tensor], params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                grad_clip: float | None) -> Callable[..., Tensor]:
+    def step(*inputs: Tensor) -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(*inputs)
+        loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        return loss.detach()
+
+    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +485,8 @@ def block_loss(block: nn.Module, xs: Windows, targets: Windows, kwargs: dict, de
 
 def calibrate_block(block: nn.Module, index: int, X: Windows, Xq: Windows, kwargs: dict, cfg: ApiqConfig,
                     device: torch.device, saved: dict[str, Tensor] | None = None,
-                    warn: Callable[[str], None] = print) -> tuple[BlockResult, dict[str, ClipLoraLinear]]:
+                    warn: Callable[[str], None] = print, cuda_graphs: bool = True
+                    ) -> tuple[BlockResult, dict[str, ClipLoraLinear]]:
     """Calibrate one block in place: its Linears end as finished ClipLoraLinear wrappers (mode "final"),
     Xq is overwritten with the block's quantized outputs, and result.X_next holds the fp outputs.
 
@@ -486,9 +509,10 @@ def calibrate_block(block: nn.Module, index: int, X: Windows, Xq: Windows, kwarg
         what = f"block {index}"
         t_train = time.perf_counter()
         if cfg.layerwise:
-            fitted = _fit_layerwise(block, wrappers, X, Xq, kwargs, cfg, device, warn, what)
+            fitted = _fit_layerwise(block, wrappers, X, Xq, kwargs, cfg, device, warn, what, cuda_graphs)
         else:
-            fitted = _fit_blockwise(block, list(wrappers.values()), Xq, T, T_aug, kwargs, cfg, device, warn, what)
+            fitted = _fit_blockwise(block, list(wrappers.values()), Xq, T, T_aug, kwargs, cfg, device, warn, what,
+                                     cuda_graphs)
         res.retries, res.fell_back, res.steps = fitted.retries, fitted.fell_back, fitted.steps
         res.train_seconds = time.perf_counter() - t_train
         del T_aug
@@ -510,19 +534,23 @@ def calibrate_block(block: nn.Module, index: int, X: Windows, Xq: Windows, kwarg
     return res, wrappers
 
 
-def _fit_blockwise(block, wrappers, Xq, T, T_aug, kwargs, cfg, device, warn, what) -> FitResult:
-    def loss_of(j: int) -> Tensor:
+def _fit_blockwise(block, wrappers, Xq, T, T_aug, kwargs, cfg, device, warn, what, cuda_graphs) -> FitResult:
+    def inputs_of(j: int) -> tuple[Tensor, ...]:
+        extra = (T_aug.get(j, device),) if T_aug is not None else ()
+        return (Xq.get(j, device), T.get(j, device), *extra)
+
+    def loss_fn(x: Tensor, target: Tensor, target_aug: Tensor | None = None) -> Tensor:
         with autocast_for(device):
-            out = run_block(block, Xq.get(j, device), kwargs)
-        loss = _mse(out, T.get(j, device))
-        if T_aug is not None:
-            loss = loss + _mse(out, T_aug.get(j, device))
+            out = run_block(block, x, kwargs)
+        loss = _mse(out, target)
+        if target_aug is not None:
+            loss = loss + _mse(out, target_aug)
         return loss
 
-    return fit(wrappers, loss_of, len(Xq), cfg, warn, what)
+    return fit(wrappers, inputs_of, loss_fn, len(Xq), cfg, warn, what, cuda_graphs)
 
 
-def _fit_layerwise(block, wrappers, X, Xq, kwargs, cfg, device, warn, what) -> FitResult:
+def _fit_layerwise(block, wrappers, X, Xq, kwargs, cfg, device, warn, what, cuda_graphs) -> FitResult:
     """ApiQ-lw: the Linears in input order; each group of layers reading one tensor is fitted on its own."""
     total = FitResult(last_loss=float("nan"))
     set_mode(wrappers, "fp")
@@ -551,16 +579,16 @@ def _fit_layerwise(block, wrappers, X, Xq, kwargs, cfg, device, warn, what) -> F
             m.mode = "quant"
         splits = [m.out_features for m in mods]
 
-        def loss_of(j: int, mods=mods, teach=teach, xin_q=xin_q, keep_outputs=keep_outputs, splits=splits
-                    ) -> Tensor:
-            xq = xin_q.get(j, device)
+        def inputs_of(j: int, teach=teach, xin_q=xin_q) -> tuple[Tensor, ...]:
+            return xin_q.get(j, device), teach.get(j, device)
+
+        def loss_fn(xq: Tensor, teacher: Tensor, mods=mods, keep_outputs=keep_outputs, splits=splits) -> Tensor:
             with autocast_for(device):
                 with torch.no_grad():
                     if keep_outputs:
-                        targets = teach.get(j, device).split(splits, dim=-1)
+                        targets = teacher.split(splits, dim=-1)
                     else:
-                        x_fp = teach.get(j, device)
-                        targets = [F.linear(x_fp, m.weight, m.bias) for m in mods]
+                        targets = [F.linear(teacher, m.weight, m.bias) for m in mods]
                     aug = [F.linear(xq, m.weight, m.bias) for m in mods] if cfg.aug_loss else None
                 loss = 0.0
                 for k, m in enumerate(mods):
@@ -570,7 +598,7 @@ def _fit_layerwise(block, wrappers, X, Xq, kwargs, cfg, device, warn, what) -> F
                         loss = loss + _mse(out, aug[k])
             return loss
 
-        r = fit(mods, loss_of, n, cfg, warn, f"{what} {'+'.join(group)}")
+        r = fit(mods, inputs_of, loss_fn, n, cfg, warn, f"{what} {'+'.join(group)}", cuda_graphs)
         total.steps += r.steps
         total.retries += r.retries
         total.fell_back |= r.fell_back
@@ -687,7 +715,7 @@ def calibrate_model(model: nn.Module, opts: QuantizeOptions, calib: Tensor, meth
         for i, block in enumerate(layers):
             loaded = state.load(i)
             res, wrappers = calibrate_block(block, i, X, Xq, inputs.kwargs[i], cfg, device,
-                                            loaded[0] if loaded else None, warn)
+                                            loaded[0] if loaded else None, warn, opts.apiq.cuda_graphs)
             if loaded:
                 old = loaded[1]
                 res.loss_before, res.retries, res.fell_back, res.steps = (
