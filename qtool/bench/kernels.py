@@ -120,6 +120,8 @@ def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     max_m = qk.skinny_max_m() if skinny_max_m is None else skinny_max_m
     path = "skinny" if M <= max_m else "dequant+cublas"
+    if path == "skinny" and config is None and M <= qk.gemv_max_m():
+        path = "gemv"
     if config is not None and path == "skinny":
         calls = [lambda L=L: qk.skinny_matmul(x, L.qweight, L.scales, L.zeros, bits, group_size,
                                               config=config) for L in layers]
