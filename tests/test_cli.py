@@ -133,3 +133,21 @@ def test_quantize_dtype_sets_unquantized_tensors_only(capsys, tmp_path, tiny_mod
         assert str(f.get_tensor("model.layers.0.self_attn.q_proj.scales").dtype) == "torch.float16"
     code, _, err = run_cli(capsys, "eval", out, "--seqlen", "16", "--max-windows", "1", "-q")
     assert code == 0, err
+
+
+def test_character_level_gguf_tokenizer_is_refused():
+    """transformers 5.17 turns Gemma-3's GGUF tokenizer into single characters: refuse, don't measure."""
+    from qtool.errors import QtoolError
+    from qtool.models.load import PROBE, check_tokenizer
+
+    class CharTokenizer:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord(c) for c in text]}
+
+    class WordTokenizer:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": list(range(len(text.split())))}
+
+    check_tokenizer(WordTokenizer(), "ok.gguf")
+    with pytest.raises(QtoolError, match=f"{len(PROBE)} tokens for a {len(PROBE)}-character sentence"):
+        check_tokenizer(CharTokenizer(), "bad.gguf")

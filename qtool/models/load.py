@@ -104,6 +104,7 @@ def _gguf_to_hf_dir(gguf: Path, sha: str) -> Path:
 
     kwargs = {"gguf_file": gguf.name, "quantization_config": GgufConfig(dequantize=True)}
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    check_tokenizer(tok, str(gguf))  # before anything is cached
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
     # save_pretrained refuses a model that still carries the GGUF quantizer: it is fully dense now.
     model.hf_quantizer = None
@@ -124,6 +125,25 @@ def _gguf_to_hf_dir(gguf: Path, sha: str) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+PROBE = "The government announced new measures on Tuesday to tackle rising inflation."
+
+
+def check_tokenizer(tok, where: str) -> None:
+    """Refuse a tokenizer that splits English into single characters.
+
+    transformers 5.17 converts Gemma-3's GGUF tokenizer character by character (76 tokens for
+    PROBE, 12 with 5.23): every perplexity and every fine-tuning run would silently measure a
+    different, much harder task. Subword tokenizers stay far below 0.5 tokens per character."""
+    import transformers
+
+    n = len(tok(PROBE, add_special_tokens=False)["input_ids"])
+    if n > 0.5 * len(PROBE):
+        raise QtoolError(f"{where}: the tokenizer splits text into single characters ({n} tokens for a "
+                         f"{len(PROBE)}-character sentence) with transformers {transformers.__version__}; "
+                         "upgrade transformers (5.23 converts GGUF tokenizers correctly) and delete "
+                         f"{cache_dir() / 'models'} if it holds a directory converted by the old version")
 
 
 def quiet_transformers() -> None:
@@ -152,6 +172,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise QtoolError(f"cannot load model from {path}: {str(e).splitlines()[0]}") from None
+    if source.kind in ("builtin", "gguf"):  # a directory converted earlier, maybe by a faulty version
+        check_tokenizer(tok, str(path))
     check_supported(model)
     model.to(device).eval()
     return model, tok, source
