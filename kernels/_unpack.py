@@ -51,8 +51,8 @@ def _pair(w, SHIFT: tl.constexpr, MASK: tl.constexpr, MAGIC: tl.constexpr, IS_BF
 
 
 @triton.jit
-def _one3(w0, w1, w2, J: tl.constexpr, IS_BF16: tl.constexpr):
-    """3-bit code J (0..31) of a 32-code block held in words w0, w1, w2, as o + code."""
+def code3(w0, w1, w2, J: tl.constexpr):
+    """Integer 3-bit code J (0..31) of a 32-code block held in words w0, w1, w2."""
     B: tl.constexpr = 3 * J
     A: tl.constexpr = B // 32
     S: tl.constexpr = B % 32
@@ -69,9 +69,15 @@ def _one3(w0, w1, w2, J: tl.constexpr, IS_BF16: tl.constexpr):
         c = (w >> S) & 7
     else:  # straddles two words (codes 10 and 21)
         c = ((w >> S) & ((1 << (32 - S)) - 1)) | ((nxt << (32 - S)) & 7)
+    return c
+
+
+@triton.jit
+def _one3(w0, w1, w2, J: tl.constexpr, IS_BF16: tl.constexpr):
+    """3-bit code J (0..31) of a 32-code block held in words w0, w1, w2, as o + code."""
     DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
     MAGIC: tl.constexpr = 0x4300 if IS_BF16 else 0x6400
-    return (c | MAGIC).to(tl.int16).to(DT, bitcast=True)
+    return (code3(w0, w1, w2, J) | MAGIC).to(tl.int16).to(DT, bitcast=True)
 
 
 @triton.jit

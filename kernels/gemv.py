@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from qtool_kernels._unpack import code3
 from qtool_kernels.skinny import (
     PER_CHANNEL,
     _num_sms,
@@ -85,23 +86,7 @@ def _qz(w, wh, zf, zero, S: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _one3(w0, w1, w2, zc, J: tl.constexpr):
     """q − z of 3-bit code J (0…31) of the 32-code blocks in words w0, w1, w2; zc = 2^23 + z."""
-    B: tl.constexpr = 3 * J
-    A: tl.constexpr = B // 32
-    S: tl.constexpr = B % 32
-    if A == 0:
-        w = w0
-        nxt = w1
-    elif A == 1:
-        w = w1
-        nxt = w2
-    else:
-        w = w2
-        nxt = w2
-    if S <= 29:
-        c = (w >> S) & 7
-    else:  # codes 10 and 21 straddle two words
-        c = ((w >> S) & ((1 << (32 - S)) - 1)) | ((nxt << (32 - S)) & 7)
-    return (c | 0x4B000000).to(tl.float32, bitcast=True) - zc
+    return (code3(w0, w1, w2, J) | 0x4B000000).to(tl.float32, bitcast=True) - zc
 
 
 @triton.jit
