@@ -51,6 +51,22 @@ def _pair(w, SHIFT: tl.constexpr, MASK: tl.constexpr, MAGIC: tl.constexpr, IS_BF
 
 
 @triton.jit
+def load3(qw_ptr, offs_n, stride_qn, blk, n_mask, Wn, MASKED: tl.constexpr):
+    """The three words of 3-bit 32-code blocks starting at word `blk` [NB] of rows `offs_n`."""
+    base = qw_ptr + offs_n[:, None] * stride_qn + blk[None, :]
+    if MASKED:
+        m = n_mask[:, None] & (blk[None, :] < Wn)
+        w0 = tl.load(base, mask=m, other=0)
+        w1 = tl.load(base + 1, mask=m, other=0)
+        w2 = tl.load(base + 2, mask=m, other=0)
+    else:
+        w0 = tl.load(base)
+        w1 = tl.load(base + 1)
+        w2 = tl.load(base + 2)
+    return w0, w1, w2
+
+
+@triton.jit
 def code3(w0, w1, w2, J: tl.constexpr):
     """Integer 3-bit code J (0..31) of a 32-code block held in words w0, w1, w2."""
     B: tl.constexpr = 3 * J
@@ -139,16 +155,7 @@ def unpack_tile(
     if BITS == 3:
         NB: tl.constexpr = BLOCK_K // 32
         blk = (k0 // 32 + tl.arange(0, NB)) * 3
-        base = qw_ptr + offs_n[:, None] * stride_qn + blk[None, :]
-        if MASKED:
-            m = n_mask[:, None] & (blk[None, :] < Wn)
-            w0 = tl.load(base, mask=m, other=0)
-            w1 = tl.load(base + 1, mask=m, other=0)
-            w2 = tl.load(base + 2, mask=m, other=0)
-        else:
-            w0 = tl.load(base)
-            w1 = tl.load(base + 1)
-            w2 = tl.load(base + 2)
+        w0, w1, w2 = load3(qw_ptr, offs_n, stride_qn, blk, n_mask, Wn, MASKED)
         vals = _tree32(w0, w1, w2, IS_BF16)
     else:
         CPW: tl.constexpr = 32 // BITS  # codes per word

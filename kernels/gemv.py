@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qtool_kernels._unpack import code3
+from qtool_kernels._unpack import code3, load3
 from qtool_kernels.skinny import (
     PER_CHANNEL,
     _num_sms,
@@ -190,16 +190,7 @@ def _gemv_kernel(
         xk = k0 + wi * CPW  # x index of each word's (block's) first code
         if BITS == 3:
             blk = (k0 // 32 + wi) * 3
-            base = qw_ptr + offs_n[:, None] * stride_qn + blk[None, :]
-            if MASKED:
-                m = n_mask[:, None] & (blk[None, :] < Wn)
-                w0 = tl.load(base, mask=m, other=0)
-                w1 = tl.load(base + 1, mask=m, other=0)
-                w2 = tl.load(base + 2, mask=m, other=0)
-            else:
-                w0 = tl.load(base)
-                w1 = tl.load(base + 1)
-                w2 = tl.load(base + 2)
+            w0, w1, w2 = load3(qw_ptr, offs_n, stride_qn, blk, n_mask, Wn, MASKED)
             zc = zf + 8388608.0
             for j in tl.static_range(32):
                 a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,
