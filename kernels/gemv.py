@@ -36,6 +36,8 @@ load and a conversion per code position, shared by the 2 rows a thread holds).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -51,7 +53,7 @@ from qtool_kernels.skinny import (
 )
 from torch import Tensor
 
-__all__ = ["default_gemv_config", "gemv_matmul", "reference_gemv"]
+__all__ = ["default_gemv_config", "default_h2_config", "gemv_matmul", "gemv_path", "reference_gemv"]
 
 MAX_BLOCK_M = 4  # rows of x per program; more rows re-unpack the weights in another program
 
@@ -300,8 +302,15 @@ def gemv_matmul(
     `out` [M, N] (x's dtype) receives y when K is not split; `workspace` [SPLIT_K, M, N]
     fp32 holds the split-K partials. Both are allocated when not given. `config` keys:
     BLOCK_N, BLOCK_K (a multiple of 32 dividing the group size), SPLIT_K, num_warps,
-    num_stages, optional BLOCK_M (1…4, default min(M, 4)).
+    num_stages, optional BLOCK_M (1…4, default min(M, 4)). M = 1 fp16 W4/W2 on CUDA takes
+    the packed-half2 kernel (gemv_h2.py; `gemv_path` says which path runs): then a given
+    config must say "H2": True and hold default_h2_config's keys; a config without it, or
+    QTOOL_GEMV_H2=0, selects this fp32 kernel.
     """
+    if gemv_path(x, qweight, bits, group_size, config) == "h2":
+        from qtool_kernels.gemv_h2 import gemv_h2_matmul  # PTX: never imported by the interpreter
+
+        return gemv_h2_matmul(x, qweight, scales, zeros, bits, group_size, bias, config, out, workspace)
     M, K = x.shape
     N, Wn = qweight.shape
     assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
@@ -310,6 +319,7 @@ def gemv_matmul(
     assert scales.stride(1) == 1 and zeros.stride(1) == 1
     assert Wn * 32 >= K * bits, "qweight holds fewer codes than K"
     cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device)))
+    cfg.pop("H2", None)
     BM = cfg.pop("BLOCK_M", min(M, MAX_BLOCK_M))
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     GROUP = group_constexpr(group_size)
@@ -327,3 +337,62 @@ def gemv_matmul(
         **cfg,
     )
     return split_k_result(out, SK, bias, x.dtype)
+
+
+def h2_eligible(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -> bool:
+    """Whether the packed-half2 kernel (gemv_h2.py) covers this call: CUDA outside the
+    interpreter (PTX), M = 1, fp16, W4 (any group) or W2 (group ≥ 64 or per channel: a tile
+    is whole quads of words), K a multiple of 8 and rows of whole 16-byte quads (128-bit loads)."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or not x.is_cuda:
+        return False
+    if x.dtype != torch.float16 or x.shape[0] != 1 or bits not in (2, 4):
+        return False
+    if group_size is not None and group_size % (128 // bits):
+        return False
+    K, Wn = x.shape[1], qweight.shape[1]
+    return (K % 8 == 0 and Wn % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.stride(1) == 1
+            and x.stride(1) == 1 and x.data_ptr() % 4 == 0)
+
+
+def gemv_path(x: Tensor, qweight: Tensor, bits: int, group_size: int | None, config: dict | None = None) -> str:
+    """"h2" (packed half2, gemv_h2.py) or "fp32" (this file's kernel): what gemv_matmul runs.
+    QTOOL_GEMV_H2=0 (read per call, for A/B in one process) or a config without "H2": True
+    forces "fp32"."""
+    if os.environ.get("QTOOL_GEMV_H2", "1") == "0":
+        return "fp32"
+    if config is not None and not config.get("H2"):
+        return "fp32"
+    return "h2" if h2_eligible(x, qweight, bits, group_size) else "fp32"
+
+
+def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: int) -> dict:
+    """Tiles of the packed-half2 kernel (not yet timed on a GPU; scripts/gemv_ab.py times them).
+
+    BLOCK_K = the group (≤ 128 codes), per channel 4 quads of words (W4 128, W2 256 codes).
+    A thread holds `rows` rows × one quad (4 words) per tile: more rows share each thread's x
+    pairs (its PRMTs) and put more 128-bit loads in flight, at the cost of registers.
+    BLOCK_N = rows × (32 / quads per row) × num_warps. K is split until there are about
+    `programs_per_sm` programs per SM, keeping ≥ 4 K tiles per program. tuned_skinny.json's
+    "gemv_h2" section overrides per "bits:group" ("pc" = per channel), then per bit-width.
+    """
+    h2 = _tuned().get("gemv_h2", {})
+    t = dict(h2.get(str(bits), {}))
+    t.update(h2.get(f"{bits}:{group_size or 'pc'}", {}))
+    cpq = 128 // bits  # codes per quad of words
+    bk = t.get("BLOCK_K", 4 * cpq if group_size is None else min(group_size, 128))
+    if group_size is not None:
+        bk = min(bk, group_size)
+    bk = max(cpq, bk - bk % cpq)
+    nq = bk // cpq
+    assert nq & (nq - 1) == 0, bk
+    nw = t.get("num_warps", 4)
+    bn = t.get("BLOCK_N", t.get("rows", 4) * (32 // nq) * nw)
+    n_tiles = triton.cdiv(N, bn)
+    k_tiles = triton.cdiv(K, bk)
+    split_k = t.get("SPLIT_K", 0)
+    if not split_k:
+        split_k = 1
+        target = t.get("programs_per_sm", 4) * n_sm
+        while n_tiles * split_k < target and k_tiles // (2 * split_k) >= 4 and split_k < 32:
+            split_k *= 2
+    return {"H2": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": nw, "num_stages": 1}

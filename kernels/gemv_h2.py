@@ -1,0 +1,444 @@
+"""M = 1, fp16, W4/W2: the GEMV in packed half2 arithmetic (inline PTX), ~2.5 instructions per code.
+
+Only gemv.gemv_matmul imports this module, and only on CUDA outside the interpreter (the
+interpreter cannot run PTX); `EMULATE=True` swaps every PTX block for Triton integer/float
+ops with the same results, so CPU CI runs this kernel's indexing under TRITON_INTERPRET.
+
+Why packed: the fp32 GEMV (gemv.py) spends ~5 instructions per code (one LOP3, one FADD,
+one FFMA, one x load + conversion) and is issue/latency bound (W2 takes as long as W4).
+Here one LOP3 extracts two codes into an f16x2 register, `(w & 0x000F000F) | 0x64006400` =
+{1024 + c_i, 1024 + c_{i+4}} (W4; W2: 0x00030003, {c_i, c_{i+8}}); the fields at bits 4–7
+(W2: 2–7) are masked in place and their 16^-1 (4^-k) folded into an exact fma (Marlin's
+trick), so one shift serves a whole word. Per pair then three f16x2 ops: t = q − z (exact:
+integers), Ŵ = t·s (rounded once, as an fp16 dequantize rounds it), acc = Ŵ·x + acc.
+Scaling before the product keeps |Ŵ·x| small: x reaches thousands in down_proj inputs and
+x·(q − z) summed in fp16 could overflow. The f16x2 chain runs over one tile (W4: 16, W2:
+32 products per half and row) and is then added into fp32, so the fp16 rounding error
+does not grow with K.
+
+x pairs must match the code pairs ({x_i, x_{i+4}}): x is read as int32 words (fp16 pairs
+{x_2m, x_2m+1}, 128-bit loads) and permuted in registers by PRMT, once per thread and
+word column, shared by the R rows a thread holds.
+
+Layout: the words of a tile are [BLOCK_N, NQ, 4] (NQ quads of 4 consecutive words per row:
+one 128-bit load each); Triton puts a quad in one thread, so the 4 words and the x words of
+the same codes (also loaded as [1, NQ, 4]) land in the same thread with no shuffle.
+Accumulators are [BLOCK_N, NQ] fp32, reduced over NQ once per program.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Every block writes its outputs last, from temporaries: without an early-clobber an output
+# may be given an input's register.
+# Pairs {x_i, x_{i+H}} from int32 words r_m = {x_2m, x_2m+1}: prmt 0x5410 takes the low
+# halves of two words, 0x7632 the high halves. W4 (H = 4): $4..$7 = r0..r3.
+XPAIRS4_ASM = """{
+.reg .b32 o0, o1, o2, o3;
+prmt.b32 o0, $4, $6, 0x5410;
+prmt.b32 o1, $4, $6, 0x7632;
+prmt.b32 o2, $5, $7, 0x5410;
+prmt.b32 o3, $5, $7, 0x7632;
+mov.b32 $0, o0;
+mov.b32 $1, o1;
+mov.b32 $2, o2;
+mov.b32 $3, o3;
+}"""
+# W2 (H = 8): $8..$15 = r0..r7.
+XPAIRS2_ASM = ("{\n.reg .b32 o0, o1, o2, o3, o4, o5, o6, o7;\n"
+               + "".join(f"prmt.b32 o{i}, ${8 + i // 2}, ${12 + i // 2}, {'0x5410' if i % 2 == 0 else '0x7632'};\n"
+                         for i in range(8))
+               + "".join(f"mov.b32 ${i}, o{i};\n" for i in range(8)) + "}")
+
+# One W4 word (8 codes) of one row: $0 = acc out, $1 = word, $2 = acc in, $3 = 0x64006400,
+# $4 = {1024 + z}², $5 = {−(64 + z)}², $6 = {1/16}², $7 = {s}², $8..$11 = x pairs 0..3.
+# Pairs 1 and 3 sit at bits 4–7: 1024 + 16q, so q − z = (1024 + 16q)/16 − (64 + z), exact.
+WORD4_ASM = """{
+.reg .b32 wh, t0, t1, t2, t3, a;
+shr.u32 wh, $1, 8;
+lop3.b32 t0, $1, 0x000F000F, $3, 0xEA;
+lop3.b32 t1, $1, 0x00F000F0, $3, 0xEA;
+lop3.b32 t2, wh, 0x000F000F, $3, 0xEA;
+lop3.b32 t3, wh, 0x00F000F0, $3, 0xEA;
+sub.rn.f16x2 t0, t0, $4;
+fma.rn.f16x2 t1, t1, $6, $5;
+sub.rn.f16x2 t2, t2, $4;
+fma.rn.f16x2 t3, t3, $6, $5;
+mul.rn.f16x2 t0, t0, $7;
+mul.rn.f16x2 t1, t1, $7;
+mul.rn.f16x2 t2, t2, $7;
+mul.rn.f16x2 t3, t3, $7;
+fma.rn.f16x2 a, t0, $8, $2;
+fma.rn.f16x2 a, t1, $9, a;
+fma.rn.f16x2 a, t2, $10, a;
+fma.rn.f16x2 a, t3, $11, a;
+mov.b32 $0, a;
+}"""
+
+# One W2 word (16 codes): $0 = acc out, $1 = word, $2 = acc in, $3 = 0x64006400,
+# $4 = {1024 + z}², $5..$7 = {−(256 + z)}², {−(64 + z)}², {−(16 + z)}², $8..$10 = {4^-k}²
+# (k = 1, 2, 3), $11 = {s}², $12..$19 = x pairs 0..7. Field k of a byte (bits 2k) reads
+# 1024 + 4^k q; pairs 0..3 from the word, 4..7 from word >> 8.
+_W2_MASKS = ("0x00030003", "0x000C000C", "0x00300030", "0x00C000C0")
+WORD2_ASM = ("{\n.reg .b32 wh, t, a;\nshr.u32 wh, $1, 8;\n"
+             + "".join(
+                 f"lop3.b32 t, {src}, {_W2_MASKS[k]}, $3, 0xEA;\n"
+                 + ("sub.rn.f16x2 t, t, $4;\n" if k == 0 else f"fma.rn.f16x2 t, t, ${7 + k}, ${4 + k};\n")
+                 + "mul.rn.f16x2 t, t, $11;\n"
+                 + f"fma.rn.f16x2 a, t, ${12 + 4 * h + k}, {'$2' if h == k == 0 else 'a'};\n"
+                 for h, src in enumerate(("$1", "wh")) for k in range(4))
+             + "mov.b32 $0, a;\n}")
+
+# f16x2 -> two fp32 (bit patterns as int32)
+UNPACK_ASM = """{
+.reg .f16 l, h;
+.reg .f32 a, b;
+mov.b32 {l, h}, $2;
+cvt.f32.f16 a, l;
+cvt.f32.f16 b, h;
+mov.b32 $0, a;
+mov.b32 $1, b;
+}"""
+
+_XPAIRS4 = tl.constexpr(XPAIRS4_ASM)
+_XPAIRS2 = tl.constexpr(XPAIRS2_ASM)
+_WORD4 = tl.constexpr(WORD4_ASM)
+_WORD2 = tl.constexpr(WORD2_ASM)
+_UNPACK = tl.constexpr(UNPACK_ASM)
+
+
+# ---------------------------------------------------------------- emulation (interpreter)
+# The same bits with Triton ops: f16x2 math in fp32 with one rounding to fp16 (= the PTX's
+# single rounding: products of two fp16 are exact in fp32).
+
+@triton.jit
+def _lo(t):
+    return (t & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _hi(t):
+    return (t >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _pk(lo, hi):
+    lo = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo | (hi << 16)
+
+
+@triton.jit
+def _fma2(a, b, c):
+    return _pk(_lo(a) * _lo(b) + _lo(c), _hi(a) * _hi(b) + _hi(c))
+
+
+@triton.jit
+def _mul2(a, b):
+    return _pk(_lo(a) * _lo(b), _hi(a) * _hi(b))
+
+
+@triton.jit
+def _sub2(a, b):
+    return _pk(_lo(a) - _lo(b), _hi(a) - _hi(b))
+
+
+@triton.jit
+def _prmt_lo(a, b):  # 0x5410
+    return (a & 0xFFFF) | (b << 16)
+
+
+@triton.jit
+def _prmt_hi(a, b):  # 0x7632
+    return ((a >> 16) & 0xFFFF) | ((b >> 16) << 16)
+
+
+@triton.jit
+def _emu_pair(w, MASK: tl.constexpr, magic, zo, zk, mk, s2, xp, acc, K: tl.constexpr):
+    t = (w & MASK) | magic
+    if K == 0:
+        t = _sub2(t, zo)
+    else:
+        t = _fma2(t, mk, zk)
+    return _fma2(_mul2(t, s2), xp, acc)
+
+
+# ---------------------------------------------------------------- building blocks
+
+@triton.jit
+def _split4(v):
+    """[A, B, 4] -> four [A, B] (the axis of 4 lies in one thread: free)."""
+    a, b = tl.split(tl.reshape(v, [v.shape[0], v.shape[1], 2, 2]))
+    v0, v2 = tl.split(a)
+    v1, v3 = tl.split(b)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _xpairs4(r0, r1, r2, r3, EMULATE: tl.constexpr):
+    if EMULATE:
+        return _prmt_lo(r0, r2), _prmt_hi(r0, r2), _prmt_lo(r1, r3), _prmt_hi(r1, r3)
+    return tl.inline_asm_elementwise(_XPAIRS4, "=r,=r,=r,=r,r,r,r,r", [r0, r1, r2, r3],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _xpairs2(r0, r1, r2, r3, r4, r5, r6, r7, EMULATE: tl.constexpr):
+    if EMULATE:
+        return (_prmt_lo(r0, r4), _prmt_hi(r0, r4), _prmt_lo(r1, r5), _prmt_hi(r1, r5),
+                _prmt_lo(r2, r6), _prmt_hi(r2, r6), _prmt_lo(r3, r7), _prmt_hi(r3, r7))
+    return tl.inline_asm_elementwise(_XPAIRS2, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r",
+                                     [r0, r1, r2, r3, r4, r5, r6, r7],
+                                     dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _word4(w, acc, magic, zo, z1, m1, s2, x0, x1, x2, x3, EMULATE: tl.constexpr):
+    if EMULATE:
+        wh = w >> 8  # arithmetic: the sign bits land at bits 24..31, never masked in
+        acc = _emu_pair(w, 0x000F000F, magic, zo, z1, m1, s2, x0, acc, 0)
+        acc = _emu_pair(w, 0x00F000F0, magic, zo, z1, m1, s2, x1, acc, 1)
+        acc = _emu_pair(wh, 0x000F000F, magic, zo, z1, m1, s2, x2, acc, 0)
+        return _emu_pair(wh, 0x00F000F0, magic, zo, z1, m1, s2, x3, acc, 1)
+    return tl.inline_asm_elementwise(_WORD4, "=r,r,r,r,r,r,r,r,r,r,r,r",
+                                     [w, acc, magic, zo, z1, m1, s2, x0, x1, x2, x3],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _word2(w, acc, magic, zo, z1, z2, z3, m1, m2, m3, s2, x0, x1, x2, x3, x4, x5, x6, x7,
+           EMULATE: tl.constexpr):
+    if EMULATE:
+        wh = w >> 8
+        acc = _emu_pair(w, 0x00030003, magic, zo, zo, m1, s2, x0, acc, 0)
+        acc = _emu_pair(w, 0x000C000C, magic, zo, z1, m1, s2, x1, acc, 1)
+        acc = _emu_pair(w, 0x00300030, magic, zo, z2, m2, s2, x2, acc, 2)
+        acc = _emu_pair(w, 0x00C000C0, magic, zo, z3, m3, s2, x3, acc, 3)
+        acc = _emu_pair(wh, 0x00030003, magic, zo, zo, m1, s2, x4, acc, 0)
+        acc = _emu_pair(wh, 0x000C000C, magic, zo, z1, m1, s2, x5, acc, 1)
+        acc = _emu_pair(wh, 0x00300030, magic, zo, z2, m2, s2, x6, acc, 2)
+        return _emu_pair(wh, 0x00C000C0, magic, zo, z3, m3, s2, x7, acc, 3)
+    return tl.inline_asm_elementwise(_WORD2, "=r" + ",r" * 19,
+                                     [w, acc, magic, zo, z1, z2, z3, m1, m2, m3, s2, x0, x1, x2, x3, x4, x5, x6, x7],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _to_f32(acc, EMULATE: tl.constexpr):
+    """f16x2 -> lo + hi in fp32."""
+    if EMULATE:
+        return _lo(acc) + _hi(acc)
+    lo, hi = tl.inline_asm_elementwise(_UNPACK, "=r,=r,r", [acc], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+    return lo.to(tl.float32, bitcast=True) + hi.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pair16(b):
+    """16-bit pattern b (int32, 0..0xFFFF) in both halves."""
+    return b | (b << 16)
+
+
+@triton.jit
+def _load_sz(s_ptr, z_ptr, rows2, n_ok2, g, stride_sn, stride_zn, MASK_N: tl.constexpr):
+    """Scale and zero of group g for rows2 ([BLOCK_N, NQ]: the row index repeated per quad,
+    so the load has the accumulators' layout and each thread reads only its own rows; a
+    [BLOCK_N] load got a layout of its own and a shared-memory shuffle every tile)."""
+    if MASK_N:
+        s = tl.load(s_ptr + rows2 * stride_sn + g, mask=n_ok2, other=0.0)
+        z = tl.load(z_ptr + rows2 * stride_zn + g, mask=n_ok2, other=0)
+    else:
+        s = tl.load(s_ptr + rows2 * stride_sn + g)
+        z = tl.load(z_ptr + rows2 * stride_zn + g)
+    return s, z
+
+
+@triton.jit
+def _consts(s, z, BITS: tl.constexpr):
+    """f16x2 constants from a row's scale and zero: {s}², {1024 + z}² and the −(o_k + z) of
+    the in-place fields (W4: o = 64; W2: 256, 64, 16). Integer ops only: o + z is exact in
+    fp16 with bit pattern bits(o) + z/ulp(o): 0x5400 + 16z for 64 + z (ulp 1/16), 0x5C00 +
+    4z for 256 + z, 0x4C00 + 64z for 16 + z."""
+    s2 = _pair16(s.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32))
+    z = z.to(tl.int32)
+    zo = _pair16(0x6400 + z)
+    if BITS == 4:
+        z1 = _pair16(0xD400 + 16 * z)
+        z2 = z1
+        z3 = z1
+    else:
+        z1 = _pair16(0xDC00 + 4 * z)
+        z2 = _pair16(0xD400 + 16 * z)
+        z3 = _pair16(0xCC00 + 64 * z)
+    return s2, zo, z1, z2, z3
+
+
+@triton.jit
+def _load_w(qw_ptr, rows, n_ok, wk, Wn, stride_qn, MASKED: tl.constexpr):
+    ptrs = qw_ptr + rows * stride_qn + wk
+    if MASKED:
+        return tl.load(ptrs, mask=n_ok & (wk < Wn), other=0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _load_x(x_ptr, xi, Kh, MASK_K: tl.constexpr):
+    if MASK_K:
+        return tl.load(x_ptr + xi, mask=xi < Kh, other=0)
+    return tl.load(x_ptr + xi)
+
+
+@triton.jit
+def _word(wj, acc, x_ptr, xi, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2,
+          BITS: tl.constexpr, MASK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """acc += the products of one weight word per (row, quad) with its x (loaded here)."""
+    r0, r1, r2, r3 = _split4(_load_x(x_ptr, xi, Kh, MASK_K))
+    if BITS == 4:
+        p0, p1, p2, p3 = _xpairs4(r0, r1, r2, r3, EMULATE)
+        acc = _word4(wj, acc, magic, zo, z1, m1, s2, p0, p1, p2, p3, EMULATE)
+    else:
+        r4, r5, r6, r7 = _split4(_load_x(x_ptr, xi + 4, Kh, MASK_K))
+        p0, p1, p2, p3, p4, p5, p6, p7 = _xpairs2(r0, r1, r2, r3, r4, r5, r6, r7, EMULATE)
+        acc = _word2(wj, acc, magic, zo, z1, z2, z3, m1, m2, m3, s2, p0, p1, p2, p3, p4, p5, p6, p7, EMULATE)
+    return acc
+
+
+@triton.jit
+def _tile(facc, w, s, z, x_ptr, xb, Kh, magic, m1, m2, m3,
+          BITS: tl.constexpr, MASK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """facc [BLOCK_N, NQ] fp32 += one tile: its 4 words per (row, quad) chained in f16x2,
+    then the two halves added in fp32. xb: x word index of each quad's first code."""
+    XW: tl.constexpr = 16 // BITS  # x int32 words per weight word
+    s2, zo, z1, z2, z3 = _consts(s, z, BITS)
+    w0, w1, w2, w3 = _split4(w)
+    acc = tl.zeros(facc.shape, dtype=tl.int32)  # f16x2 {0, 0}
+    acc = _word(w0, acc, x_ptr, xb, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2, BITS, MASK_K, EMULATE)
+    acc = _word(w1, acc, x_ptr, xb + XW, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2, BITS, MASK_K, EMULATE)
+    acc = _word(w2, acc, x_ptr, xb + 2 * XW, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2, BITS, MASK_K, EMULATE)
+    acc = _word(w3, acc, x_ptr, xb + 3 * XW, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2, BITS, MASK_K, EMULATE)
+    return facc + _to_f32(acc, EMULATE)
+
+
+@triton.jit
+def _fetch(qw_ptr, s_ptr, z_ptr, rows, n_ok, rows2, n_ok2, wq, t, Wn, stride_qn, stride_sn, stride_zn,
+           s, z, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, CPW: tl.constexpr,
+           PER_CHANNEL: tl.constexpr, MASKED: tl.constexpr, MASK_N: tl.constexpr):
+    """The HBM reads of tile t: its words and (grouped) its scales and zeros."""
+    w = _load_w(qw_ptr, rows, n_ok, t * (BLOCK_K // CPW) + wq, Wn, stride_qn, MASKED)
+    if not PER_CHANNEL:
+        s, z = _load_sz(s_ptr, z_ptr, rows2, n_ok2, (t * BLOCK_K) // GROUP, stride_sn, stride_zn, MASK_N)
+    return w, s, z
+
+
+@triton.jit(do_not_specialize=["zero"])  # runtime 0: the f16x2 constants stay in registers
+def _gemv_h2_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    N, K8, Wn4, zero,
+    stride_q4, stride_sn, stride_zn, stride_os,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, EMULATE: tl.constexpr,
+):
+    # x_ptr: x as int32 words (fp16 pairs). K8 = K / 8, Wn4 = words per row / 4, stride_q4 =
+    # row stride / 4: passed divided so that Triton knows 16-byte alignment (128-bit loads,
+    # masks constant over a quad).
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    K = K8 * 8
+    Kh = K8 * 4
+    Wn = Wn4 * 4
+    stride_qn = stride_q4 * 4
+    CPW: tl.constexpr = 32 // BITS
+    NQ: tl.constexpr = BLOCK_K // (4 * CPW)  # quads of words per row and tile
+    MASKED: tl.constexpr = not (EVEN_N and EVEN_K)
+    MASK_K: tl.constexpr = not EVEN_K
+    MASK_N: tl.constexpr = not EVEN_N
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    rows = offs_n[:, None, None]
+    n_ok = n_mask[:, None, None]
+    rows2 = offs_n[:, None] + tl.zeros([1, NQ], dtype=tl.int32)
+    n_ok2 = rows2 < N
+    q3 = tl.arange(0, NQ)[None, :, None]
+    wq = q3 * 4 + tl.arange(0, 4)[None, None, :]  # word of the tile, [1, NQ, 4]
+    xq = q3 * (2 * CPW)  # x word of each quad's first code, [1, NQ, 1]...
+    xq = xq + tl.arange(0, 4)[None, None, :]  # ... and the 4 words of a 128-bit x load
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_start = pid_k * per_split
+    t_end = tl.minimum(t_start + per_split, k_tiles)
+    t_last = tl.maximum(tl.minimum(t_end, k_tiles) - 1, 0)
+
+    magic = zero + 0x64006400
+    if BITS == 2:
+        m1 = zero + 0x34003400  # {1/4}²
+    else:
+        m1 = zero + 0x2C002C00  # {1/16}²
+    m2 = zero + 0x2C002C00
+    m3 = zero + 0x24002400
+    s, z = _load_sz(s_ptr, z_ptr, rows2, n_ok2, 0, stride_sn, stride_zn, MASK_N)  # per channel: for good
+
+    # Two tiles per trip, ping-pong: the reads of the next tile are issued before a tile is
+    # unpacked (nothing else pipelines loads that feed no dot), and each buffer is refilled
+    # only after its last use, so no register copies (a carried "next" buffer cost 16 MOVs).
+    wa, sa, za = _fetch(qw_ptr, s_ptr, z_ptr, rows, n_ok, rows2, n_ok2, wq, tl.minimum(t_start, t_last), Wn,
+                        stride_qn, stride_sn, stride_zn, s, z, GROUP, BLOCK_K, CPW, PER_CHANNEL, MASKED, MASK_N)
+    facc = tl.zeros([BLOCK_N, NQ], dtype=tl.float32)
+    for t in range(t_start, t_end, 2):
+        wb, sb, zb = _fetch(qw_ptr, s_ptr, z_ptr, rows, n_ok, rows2, n_ok2, wq, tl.minimum(t + 1, t_last), Wn,
+                            stride_qn, stride_sn, stride_zn, s, z, GROUP, BLOCK_K, CPW, PER_CHANNEL, MASKED, MASK_N)
+        facc = _tile(facc, wa, sa, za, x_ptr, t * (BLOCK_K // 2) + xq, Kh, magic, m1, m2, m3, BITS, MASK_K, EMULATE)
+        wa, sa, za = _fetch(qw_ptr, s_ptr, z_ptr, rows, n_ok, rows2, n_ok2, wq, tl.minimum(t + 2, t_last), Wn,
+                            stride_qn, stride_sn, stride_zn, s, z, GROUP, BLOCK_K, CPW, PER_CHANNEL, MASKED, MASK_N)
+        if t + 1 < t_end:
+            facc = _tile(facc, wb, sb, zb, x_ptr, (t + 1) * (BLOCK_K // 2) + xq, Kh, magic, m1, m2, m3,
+                         BITS, MASK_K, EMULATE)
+
+    y = tl.sum(facc, axis=1)
+    out_ptrs = out_ptr + pid_k * stride_os + offs_n
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(out_ptrs, y, mask=n_mask)  # fp32 partials, summed by split_k_result
+
+
+def gemv_h2_matmul(x, qweight, scales, zeros, bits: int, group_size: int | None, bias=None,
+                   config: dict | None = None, out=None, workspace=None, emulate: bool = False):
+    """gemv_matmul's fast path (M = 1, fp16, W4/W2); eligibility is gemv.h2_eligible's.
+
+    config keys: BLOCK_N, BLOCK_K (the group size or less, a multiple of 4 words), SPLIT_K,
+    num_warps. emulate=True runs the Triton twin of every PTX block (the interpreter's path)."""
+    import torch
+    from qtool_kernels.skinny import split_k_output, split_k_result
+
+    from .gemv import default_h2_config
+
+    M, K = x.shape
+    N, Wn = qweight.shape
+    if config is None:
+        from qtool_kernels.skinny import _num_sms
+
+        config = default_h2_config(N, K, bits, group_size, _num_sms(x.device))
+    cfg = {k: v for k, v in config.items() if k not in ("H2", "BLOCK_M")}
+    BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
+    cfg.setdefault("num_stages", 1)
+    assert M == 1 and x.dtype == torch.float16 and bits in (2, 4)
+    assert K % 8 == 0 and Wn % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.stride(1) == 1
+    assert BK % (128 // bits) == 0 and (group_size is None or group_size % BK == 0)
+    out, stride_os = split_k_output(x, M, N, SK, out, workspace)
+    x32 = x.reshape(K).view(torch.int32)  # fp16 pairs {x_2m, x_2m+1}
+    grid = (triton.cdiv(N, BN), SK)
+    _gemv_h2_kernel[grid](
+        x32, qweight, scales, zeros, bias if bias is not None else scales, out,
+        N, K // 8, Wn // 4, 0,
+        qweight.stride(0) // 4, scales.stride(0), zeros.stride(0), stride_os,
+        BITS=bits, GROUP=group_size or 0, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
+        HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
+        PER_CHANNEL=group_size is None, EMULATE=emulate, **cfg,
+    )
+    return split_k_result(out, SK, bias, x.dtype)

@@ -1,0 +1,284 @@
+"""Packed-half2 GEMV (kernels/gemv_h2.py): M = 1, fp16, W4/W2.
+
+CPU CI cannot run PTX, so it checks the two halves separately: every PTX block is emulated
+line by line against the arithmetic it must perform (bit-exact), and the whole kernel runs
+under the interpreter with each PTX block replaced by its Triton twin (EMULATE=True), which
+checks the indexing, pairing, masks, split-K and prefetch against the float64 reference.
+The GPU tests run the real thing and check that the dispatcher takes it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import qtool_kernels as qk
+import torch
+from kernel_testutil import TOL, fresh_generator, random_packed, rel_err
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _inputs(N: int, K: int, bits: int, group_size: int | None, device: str = "cpu"):
+    gen, seed = fresh_generator()
+    print(f"seed={seed}")
+    qweight, scales, zeros = random_packed(N, K, bits, group_size, gen=gen)
+    x = torch.randn(1, K, generator=gen).half()
+    return qweight.to(device), scales.to(device), zeros.to(device), x.to(device)
+
+
+# ------------------------------------------------------------------ PTX emulation (CPU)
+
+def _f16(bits: np.ndarray) -> np.ndarray:
+    return (bits & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
+
+
+def _bits(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.float16).view(np.uint16).astype(np.int64)
+
+
+def _h2(fn, *regs):
+    lo = fn(*[_f16(r) for r in regs])
+    hi = fn(*[_f16(r >> 16) for r in regs])
+    return _bits(lo) | (_bits(hi) << 16)
+
+
+def _prmt(a, b, sel):
+    pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(pool[(sel >> (4 * i)) & 0x7] << (8 * i) for i in range(4))
+
+
+def run_ptx(asm: str, n_out: int, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """Execute the PTX subset of gemv_h2's blocks on int64 arrays holding 32-bit values."""
+    env: dict[str, np.ndarray] = {f"${n_out + i}": np.asarray(v, dtype=np.int64) & 0xFFFFFFFF
+                                  for i, v in enumerate(inputs)}
+
+    def val(tok: str):
+        tok = tok.strip()
+        return env[tok] if tok in env else np.int64(int(tok, 0))
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):
+            lo, hi, src = re.match(r"\{(\w+), (\w+)\}, (\S+)", rest).groups()
+            env[lo], env[hi] = val(src) & 0xFFFF, (val(src) >> 16) & 0xFFFF
+            continue
+        d, *a = [t.strip() for t in rest.split(",")]
+        if op == "shr.u32":
+            r = val(a[0]) >> val(a[1])
+        elif op == "lop3.b32":
+            assert int(a[3], 0) == 0xEA  # (a & b) | c
+            r = (val(a[0]) & val(a[1])) | val(a[2])
+        elif op == "prmt.b32":
+            r = _prmt(val(a[0]), val(a[1]), int(a[2], 0))
+        elif op == "sub.rn.f16x2":
+            r = _h2(lambda p, q: p - q, val(a[0]), val(a[1]))
+        elif op == "mul.rn.f16x2":
+            r = _h2(lambda p, q: p * q, val(a[0]), val(a[1]))
+        elif op == "fma.rn.f16x2":
+            r = _h2(lambda p, q, c: p * q + c, val(a[0]), val(a[1]), val(a[2]))
+        elif op == "cvt.f32.f16":
+            r = _f16(val(a[0])).astype(np.float32).view(np.int32).astype(np.int64)
+        elif op == "mov.b32":
+            r = val(a[0])
+        else:
+            raise AssertionError(f"unknown PTX op {op}")
+        env[d] = np.asarray(r, dtype=np.int64) & 0xFFFFFFFF
+    return [env[f"${i}"] for i in range(n_out)]
+
+
+def _pair16(b):
+    return b | (b << 16)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_word_ptx_matches_fp16_arithmetic(bits: int) -> None:
+    """One word per row through XPAIRS + WORD: bit-exact against t = q − z, Ŵ = fp16(s·t),
+    acc = fp16(Ŵ·x + acc) over the pairs in order, lo and hi halves independent."""
+    from qtool_kernels import gemv_h2 as h2
+
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    n, cpw = 4096, 32 // bits
+    w = rng.integers(0, 2**32, n, dtype=np.int64)
+    z = rng.integers(0, 2**bits, n)
+    s = rng.uniform(1e-3, 3e-2, n).astype(np.float16)
+    x = rng.standard_normal((n, cpw)).astype(np.float16) * np.float16(rng.choice([1, 100, 3000], (n, 1)))
+    acc0 = rng.standard_normal((n, 2)).astype(np.float16)
+    xb = x.view(np.uint16).astype(np.int64)
+    r = [xb[:, 2 * m] | (xb[:, 2 * m + 1] << 16) for m in range(cpw // 2)]  # int32 words of x
+    pairs = run_ptx(h2.XPAIRS4_ASM if bits == 4 else h2.XPAIRS2_ASM, cpw // 2, r)
+    sb = s.view(np.uint16).astype(np.int64)
+    if bits == 4:
+        consts = [0x64006400, _pair16(0x6400 + z), _pair16(0xD400 + 16 * z), np.full(n, 0x2C002C00), _pair16(sb)]
+        asm = h2.WORD4_ASM
+    else:
+        consts = [0x64006400, _pair16(0x6400 + z), _pair16(0xDC00 + 4 * z), _pair16(0xD400 + 16 * z),
+                  _pair16(0xCC00 + 64 * z), np.full(n, 0x34003400), np.full(n, 0x2C002C00),
+                  np.full(n, 0x24002400), _pair16(sb)]
+        asm = h2.WORD2_ASM
+    acc_in = _bits(acc0[:, 0].astype(np.float64)) | (_bits(acc0[:, 1].astype(np.float64)) << 16)
+    (got,) = run_ptx(asm, 1, [w, acc_in, *consts, *pairs])
+
+    codes = np.stack([(w >> (bits * j)) & ((1 << bits) - 1) for j in range(cpw)], 1)
+    half = cpw // 2
+    for h in range(2):  # lo half: codes 0..half-1, hi half: codes half..cpw-1
+        a = acc0[:, h].astype(np.float64)
+        for i in range(half):
+            k = h * half + i
+            wq = (s.astype(np.float64) * (codes[:, k] - z)).astype(np.float16).astype(np.float64)
+            a = (wq * x[:, k].astype(np.float64) + a).astype(np.float16).astype(np.float64)
+        np.testing.assert_array_equal(_f16(got >> (16 * h)), a)
+
+
+def test_constant_encodings() -> None:
+    # bit patterns _consts builds with integer ops = the fp16 numbers they stand for
+    z = np.arange(64)
+    f = lambda v: np.asarray(v, dtype=np.float64).astype(np.float16).view(np.uint16).astype(np.int64)  # noqa: E731
+    assert (f(1024 + z) == 0x6400 + z).all()
+    assert (f(-(256 + z[:16])) == 0xDC00 + 4 * z[:16]).all()
+    assert (f(-(64 + z)) == 0xD400 + 16 * z).all()
+    assert (f(-(16 + z[:16])) == 0xCC00 + 64 * z[:16]).all()
+    assert [f(v) for v in (0.25, 1 / 16, 1 / 64)] == [0x3400, 0x2C00, 0x2400]
+
+
+def test_unpack_ptx() -> None:
+    from qtool_kernels import gemv_h2 as h2
+
+    v = np.array([1.5, -2.25, 65504.0, 3e-5], dtype=np.float16)
+    reg = _bits(v[:2]) | (_bits(v[2:]) << 16)
+    lo, hi = run_ptx(h2.UNPACK_ASM, 2, [reg])
+    assert (lo.astype(np.uint32).view(np.float32) == v[:2].astype(np.float32)).all()
+    assert (hi.astype(np.uint32).view(np.float32) == v[2:].astype(np.float32)).all()
+
+
+# ------------------------------------------------------------------ interpreter (CPU)
+
+INTERP = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run (CPU CI)")
+
+# (bits, group, N, K, config): partial N tiles, K tails (K % BLOCK_K), empty splits.
+CASES = [
+    (4, 128, 80, 576, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2}),  # last group 64 codes
+    (4, 128, 64, 1024, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1}),  # even: unmasked loads
+    (4, 64, 48, 1088, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 8}),  # 17 tiles / 8 splits: 2 empty
+    (4, 32, 40, 576, {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 4}),
+    (4, None, 80, 576, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}),
+    (2, 64, 80, 576, {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2}),
+    (2, 128, 48, 1088, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4}),  # last group 64 codes
+    (2, None, 40, 1024, {"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 3}),  # 4 tiles: one split empty
+]
+
+
+@INTERP
+@pytest.mark.parametrize(("bits", "group_size", "N", "K", "cfg"), CASES)
+def test_h2_emulated_interpreter(bits: int, group_size: int | None, N: int, K: int, cfg: dict) -> None:
+    from qtool_kernels.gemv_h2 import gemv_h2_matmul
+
+    qweight, scales, zeros, x = _inputs(N, K, bits, group_size)
+    bias = torch.randn(N).half() if cfg["SPLIT_K"] == 1 else None
+    out = torch.full((1, N), float("nan"), dtype=torch.float16)
+    ws = torch.full((cfg["SPLIT_K"], 1, N), float("nan"))
+    y = gemv_h2_matmul(x, qweight, scales, zeros, bits, group_size, bias, config=dict(cfg, H2=True, num_warps=4),
+                       out=out, workspace=ws, emulate=True)
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size, bias)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@INTERP
+def test_h2_emulated_large_activations() -> None:
+    # a few channels of x in the thousands (down_proj inputs): products are scaled before
+    # the fp16 sums, so they stay far from the fp16 range
+    from qtool_kernels.gemv_h2 import gemv_h2_matmul
+
+    qweight, scales, zeros, x = _inputs(32, 512, 4, 128)
+    x[0, ::61] = 3000.0
+    cfg = {"H2": True, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4}
+    y = gemv_h2_matmul(x, qweight, scales, zeros, 4, 128, config=cfg, emulate=True)
+    assert rel_err(y, qk.reference_gemv(x, qweight, scales, zeros, 4, 128)) < TOL[torch.float16]
+
+
+def test_cpu_dispatch_never_takes_h2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU/interpreter the fp32 kernel runs and the PTX module is never imported by it."""
+    from qtool_kernels.gemv import gemv_path
+
+    qweight, scales, zeros, x = _inputs(32, 256, 4, 128)
+    assert gemv_path(x, qweight, 4, 128) == "fp32"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        had = "qtool_kernels.gemv_h2" in sys.modules
+        sys.modules.pop("qtool_kernels.gemv_h2", None)
+        y = qk.gemv_matmul(x, qweight, scales, zeros, 4, 128)
+        assert "qtool_kernels.gemv_h2" not in sys.modules
+        assert rel_err(y, qk.reference_gemv(x, qweight, scales, zeros, 4, 128)) < TOL[torch.float16]
+        if had:
+            import qtool_kernels.gemv_h2  # noqa: F401  (restore for later tests)
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (4, 64), (4, 32), (4, None), (2, 64), (2, 128), (2, None)])
+def test_default_h2_config(bits: int, group_size: int | None) -> None:
+    from qtool_kernels.gemv import default_h2_config
+
+    for N, K in [(8192, 28672), (28672, 8192), (1536, 576), (11008, 4096)]:
+        cfg = default_h2_config(N, K, bits, group_size, 132)
+        bk, cpq = cfg["BLOCK_K"], 128 // bits
+        assert cfg["H2"] and bk % cpq == 0 and (bk // cpq) & (bk // cpq - 1) == 0
+        assert group_size is None or group_size % bk == 0
+        assert cfg["BLOCK_N"] % (32 // (bk // cpq) * cfg["num_warps"]) == 0  # whole rows per thread
+        assert 1 <= cfg["SPLIT_K"] <= 32
+
+
+# ------------------------------------------------------------------ GPU
+
+GPU_CASES = [  # (bits, group, N, K, split): split None = default config
+    (4, 128, 8192, 4160, None), (4, 128, 1536, 576, 1), (4, 64, 1536, 4160, None), (4, None, 8192, 576, 4),
+    (4, 32, 1536, 576, None), (2, 64, 8192, 576, None), (2, 64, 1536, 4160, 1), (2, 128, 8192, 4160, None),
+    (2, None, 1536, 4160, 8),
+]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(("bits", "group_size", "N", "K", "split"), GPU_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_h2_gpu(bits, group_size, N, K, split, bias) -> None:
+    from qtool_kernels.gemv import default_h2_config, gemv_path
+
+    qweight, scales, zeros, x = _inputs(N, K, bits, group_size, device="cuda")
+    assert gemv_path(x, qweight, bits, group_size) == "h2"
+    b = torch.randn(N, device="cuda").half() if bias else None
+    cfg = default_h2_config(N, K, bits, group_size, torch.cuda.get_device_properties(0).multi_processor_count)
+    if split is not None:
+        cfg["SPLIT_K"] = split
+    out = torch.full((1, N), float("nan"), dtype=torch.float16, device="cuda")
+    ws = torch.full((cfg["SPLIT_K"], 1, N), float("nan"), device="cuda")
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, group_size, b, config=cfg, out=out, workspace=ws)
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size, b)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_h2_gpu_dispatch_and_ab(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QuantLinear's route: M = 1 fp16 W4 takes h2 (fp32 scales too, as PEQA passes them);
+    QTOOL_GEMV_H2=0, bf16, M = 2 and W3 take the fp32 kernel; both paths agree."""
+    from qtool_kernels.gemv import gemv_path
+
+    N, K = 4096, 4096
+    qweight, scales, zeros, x = _inputs(N, K, 4, 128, device="cuda")
+    x[0, ::97] = 2000.0  # a few outlier channels, as in down_proj inputs
+    assert gemv_path(x, qweight, 4, 128) == "h2"
+    a = qk.forward_packed(x, qweight, scales.float(), zeros, 4, 128, None)
+    monkeypatch.setenv("QTOOL_GEMV_H2", "0")
+    assert gemv_path(x, qweight, 4, 128) == "fp32"
+    b = qk.forward_packed(x, qweight, scales.float(), zeros, 4, 128, None)
+    monkeypatch.delenv("QTOOL_GEMV_H2")
+    ref = qk.reference_gemv(x, qweight, scales.float(), zeros, 4, 128)
+    assert rel_err(a, ref) < TOL[torch.float16] and rel_err(b, ref) < TOL[torch.float16]
+    assert gemv_path(x.bfloat16(), qweight, 4, 128) == "fp32"
+    assert gemv_path(torch.cat([x, x]), qweight, 4, 128) == "fp32"
+    assert gemv_path(x, qweight, 3, 128) == "fp32"
+    assert gemv_path(x, qweight, 2, 32) == "fp32"  # a W2 g32 tile is half a quad of words
