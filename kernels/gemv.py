@@ -365,7 +365,8 @@ def gemv_path(x: Tensor, qweight: Tensor, bits: int, group_size: int | None, con
     return "h2" if h2_eligible(x, qweight, bits, group_size) else "fp32"
 
 
-def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: int) -> dict:
+def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: int,
+                      overrides: dict | None = None) -> dict:
     """Tiles of the packed-half2 kernel (not yet timed on a GPU; scripts/gemv_ab.py times them).
 
     BLOCK_K = the group (≤ 128 codes), per channel 4 quads of words (W4 128, W2 256 codes).
@@ -373,11 +374,13 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
     pairs (its PRMTs) and put more 128-bit loads in flight, at the cost of registers.
     BLOCK_N = rows × (32 / quads per row) × num_warps. K is split until there are about
     `programs_per_sm` programs per SM, keeping ≥ 4 K tiles per program. tuned_skinny.json's
-    "gemv_h2" section overrides per "bits:group" ("pc" = per channel), then per bit-width.
+    "gemv_h2" section overrides per "bits:group" ("pc" = per channel), then per bit-width;
+    `overrides` (same keys: rows, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, programs_per_sm) last.
     """
     h2 = _tuned().get("gemv_h2", {})
     t = dict(h2.get(str(bits), {}))
     t.update(h2.get(f"{bits}:{group_size or 'pc'}", {}))
+    t.update(overrides or {})
     cpq = 128 // bits  # codes per quad of words
     bk = t.get("BLOCK_K", 4 * cpq if group_size is None else min(group_size, 128))
     if group_size is not None:

@@ -1,7 +1,9 @@
 """QuantLinear's CUDA path: pick a kernel by M, and make it differentiable.
 
 Forward  y = x Ŵᵀ + b:  M ≤ GEMV_MAX_M    -> fused dequant GEMV on the CUDA cores (gemv.py),
-                                               unless QTOOL_GEMV=0;
+                                               unless QTOOL_GEMV=0; at M = 1, fp16, W4/W2
+                                               its packed-half2 kernel (gemv_h2.py) unless
+                                               QTOOL_GEMV_H2=0 (gemv.gemv_path says which);
                          M ≤ SKINNY_MAX_M  -> fused dequant + skinny product (skinny.py);
                          larger M           -> dequantize this layer (dequant.py) + cuBLAS.
 Backward dX = dY Ŵ:      dequantize this layer + cuBLAS (Ŵ is transient, one layer at a time).

@@ -1,77 +1,34 @@
-"""A/B of the decode kernels on one GPU: fp16 cuBLAS vs skinny_matmul (tensor cores) vs
-gemv_matmul (CUDA cores) with a small config sweep.
+"""A/B of the M = 1 decode GEMV: fp16 cuBLAS vs the fp32 GEMV (gemv.py) vs the packed-half2
+GEMV (gemv_h2.py), W4 g128 and W2 g64, fp16 activations.
 
-Run (H100, ~4 min; --quick: 2 shapes):  python scripts/gemv_ab.py gemv_ab.json [--quick]
+Run (H100):  python scripts/gemv_ab.py $OUT/gemv_ab.json --quick   (< 90 s: default configs)
+             python scripts/gemv_ab.py $OUT/gemv_ab.json           (+ h2 tile variants, ~3 min)
+             python scripts/gemv_ab.py --sass                      (no GPU: SASS instructions
+                                                                    per code in the K loops)
 
-Timing is qtool.bench's (CUDA events through triton's do_bench, medians, every timed call
-on its own weight copy so that one rotation exceeds 4× L2, calls replayed from a CUDA
-graph), so the numbers compare with `qtool bench kernels`. Every kernel/config is checked
-once against the dense product x·Ŵᵀ (Ŵ dequantized, fp32 matmul): relative error below
-1e-2 (fp16) / 3e-2 (bf16), else the row is marked bad and never chosen as best.
-
-W4 g128 fp16 (the decode default) gets the whole sweep (10 configs) on every shape and
-M; the other classes (W2/W3 g128, W2/W3/W4 g64 and per channel, W4 g128 bf16) time the
-default config and the W4 g128 winner of the same shape and M. The JSON holds every row,
-the best config per class (geometric mean over shapes) and a suggested "gemv" section +
-"gemv_max_m" for kernels/tuned_skinny.json (not written: copy it by hand after review).
+Timing is qtool.bench's (medians of CUDA-event timings through triton's do_bench, every timed
+call on its own weight copy so that one rotation exceeds 4× L2, calls replayed from a CUDA
+graph, split-K reduction included), so the numbers compare with `qtool bench kernels`. Every
+kernel/config is checked once against the dense product x·Ŵᵀ (Ŵ dequantized in fp16, fp32
+matmul): relative error below 1e-2, else the row is marked BAD. The fp32 GEMV's own tile sweep
+(which wrote tuned_skinny.json's "gemv" section) is this script at commit 5102d1f.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"7B.qo": (4096, 4096), "7B.up": (11008, 4096), "7B.down": (4096, 11008),
-          "70B.up": (28672, 8192), "70B.down": (8192, 28672), "70B.qo": (8192, 8192)}
-QUICK = ("7B.up", "70B.down")
-MS = (1, 4)
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, programs_per_sm); BLOCK_K is cut to the group.
-SWEEP = [
-    (64, 128, 4, 2, 8),  # the default
-    (64, 128, 4, 2, 4),
-    (64, 128, 4, 2, 16),
-    (64, 128, 4, 1, 8),
-    (128, 128, 4, 2, 8),  # 4 rows per thread, scale/zero through shared memory
-    (128, 128, 8, 2, 8),
-    (256, 128, 8, 2, 8),
-    (32, 128, 4, 2, 8),
-    (32, 128, 2, 2, 16),
-    (64, 64, 4, 2, 8),
-]
-OTHER_CLASSES = [(2, 128, torch.float16), (3, 128, torch.float16),
-                 (2, 64, torch.float16), (3, 64, torch.float16), (4, 64, torch.float16),
-                 (2, None, torch.float16), (3, None, torch.float16), (4, None, torch.float16),
-                 (4, 128, torch.bfloat16)]
+SHAPES = {"70B.down": (8192, 28672), "70B.up": (28672, 8192), "7B.up": (11008, 4096), "7B.down": (4096, 11008)}
+CLASSES = [(4, 128), (2, 64)]
+# h2 tile variants timed besides the default (full run only): default_h2_config overrides
+H2_VARIANTS = [{"rows": 2}, {"programs_per_sm": 8}, {"programs_per_sm": 2}, {"rows": 2, "num_warps": 8}]
 REP_MS = 40
-TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
-
-
-def class_key(bits: int, g: int | None, M: int, dtype: torch.dtype) -> str:
-    return f"{bits}:{g or 'pc'}:{M}" + ("" if dtype == torch.float16 else ":bf16")
-
-
-def split_for(N: int, K: int, M: int, bn: int, bk: int, pps: int, n_sm: int) -> int:
-    """default_gemv_config's split-K rule for a given programs-per-SM target."""
-    n_tiles = -(-N // bn) * -(-M // 4)
-    k_tiles = -(-K // bk)
-    split = 1
-    while n_tiles * split < pps * n_sm and k_tiles // (2 * split) >= 4 and split < 16:
-        split *= 2
-    return split
-
-
-def make_config(sweep_row: tuple, N: int, K: int, M: int, g: int | None, n_sm: int) -> dict:
-    from qtool_kernels.gemv import _block_k
-
-    bn, bk, nw, ns, pps = sweep_row
-    bk = _block_k(0, g, bk)
-    return {"BLOCK_M": min(M, 4), "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns,
-            "SPLIT_K": split_for(N, K, M, bn, bk, pps, n_sm)}
+TOL = 1e-2
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -81,9 +38,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b.double()).norm() / b.double().norm()).item()
 
 
-def bench_class(shape: str, bits: int, g: int | None, dtype: torch.dtype, sweep: list, t16: dict,
-                copy_bw: float, n_sm: int, rows: list, best_w4: dict | None = None) -> None:
+def bench_class(shape: str, bits: int, g: int, t16: float, copy_bw: float, n_sm: int, variants: list,
+                rows: list) -> None:
     import qtool_kernels as qk
+    from qtool_kernels.gemv import default_gemv_config, default_h2_config, gemv_path
 
     from qtool.bench.kernels import _layer_bytes, random_packed_layer
     from qtool.bench.timing import copies_needed, time_rotated
@@ -93,91 +51,99 @@ def bench_class(shape: str, bits: int, g: int | None, dtype: torch.dtype, sweep:
     nbytes = _layer_bytes(layers[0])
     layers += [random_packed_layer(N, K, bits, g) for _ in range(copies_needed(nbytes) - 1)]
     L0 = layers[0]
-    W = qk.dequantize_packed(L0.qweight, L0.scales, L0.zeros, bits, g, K, dtype).float()  # one rounding
-    for M in MS:
-        x = torch.randn(M, K, device="cuda", dtype=dtype)
-        ref = F.linear(x.float(), W)
-        base = {"shape": shape, "N": N, "K": K, "M": M, "bits": bits, "group": g,
-                "dtype": str(dtype).removeprefix("torch."), "fp16_us": t16[(shape, M, dtype)] * 1e6,
-                "weight_bytes": nbytes}
-
-        def record(kernel: str, cfg: dict | None, fn, M=M, x=x, ref=ref, base=base) -> None:
-            try:
-                err = rel(fn(L0), ref)
-                t = time_rotated([lambda L=L: fn(L) for L in layers], rep_ms=REP_MS)
-            except Exception as e:  # a config the compiler rejects (registers, shared memory)
-                print(f"  skip {kernel} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                return
-            ok = err < TOL[dtype]
-            row = dict(base, kernel=kernel, config=cfg, us=t * 1e6, speedup=base["fp16_us"] / (t * 1e6),
-                       copy_frac=nbytes / t / copy_bw, rel_err=err, ok=ok)
-            rows.append(row)
-            print(f"{shape:9s} M={M} W{bits} g{g or 'pc':>3} {base['dtype']:8s} {kernel:7s} {t * 1e6:8.1f} us "
-                  f"x{row['speedup']:.2f} {100 * row['copy_frac']:3.0f}% copy err={err:.1e}"
-                  f"{'' if ok else ' BAD'} {cfg or ''}", flush=True)
-
-        record("skinny", None, lambda L, x=x: qk.skinny_matmul(x, L.qweight, L.scales, L.zeros, bits, g))
-        configs = [make_config(s, N, K, M, g, n_sm) for s in sweep]
-        if best_w4 is not None and (shape, M) in best_w4:
-            configs.append(make_config(best_w4[(shape, M)], N, K, M, g, n_sm))
-        seen = []
-        for cfg in configs:
-            if cfg in seen:
-                continue
-            seen.append(cfg)
-            record("gemv", cfg, lambda L, x=x, cfg=cfg: qk.gemv_matmul(x, L.qweight, L.scales, L.zeros, bits, g,
-                                                                        config=cfg))
-
-
-def sweep_row_of(cfg: dict, shape: str, M: int, sweep: list, g: int | None, n_sm: int) -> tuple | None:
-    N, K = SHAPES[shape]
-    for s in sweep:
-        if make_config(s, N, K, M, g, n_sm) == cfg:
-            return s
-    return None
-
-
-def summarize(rows: list, shapes: list, n_sm: int) -> dict:
-    """Best gemv sweep row per class by geometric-mean time over shapes, vs skinny and fp16."""
-    out: dict = {}
-    classes = sorted({(r["bits"], r["group"], r["M"], r["dtype"]) for r in rows}, key=str)
-    for bits, g, M, dt in classes:
-        rs = [r for r in rows if (r["bits"], r["group"], r["M"], r["dtype"]) == (bits, g, M, dt)]
-        by_row: dict = {}
-        for s in SWEEP:  # a sweep row's time on a shape: the row timed with its config there
-            for r in rs:
-                if r["kernel"] == "gemv" and r["ok"] and r["config"] == make_config(
-                        s, r["N"], r["K"], M, g, n_sm):
-                    by_row.setdefault(s, {})[r["shape"]] = r["us"]
-        full = {s: v for s, v in by_row.items() if len(v) == len(shapes)}
-        if not full:
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    x[0, ::997] = 1000.0  # a few outlier channels, as in down_proj inputs
+    W = qk.dequantize_packed(L0.qweight, L0.scales, L0.zeros, bits, g, K, torch.float16).float()
+    ref = F.linear(x.float(), W)
+    del W
+    configs = [("fp32", default_gemv_config(1, N, K, bits, g, n_sm)), ("h2", default_h2_config(N, K, bits, g, n_sm))]
+    configs += [(f"h2 {v}", default_h2_config(N, K, bits, g, n_sm, v)) for v in variants]
+    seen: list = []
+    for name, cfg in configs:
+        if cfg in seen:
             continue
-        gm = {s: math.exp(sum(math.log(t) for t in v.values()) / len(v)) for s, v in full.items()}
-        best = min(gm, key=gm.get)
-        sk = [r["us"] for r in rs if r["kernel"] == "skinny" and r["ok"]]
-        f16 = {r["shape"]: r["fp16_us"] for r in rs}
-        dtype = torch.float16 if dt == "float16" else torch.bfloat16
-        out[class_key(bits, g, M, dtype)] = {
-            "sweep_row": dict(zip(("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "programs_per_sm"), best,
-                                  strict=True)),
-            "gemv_geomean_us": gm[best],
-            "skinny_geomean_us": math.exp(sum(map(math.log, sk)) / len(sk)) if len(sk) == len(shapes) else None,
-            "fp16_geomean_us": math.exp(sum(math.log(t) for t in f16.values()) / len(f16)),
-            "per_shape_us": full[best],
-        }
+        seen.append(cfg)
+        path = gemv_path(x, L0.qweight, bits, g, cfg)
+        assert path == name.split()[0], (name, path)  # the A/B measures what it says
+
+        def fn(L, cfg=cfg):
+            return qk.gemv_matmul(x, L.qweight, L.scales, L.zeros, bits, g, config=cfg)
+
+        try:
+            err = rel(fn(L0), ref)
+            t = time_rotated([lambda L=L: fn(L) for L in layers], rep_ms=REP_MS)
+        except Exception as e:  # a config the compiler rejects (registers, shared memory)
+            print(f"  skip {name} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            continue
+        row = {"shape": shape, "N": N, "K": K, "bits": bits, "group": g, "kernel": name, "path": path,
+               "config": cfg, "us": t * 1e6, "fp16_us": t16 * 1e6, "speedup": t16 / t,
+               "copy_frac": nbytes / t / copy_bw, "weight_bytes": nbytes, "rel_err": err, "ok": err < TOL}
+        rows.append(row)
+        print(f"{shape:9s} W{bits} g{g:<3} {name:34s} {t * 1e6:7.1f} us  x{row['speedup']:.2f} fp16  "
+              f"{100 * row['copy_frac']:3.0f}% copy  err={err:.1e}{'' if row['ok'] else ' BAD'}", flush=True)
+    del layers
+    torch.cuda.empty_cache()
+
+
+def sass_counts() -> dict:
+    """SASS instructions per code in the K loop of both kernels, compiled for sm_90 here (no
+    GPU): W4 g128 and W2 g64 at their default tiles for 70B.down (loop = the longest
+    backward-branch span; codes per trip = tiles per trip × tile codes / threads)."""
+    import re
+    from collections import Counter
+
+    import triton
+    from qtool_kernels.gemv import _gemv_kernel, default_gemv_config, default_h2_config
+    from qtool_kernels.gemv_h2 import _gemv_h2_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_sass(fn, types: dict, const: dict, opts: dict) -> str:
+        sig = dict(types, **{k: "constexpr" for k in const})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types.values()) if t.startswith("*")}
+        src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["sass"]
+
+    def loop(sass: str) -> Counter:
+        lines = [li for li in sass.splitlines() if li.strip()]
+        labels: dict = {}
+        best = (0, 0)
+        for i, line in enumerate(lines):
+            if m := re.match(r"^\s*(\w+):", line):
+                labels[m.group(1)] = i
+            m = re.search(r"BRA (\w+);", line)
+            if m and m.group(1) in labels and i - labels[m.group(1)] > best[1] - best[0]:
+                best = (labels[m.group(1)], i)
+        body = [li.split("\t", 1)[1].strip() for li in lines[best[0] + 1:best[1] + 1] if "\t" in li]
+        return Counter(re.sub(r"^@!?U?P\w+ ", "", o).split()[0].split(".")[0] for o in body)
+
+    N, K = SHAPES["70B.down"]
+    out = {}
+    i32 = "i32"
+    for bits, g in CLASSES:
+        c = default_gemv_config(1, N, K, bits, g, 132)
+        old = loop(compile_sass(_gemv_kernel, {
+            "x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "out_ptr": "*fp32",
+            **dict.fromkeys(["M", "N", "K", "Wn", "zero", "stride_xm", "stride_qn", "stride_sn", "stride_zn",
+                             "stride_os", "stride_om"], i32)},
+            {"BITS": bits, "GROUP": g, "BLOCK_M": 1, "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"],
+             "SPLIT_K": c["SPLIT_K"], "HAS_BIAS": False, "EVEN_N": True, "EVEN_K": True},
+            {"num_warps": c["num_warps"], "num_stages": c["num_stages"], "enable_fp_fusion": True}))
+        old_codes = c["BLOCK_N"] * c["BLOCK_K"] / (32 * c["num_warps"])
+        h = default_h2_config(N, K, bits, g, 132)
+        new = loop(compile_sass(_gemv_h2_kernel, {
+            "x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "out_ptr": "*fp32",
+            **dict.fromkeys(["N", "K8", "Wn4", "zero", "stride_q4", "stride_sn", "stride_zn", "stride_os"], i32)},
+            {"BITS": bits, "GROUP": g, "BLOCK_N": h["BLOCK_N"], "BLOCK_K": h["BLOCK_K"], "SPLIT_K": h["SPLIT_K"],
+             "HAS_BIAS": False, "EVEN_N": True, "EVEN_K": True, "PER_CHANNEL": False, "EMULATE": False},
+            {"num_warps": h["num_warps"], "num_stages": 1}))
+        new_codes = 2 * h["BLOCK_N"] * h["BLOCK_K"] / (32 * h["num_warps"])  # two tiles per trip
+        key = f"W{bits} g{g}"
+        out[key] = {"fp32": {"per_code": sum(old.values()) / old_codes, "ops": dict(old.most_common())},
+                    "h2": {"per_code": sum(new.values()) / new_codes, "ops": dict(new.most_common())}}
+        print(f"{key}: fp32 GEMV {out[key]['fp32']['per_code']:.2f} instr/code  {old.most_common(8)}")
+        print(f"{key}: h2 GEMV   {out[key]['h2']['per_code']:.2f} instr/code  {new.most_common(8)}")
     return out
-
-
-def suggest_tuned(best: dict) -> dict:
-    """The tuned_skinny.json additions: per-class gemv tiles, and gemv_max_m = the largest
-    timed M at which the GEMV beat the skinny kernel for W4 g128 fp16."""
-    gemv = {k: v["sweep_row"] for k, v in best.items() if not k.endswith(":bf16")}
-    max_m = 0
-    for M in MS:
-        b = best.get(f"4:128:{M}")
-        if b and b["skinny_geomean_us"] and b["gemv_geomean_us"] < b["skinny_geomean_us"]:
-            max_m = M
-    return {"gemv": gemv, "gemv_max_m": max_m}
 
 
 def main(argv: list[str]) -> None:
@@ -185,44 +151,48 @@ def main(argv: list[str]) -> None:
     from qtool.bench.timing import copy_bandwidth
 
     out_path = next((a for a in argv if not a.startswith("--")), "gemv_ab.json")
-    shapes = list(QUICK if "--quick" in argv else SHAPES)
+    variants = [] if "--quick" in argv else H2_VARIANTS
     t0 = time.time()
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
     copy_bw = copy_bandwidth()
-    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} copy={copy_bw / 1e9:.0f} GB/s "
-          f"shapes={shapes}", flush=True)
-    t16 = {(s, M, dt): bench_fp16(*SHAPES[s], M, dt) for s in shapes for M in MS
-           for dt in (torch.float16, torch.bfloat16)}
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={__import__('triton').__version__} "
+          f"copy={copy_bw / 1e9:.0f} GB/s", flush=True)
     rows: list = []
-    for s in shapes:
-        bench_class(s, 4, 128, torch.float16, SWEEP, t16, copy_bw, n_sm, rows)
-    # the W4 g128 winner per (shape, M), tried on the other classes beside their default
-    best_w4 = {}
-    for s in shapes:
-        for M in MS:
-            rs = [r for r in rows if r["shape"] == s and r["M"] == M and r["kernel"] == "gemv" and r["ok"]]
-            if rs:
-                best_w4[(s, M)] = sweep_row_of(min(rs, key=lambda r: r["us"])["config"], s, M, SWEEP, 128, n_sm)
-    best_w4 = {k: v for k, v in best_w4.items() if v is not None}
-    for bits, g, dt in OTHER_CLASSES:
-        for s in shapes:
-            bench_class(s, bits, g, dt, SWEEP[:1], t16, copy_bw, n_sm, rows, best_w4)
-    best = summarize(rows, shapes, n_sm)
+    for shape, (N, K) in SHAPES.items():
+        t16 = bench_fp16(N, K, 1, torch.float16)
+        for bits, g in CLASSES:
+            bench_class(shape, bits, g, t16, copy_bw, n_sm, variants, rows)
+    print(f"\n{'shape':9s} {'class':7s} {'fp16':>7s} {'fp32 GEMV':>14s} {'h2 GEMV':>14s} {'h2 best':>14s}  h2/fp32")
+    summary = []
+    for shape in SHAPES:
+        for bits, g in CLASSES:
+            rs = [r for r in rows if r["shape"] == shape and r["bits"] == bits and r["ok"]]
+            old = next((r for r in rs if r["kernel"] == "fp32"), None)
+            new = next((r for r in rs if r["kernel"] == "h2"), None)
+            best = min((r for r in rs if r["path"] == "h2"), key=lambda r: r["us"], default=None)
+            if not (old and new and best):
+                print(f"{shape:9s} W{bits} g{g}: missing rows (BAD or skipped)")
+                continue
+            summary.append({"shape": shape, "bits": bits, "group": g, "fp16_us": old["fp16_us"], "fp32_us": old["us"],
+                            "h2_us": new["us"], "h2_best_us": best["us"], "h2_best": best["kernel"]})
+            f = lambda r: f"{r['us']:6.1f} x{r['speedup']:.2f}"  # noqa: E731
+            print(f"{shape:9s} W{bits} g{g:<3} {old['fp16_us']:7.1f} {f(old):>14s} {f(new):>14s} {f(best):>14s}  "
+                  f"x{old['us'] / new['us']:.2f}  {best['kernel'] if best is not new else ''}")
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "copy_gbps": copy_bw / 1e9, "shapes": shapes,
-              "seconds": time.time() - t0, "rows": rows, "best": best, "tuned_suggestion": suggest_tuned(best)}
+              "triton": __import__("triton").__version__, "copy_gbps": copy_bw / 1e9, "seconds": time.time() - t0,
+              "rows": rows, "summary": summary}
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
-    print("\nclass            gemv best (geo-mean us)  skinny  fp16   gemv/fp16  config")
-    for k, v in best.items():
-        sk = v["skinny_geomean_us"]
-        print(f"{k:16s} {v['gemv_geomean_us']:10.1f} {sk if sk is None else round(sk, 1)!s:>10} "
-              f"{v['fp16_geomean_us']:7.1f} x{v['fp16_geomean_us'] / v['gemv_geomean_us']:.2f}  {v['sweep_row']}")
-    print(f"\nsuggested tuned_skinny.json additions: {json.dumps(result['tuned_suggestion'])}")
     print(f"wrote {out_path} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
+    if "--sass" in sys.argv:
+        counts = sass_counts()
+        for path in [a for a in sys.argv[1:] if not a.startswith("--")]:
+            with open(path, "w") as f:
+                json.dump(counts, f, indent=1)
+        sys.exit(0)
     if not torch.cuda.is_available():
-        sys.exit("gemv_ab.py needs a CUDA GPU")
+        sys.exit("gemv_ab.py needs a CUDA GPU (--sass does not)")
     main(sys.argv[1:])

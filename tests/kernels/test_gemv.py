@@ -125,33 +125,42 @@ def test_dispatch_gemv_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls == []  # max_m = 0 forces dequantize + matmul, GEMV included
 
 
+# Compilation dominates the GPU run (one kernel per constexpr combination), so each bits ×
+# group × dtype × M class (M = 1: one row per program; M = 7: BLOCK_M = 4 and a program with
+# rows past M) runs once, on one of three shapes taken in turn (odd K = 1000, short last
+# group K = 576, even 4096).
+GPU_SHAPES = [(1536, 576), (1000, 1000), (4096, 4096)]
+GPU_CASES = [(bits, g, dtype, GPU_SHAPES[i % 3], M)
+             for i, (bits, g, dtype, M) in enumerate(
+                 (b, g, d, m) for b in (2, 3, 4, 8) for g in (32, 64, 128, None)
+                 for d in (torch.float16, torch.bfloat16) for m in (1, 7))]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group_size", [32, 64, 128, None])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1536, 576), (1000, 1000), (4096, 4096)])
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize(("bits", "group_size", "dtype", "shape", "M"), GPU_CASES)
 def test_gemv_gpu(bits, group_size, dtype, shape, M) -> None:
+    """The fp32 GEMV (config given without "H2": M = 1 fp16 W4/W2 would otherwise take the
+    packed-half2 kernel, tested in test_gemv_h2.py)."""
     N, K = shape
     qweight, scales, zeros, x = _inputs(N, K, M, bits, group_size, device="cuda", dtype=dtype)
     out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
-    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, group_size, out=out)
+    cfg = default_gemv_config(M, N, K, bits, group_size, torch.cuda.get_device_properties(0).multi_processor_count)
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, group_size, config=cfg, out=out)
     ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size)
     assert rel_err(y, ref) < TOL[dtype]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("cfg", [
-    {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1},
-    {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 2, "num_stages": 1},
+@pytest.mark.parametrize(("dtype", "cfg"), [
+    (torch.float16, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 2}),
+    (torch.bfloat16, {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}),
+    (torch.float16, {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 8, "num_stages": 3}),
+    (torch.bfloat16, {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 2, "num_stages": 1}),
 ])
 def test_gemv_gpu_configs(dtype, cfg) -> None:
-    """The A/B script's sweep configs compile and agree (bias, fp32 scales as PEQA passes them)."""
+    """Other tile configs compile and agree (bias, fp32 scales as PEQA passes them)."""
     N, K, M = 2048, 4096, 4
     qweight, scales, zeros, x = _inputs(N, K, M, 4, 128, device="cuda", dtype=dtype)
     bias = torch.randn(N, device="cuda").to(dtype)
