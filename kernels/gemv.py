@@ -302,10 +302,9 @@ def gemv_matmul(
     `out` [M, N] (x's dtype) receives y when K is not split; `workspace` [SPLIT_K, M, N]
     fp32 holds the split-K partials. Both are allocated when not given. `config` keys:
     BLOCK_N, BLOCK_K (a multiple of 32 dividing the group size), SPLIT_K, num_warps,
-    num_stages, optional BLOCK_M (1…4, default min(M, 4)). M = 1 fp16 W4/W2 on CUDA takes
-    the packed-half2 kernel (gemv_h2.py; `gemv_path` says which path runs): then a given
-    config must say "H2": True and hold default_h2_config's keys; a config without it, or
-    QTOOL_GEMV_H2=0, selects this fp32 kernel.
+    num_stages, optional BLOCK_M (1…4, default min(M, 4)). With QTOOL_GEMV_H2=1, or a config
+    saying "H2": True (and holding default_h2_config's keys), M = 1 fp16 W4/W2 on CUDA takes
+    the packed-half2 kernel (gemv_h2.py; `gemv_path` says which path runs).
     """
     if gemv_path(x, qweight, bits, group_size, config) == "h2":
         from qtool_kernels.gemv_h2 import gemv_h2_matmul  # PTX: never imported by the interpreter
@@ -356,13 +355,15 @@ def h2_eligible(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -
 
 def gemv_path(x: Tensor, qweight: Tensor, bits: int, group_size: int | None, config: dict | None = None) -> str:
     """"h2" (packed half2, gemv_h2.py) or "fp32" (this file's kernel): what gemv_matmul runs.
-    QTOOL_GEMV_H2=0 (read per call, for A/B in one process) or a config without "H2": True
-    forces "fp32"."""
-    if os.environ.get("QTOOL_GEMV_H2", "1") == "0":
-        return "fp32"
-    if config is not None and not config.get("H2"):
-        return "fp32"
-    return "h2" if h2_eligible(x, qweight, bits, group_size) else "fp32"
+
+    The fp32 kernel is the default: on the H100 the half2 kernel measured slower (W4 g128
+    70B.down 93.6 µs vs 77.9 µs, W2 g64 126.5 vs 95.5; docs/kernels.md v4), so it is opt-in:
+    QTOOL_GEMV_H2=1 (read per call) or a config with "H2": True; a config decides by itself."""
+    if config is not None:
+        want = bool(config.get("H2"))
+    else:
+        want = os.environ.get("QTOOL_GEMV_H2", "0") == "1"
+    return "h2" if want and h2_eligible(x, qweight, bits, group_size) else "fp32"
 
 
 def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: int,

@@ -207,6 +207,7 @@ def test_cpu_dispatch_never_takes_h2(monkeypatch: pytest.MonkeyPatch) -> None:
     from qtool_kernels.gemv import gemv_path
 
     qweight, scales, zeros, x = _inputs(32, 256, 4, 128)
+    monkeypatch.setenv("QTOOL_GEMV_H2", "1")  # even when asked for
     assert gemv_path(x, qweight, 4, 128) == "fp32"
     if os.environ.get("TRITON_INTERPRET") == "1":
         had = "qtool_kernels.gemv_h2" in sys.modules
@@ -248,7 +249,7 @@ def test_h2_gpu(bits, group_size, N, K, split, bias) -> None:
     from qtool_kernels.gemv import default_h2_config, gemv_path
 
     qweight, scales, zeros, x = _inputs(N, K, bits, group_size, device="cuda")
-    assert gemv_path(x, qweight, bits, group_size) == "h2"
+    assert gemv_path(x, qweight, bits, group_size, {"H2": True}) == "h2"
     b = torch.randn(N, device="cuda").half() if bias else None
     cfg = default_h2_config(N, K, bits, group_size, torch.cuda.get_device_properties(0).multi_processor_count)
     if split is not None:
@@ -263,19 +264,21 @@ def test_h2_gpu(bits, group_size, N, K, split, bias) -> None:
 @pytest.mark.gpu
 @needs_cuda
 def test_h2_gpu_dispatch_and_ab(monkeypatch: pytest.MonkeyPatch) -> None:
-    """QuantLinear's route: M = 1 fp16 W4 takes h2 (fp32 scales too, as PEQA passes them);
-    QTOOL_GEMV_H2=0, bf16, M = 2 and W3 take the fp32 kernel; both paths agree."""
+    """QuantLinear's route: M = 1 fp16 W4 takes h2 only with QTOOL_GEMV_H2=1 (fp32 scales too,
+    as PEQA passes them); QTOOL_GEMV_H2=0, bf16, M = 2 and W3 take the fp32 kernel; both agree."""
     from qtool_kernels.gemv import gemv_path
 
     N, K = 4096, 4096
     qweight, scales, zeros, x = _inputs(N, K, 4, 128, device="cuda")
     x[0, ::97] = 2000.0  # a few outlier channels, as in down_proj inputs
+    assert gemv_path(x, qweight, 4, 128) == "fp32"  # opt-in: slower than fp32 on the H100
+    monkeypatch.setenv("QTOOL_GEMV_H2", "1")
     assert gemv_path(x, qweight, 4, 128) == "h2"
     a = qk.forward_packed(x, qweight, scales.float(), zeros, 4, 128, None)
     monkeypatch.setenv("QTOOL_GEMV_H2", "0")
     assert gemv_path(x, qweight, 4, 128) == "fp32"
     b = qk.forward_packed(x, qweight, scales.float(), zeros, 4, 128, None)
-    monkeypatch.delenv("QTOOL_GEMV_H2")
+    monkeypatch.setenv("QTOOL_GEMV_H2", "1")
     ref = qk.reference_gemv(x, qweight, scales.float(), zeros, 4, 128)
     assert rel_err(a, ref) < TOL[torch.float16] and rel_err(b, ref) < TOL[torch.float16]
     assert gemv_path(x.bfloat16(), qweight, 4, 128) == "fp32"
