@@ -459,18 +459,23 @@ def smollm2_two_blocks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [2, 3])
-def test_real_model_apiq_bw_beats_rtn_on_held_out_block_output(smollm2_two_blocks, bits):
-    """SmolLM2-135M cut to its first 2 blocks, 8 BBC windows of 64 tokens, 2 epochs (measured on
-    CPU: relative error of the 2nd block's output on 4 held-out windows, W2 0.187 vs RTN 0.249,
-    W3 0.034 vs 0.045)."""
+def test_real_model_each_method_beats_rtn_on_held_out_block_output(smollm2_two_blocks, bits):
+    """SmolLM2-135M cut to its first 2 blocks, 8 BBC windows of 64 tokens, 2 epochs; relative
+    error of the 2nd block's output on 4 held-out windows (measured on CPU, W2 / W3): RTN
+    0.249 / 0.045, apiq-bw 0.187 / 0.034, apiq-lw 0.225 / 0.040, omniquant (5x clip lr: 16
+    steps stand in for 2560) 0.220 / 0.040, loftq (with its LoRA init) 0.148 / 0.022."""
     fp, ids, held_out = smollm2_two_blocks
     ref = last_block_output(fp, held_out)
+    limits = {"rtn": (1.0, {}), "apiq-bw": (0.9, {}), "apiq-lw": (0.95, {}),
+              "omniquant": (0.95, {"lr_clip": 5e-2}), "loftq": (0.9, {})}
     errs = {}
-    for method in ("rtn", "apiq-bw"):
+    for method, (_, extra) in limits.items():
         model = copy.deepcopy(fp)
-        quantize_model(model, QuantSpec(bits, 64), method, calib=ids, quiet=True, apiq=ApiqOptions(epochs=2))
+        quantize_model(model, QuantSpec(bits, 64), method, calib=ids, quiet=True,
+                       apiq=ApiqOptions(epochs=2, **extra))
         errs[method] = (((last_block_output(model, held_out) - ref) ** 2).mean() / (ref**2).mean()).item()
-    assert errs["apiq-bw"] < 0.9 * errs["rtn"], errs
+    for method, (limit, _) in limits.items():
+        assert errs[method] <= limit * errs["rtn"], (method, errs)
 
 
 @pytest.mark.gpu
