@@ -253,6 +253,15 @@ def _block_k(bits: int, group_size: int | None, want: int) -> int:
     return bk
 
 
+def _split_k(n_tiles: int, k_tiles: int, target: int, cap: int) -> int:
+    """Double split-K until there are `target` programs, keeping ≥ 4 K tiles per program:
+    nothing is software-pipelined, so latency is hidden by programs in flight."""
+    split_k = 1
+    while n_tiles * split_k < target and k_tiles // (2 * split_k) >= 4 and split_k < cap:
+        split_k *= 2
+    return split_k
+
+
 def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int) -> dict:
     """Tile sizes for the GEMV kernel.
 
@@ -275,12 +284,7 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     block_k = _block_k(bits, group_size, t.get("BLOCK_K", 128))
     n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     k_tiles = triton.cdiv(K, block_k)
-    split_k = t.get("SPLIT_K", 0)
-    if not split_k:
-        split_k = 1
-        target = t.get("programs_per_sm", 8) * n_sm
-        while n_tiles * split_k < target and k_tiles // (2 * split_k) >= 4 and split_k < 16:
-            split_k *= 2
+    split_k = t.get("SPLIT_K") or _split_k(n_tiles, k_tiles, t.get("programs_per_sm", 8) * n_sm, 16)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
             "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 2)}
 
@@ -393,10 +397,5 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
     bn = t.get("BLOCK_N", t.get("rows", 4) * (32 // nq) * nw)
     n_tiles = triton.cdiv(N, bn)
     k_tiles = triton.cdiv(K, bk)
-    split_k = t.get("SPLIT_K", 0)
-    if not split_k:
-        split_k = 1
-        target = t.get("programs_per_sm", 4) * n_sm
-        while n_tiles * split_k < target and k_tiles // (2 * split_k) >= 4 and split_k < 32:
-            split_k *= 2
+    split_k = t.get("SPLIT_K") or _split_k(n_tiles, k_tiles, t.get("programs_per_sm", 4) * n_sm, 32)
     return {"H2": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": nw, "num_stages": 1}

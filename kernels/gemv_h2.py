@@ -28,8 +28,11 @@ Accumulators are [BLOCK_N, NQ] fp32, reduced over NQ once per program.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+from qtool_kernels.gemv import _store_row, default_h2_config
+from qtool_kernels.skinny import _num_sms, split_k_output, split_k_result
 
 # Every block writes its outputs last, from temporaries: without an early-clobber an output
 # may be given an input's register.
@@ -398,13 +401,7 @@ def _gemv_h2_kernel(
                          BITS, MASK_K, EMULATE)
 
     y = tl.sum(facc, axis=1)
-    out_ptrs = out_ptr + pid_k * stride_os + offs_n
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.store(out_ptrs, y, mask=n_mask)  # fp32 partials, summed by split_k_result
+    _store_row(out_ptr + pid_k * stride_os + offs_n, y, b_ptr, offs_n, n_mask, SPLIT_K, HAS_BIAS)
 
 
 def gemv_h2_matmul(x, qweight, scales, zeros, bits: int, group_size: int | None, bias=None,
@@ -413,16 +410,9 @@ def gemv_h2_matmul(x, qweight, scales, zeros, bits: int, group_size: int | None,
 
     config keys: BLOCK_N, BLOCK_K (the group size or less, a multiple of 4 words), SPLIT_K,
     num_warps. emulate=True runs the Triton twin of every PTX block (the interpreter's path)."""
-    import torch
-    from qtool_kernels.skinny import split_k_output, split_k_result
-
-    from .gemv import default_h2_config
-
     M, K = x.shape
     N, Wn = qweight.shape
     if config is None:
-        from qtool_kernels.skinny import _num_sms
-
         config = default_h2_config(N, K, bits, group_size, _num_sms(x.device))
     cfg = {k: v for k, v in config.items() if k not in ("H2", "BLOCK_M")}
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
