@@ -3,6 +3,8 @@ GEMV (gemv_h2.py), W4 g128 and W2 g64, fp16 activations.
 
 Run (H100):  python scripts/gemv_ab.py $OUT/gemv_ab.json --quick   (< 90 s: default configs)
              python scripts/gemv_ab.py $OUT/gemv_ab.json           (+ h2 tile variants, ~3 min)
+             python scripts/gemv_ab.py $OUT/v5.json --v5           (fp32 GEMV: prefetch and
+                                                                    group-spanning tiles, ~4 min)
              python scripts/gemv_ab.py --sass                      (no GPU: SASS instructions
                                                                     per code in the K loops)
 
@@ -25,6 +27,22 @@ import torch.nn.functional as F
 
 SHAPES = {"70B.down": (8192, 28672), "70B.up": (28672, 8192), "7B.up": (11008, 4096), "7B.down": (4096, 11008)}
 CLASSES = [(4, 128), (2, 64)]
+# --v5: the fp32 GEMV's prefetch / group-spanning tiles (default_gemv_config overrides) on
+# these classes; the first variant is v3 as shipped
+V5_CLASSES = [(4, 128), (2, 64), (2, 128), (3, 128)]
+V5_VARIANTS = [
+    {},
+    {"PREFETCH": True},
+    {"PREFETCH": True, "programs_per_sm": 4},
+    {"PREFETCH": True, "programs_per_sm": 16},
+    {"PREFETCH": True, "BLOCK_N": 32},
+    {"PREFETCH": True, "BLOCK_N": 128, "num_warps": 8},
+    {"SPAN_GROUPS": True, "BLOCK_K": 256},
+    {"PREFETCH": True, "SPAN_GROUPS": True, "BLOCK_K": 256},
+    {"PREFETCH": True, "SPAN_GROUPS": True, "BLOCK_K": 256, "BLOCK_N": 32},
+    {"PREFETCH": True, "SPAN_GROUPS": True, "BLOCK_K": 512, "BLOCK_N": 32},
+    {"PREFETCH": True, "SPAN_GROUPS": True, "BLOCK_K": 256, "programs_per_sm": 4},
+]
 # h2 tile variants timed besides the default (full run only): default_h2_config overrides
 H2_VARIANTS = [{"rows": 2}, {"programs_per_sm": 8}, {"programs_per_sm": 2}, {"rows": 2, "num_warps": 8}]
 REP_MS = 40
@@ -39,7 +57,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_class(shape: str, bits: int, g: int, t16: float, copy_bw: float, n_sm: int, variants: list,
-                rows: list) -> None:
+                rows: list, v5: bool = False) -> None:
     import qtool_kernels as qk
     from qtool_kernels.gemv import default_gemv_config, default_h2_config, gemv_path
 
@@ -56,8 +74,12 @@ def bench_class(shape: str, bits: int, g: int, t16: float, copy_bw: float, n_sm:
     W = qk.dequantize_packed(L0.qweight, L0.scales, L0.zeros, bits, g, K, torch.float16).float()
     ref = F.linear(x.float(), W)
     del W
-    configs = [("fp32", default_gemv_config(1, N, K, bits, g, n_sm)), ("h2", default_h2_config(N, K, bits, g, n_sm))]
-    configs += [(f"h2 {v}", default_h2_config(N, K, bits, g, n_sm, v)) for v in variants]
+    if v5:
+        configs = [(f"fp32 {v}" if v else "fp32", default_gemv_config(1, N, K, bits, g, n_sm, v)) for v in variants]
+    else:
+        configs = [("fp32", default_gemv_config(1, N, K, bits, g, n_sm)),
+                   ("h2", default_h2_config(N, K, bits, g, n_sm))]
+        configs += [(f"h2 {v}", default_h2_config(N, K, bits, g, n_sm, v)) for v in variants]
     seen: list = []
     for name, cfg in configs:
         if cfg in seen:
@@ -146,6 +168,26 @@ def sass_counts() -> dict:
     return out
 
 
+def v5_summary(rows: list) -> None:
+    """Per class: v3 (the first variant) and the best variant by the geometric mean over shapes."""
+    import math
+
+    for bits, g in V5_CLASSES:
+        rs = [r for r in rows if r["bits"] == bits and r["group"] == g and r["ok"]]
+        shapes = sorted({r["shape"] for r in rs})
+        by_kernel: dict = {}
+        for r in rs:
+            by_kernel.setdefault(r["kernel"], {})[r["shape"]] = r["us"]
+        gm = {k: math.exp(sum(math.log(v[s]) for s in shapes) / len(shapes))
+              for k, v in by_kernel.items() if len(v) == len(shapes)}
+        if "fp32" not in gm:
+            print(f"W{bits} g{g}: v3 row missing")
+            continue
+        best = min(gm, key=gm.get)
+        print(f"W{bits} g{g}: v3 {gm['fp32']:.1f} us, best {gm[best]:.1f} us ({gm['fp32'] / gm[best]:.2f}x) = {best}  "
+              + "  ".join(f"{s}: {by_kernel[best][s]:.1f}/{by_kernel['fp32'][s]:.1f}" for s in shapes))
+
+
 def main(argv: list[str]) -> None:
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -158,6 +200,18 @@ def main(argv: list[str]) -> None:
     print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={__import__('triton').__version__} "
           f"copy={copy_bw / 1e9:.0f} GB/s", flush=True)
     rows: list = []
+    if "--v5" in argv:
+        for shape in ("70B.down", "7B.up"):
+            t16 = bench_fp16(*SHAPES[shape], 1, torch.float16)
+            for bits, g in V5_CLASSES:
+                bench_class(shape, bits, g, t16, copy_bw, n_sm, V5_VARIANTS, rows, v5=True)
+        v5_summary(rows)
+        with open(out_path, "w") as f:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": __import__("triton").__version__, "copy_gbps": copy_bw / 1e9,
+                       "seconds": time.time() - t0, "rows": rows}, f, indent=1)
+        print(f"wrote {out_path} in {time.time() - t0:.0f} s")
+        return
     for shape, (N, K) in SHAPES.items():
         t16 = bench_fp16(N, K, 1, torch.float16)
         for bits, g in CLASSES:
