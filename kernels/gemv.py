@@ -118,69 +118,22 @@ def _fma_rows(v, offs, kmask, x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M: tl.conste
 
 
 @triton.jit
-def _flush(acc, a, s, SCALED: tl.constexpr, PER_WORD: tl.constexpr):
-    # Σ over the tile's words (in-thread adds + a few shuffles), times the group's scale; with
-    # groups smaller than the tile `s` is per word [BLOCK_N, NW] and multiplies before the sum
-    if PER_WORD:
-        out = acc + tl.sum(a * s, axis=1)
-    elif SCALED:
-        out = tl.fma(s, tl.sum(a, axis=1), acc)
-    else:
-        out = acc + tl.sum(a, axis=1)
-    return out
-
-
-@triton.jit
-def _tile_words(qw_ptr, offs_n, n_mask, stride_qn, Wn, t, wi,
-                BITS: tl.constexpr, CPW: tl.constexpr, BLOCK_K: tl.constexpr, MASKED: tl.constexpr):
-    """The packed words of K tile t: one [BLOCK_N, NW] word tensor (w1, w2 repeat it), or the
-    three words of each 32-code block at 3 bits."""
-    k0 = t * BLOCK_K
-    if BITS == 3:
-        blk = (k0 // 32 + wi) * 3
-        w0, w1, w2 = load3(qw_ptr, offs_n, stride_qn, blk, n_mask, Wn, MASKED)
-    else:
-        wk = k0 // CPW + wi
-        ptrs = qw_ptr + offs_n[:, None] * stride_qn + wk[None, :]
-        if MASKED:
-            w0 = tl.load(ptrs, mask=n_mask[:, None] & (wk[None, :] < Wn), other=0)
-        else:
-            w0 = tl.load(ptrs)
-        w1 = w0
-        w2 = w0
-    return w0, w1, w2
-
-
-@triton.jit
-def _tile_sz(s_ptr, z_ptr, offs_n, n_mask, stride_sn, stride_zn, G, t, wi,
-             CPW: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-             NW: tl.constexpr):
-    """Scale and fp32 zero of K tile t: s [BLOCK_N] and z broadcast to [BLOCK_N, NW] when the
-    tile lies in one group; both per word [BLOCK_N, NW] when it spans several (the group index
-    is clamped: words past K hold code 0 and meet x = 0)."""
-    k0 = t * BLOCK_K
-    if BLOCK_K > GROUP:
-        g = tl.minimum((k0 + wi * CPW) // GROUP, G - 1)[None, :]
-        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g, mask=n_mask[:, None], other=0.0).to(tl.float32)
-        zf = tl.load(z_ptr + offs_n[:, None] * stride_zn + g, mask=n_mask[:, None], other=0).to(tl.float32)
-    else:
-        g = k0 // GROUP
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-        zf = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
-        # broadcast before the per-position constants are formed from it: one layout
-        # conversion of z instead of one per constant
-        zf = tl.broadcast_to(zf, [BLOCK_N, NW])
-    return s, zf
+def _flush(acc, a, s, SCALED: tl.constexpr):
+    # Σ over the tile's words (in-thread adds + a few shuffles), times the group's scale
+    p = tl.sum(a, axis=1)
+    if SCALED:
+        return tl.fma(s, p, acc)
+    return acc + p
 
 
 @triton.jit(do_not_specialize=["zero"])  # a runtime 0 (see _field): never a compile-time constant
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    M, N, K, Wn, G, zero,
+    M, N, K, Wn, zero,
     stride_xm, stride_qn, stride_sn, stride_zn, stride_os, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -190,7 +143,6 @@ def _gemv_kernel(
     MASKED: tl.constexpr = not (EVEN_N and EVEN_K)
     MASK_K: tl.constexpr = not EVEN_K
     GROUPED: tl.constexpr = GROUP != _PER_CHANNEL
-    SPAN: tl.constexpr = BLOCK_K > GROUP  # the tile covers several groups: scales per word
     row0 = pid_m * BLOCK_M
     # Rows past M (when BLOCK_M does not divide M) read row M − 1 and are not stored.
     x0 = x_ptr + row0.to(tl.int64) * stride_xm
@@ -210,6 +162,10 @@ def _gemv_kernel(
         CPW: tl.constexpr = 32 // BITS
         NW: tl.constexpr = BLOCK_K // CPW  # words per row and tile
     wi = tl.arange(0, NW)
+    if not GROUPED:  # one scale and zero per row: the scale multiplies the sums at the end
+        s = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        zf = tl.broadcast_to(tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None],
+                             [BLOCK_N, NW])
     acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -220,70 +176,157 @@ def _gemv_kernel(
     a1 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
     a2 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
     a3 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
-    if not GROUPED:  # one scale and zero per row: the scale multiplies the sums at the end
-        s = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
-        zf = tl.broadcast_to(tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None],
-                             [BLOCK_N, NW])
-    # PREFETCH: the words (and scales) of tile t + 1 are loaded before tile t is unpacked, so
-    # each warp keeps a tile's loads in flight while it computes (nothing else pipelines these
-    # loads: they feed no dot). The index is clamped, never masked: the last trip re-reads
-    # its own tile (an L1/L2 hit), and an empty split reads a valid tile it never uses.
-    t_last = tl.maximum(tl.minimum(t_end, k_tiles) - 1, 0)
-    if PREFETCH:
-        w0, w1, w2 = _tile_words(qw_ptr, offs_n, n_mask, stride_qn, Wn, tl.minimum(t_start, t_last), wi,
-                                 BITS, CPW, BLOCK_K, MASKED)
-        if GROUPED:
-            s, zf = _tile_sz(s_ptr, z_ptr, offs_n, n_mask, stride_sn, stride_zn, G, tl.minimum(t_start, t_last),
-                             wi, CPW, BLOCK_K, GROUP, BLOCK_N, NW)
     for t in range(t_start, t_end):
         k0 = t * BLOCK_K
-        if PREFETCH:
-            tn = tl.minimum(t + 1, t_last)
-            nw0, nw1, nw2 = _tile_words(qw_ptr, offs_n, n_mask, stride_qn, Wn, tn, wi, BITS, CPW, BLOCK_K, MASKED)
-            if GROUPED:
-                ns, nzf = _tile_sz(s_ptr, z_ptr, offs_n, n_mask, stride_sn, stride_zn, G, tn, wi,
-                                   CPW, BLOCK_K, GROUP, BLOCK_N, NW)
-        else:
-            w0, w1, w2 = _tile_words(qw_ptr, offs_n, n_mask, stride_qn, Wn, t, wi, BITS, CPW, BLOCK_K, MASKED)
-            if GROUPED:
-                s, zf = _tile_sz(s_ptr, z_ptr, offs_n, n_mask, stride_sn, stride_zn, G, t, wi,
-                                 CPW, BLOCK_K, GROUP, BLOCK_N, NW)
         if GROUPED:
+            g = k0 // GROUP
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+            zf = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
+            # broadcast before the per-position constants are formed from it: one layout
+            # conversion of z instead of one per constant
+            zf = tl.broadcast_to(zf, [BLOCK_N, NW])
             a0 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
             a1 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
             a2 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
             a3 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
         xk = k0 + wi * CPW  # x index of each word's (block's) first code
         if BITS == 3:
+            blk = (k0 // 32 + wi) * 3
+            w0, w1, w2 = load3(qw_ptr, offs_n, stride_qn, blk, n_mask, Wn, MASKED)
             zc = zf + 8388608.0
             for j in tl.static_range(32):
                 a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,
                                            x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
         else:
-            wh = w0 >> 16  # masked afterwards, so the arithmetic shift's sign bits never show
+            wk = k0 // CPW + wi
+            ptrs = qw_ptr + offs_n[:, None] * stride_qn + wk[None, :]
+            if MASKED:
+                w = tl.load(ptrs, mask=n_mask[:, None] & (wk[None, :] < Wn), other=0)
+            else:
+                w = tl.load(ptrs)
+            wh = w >> 16  # masked afterwards, so the arithmetic shift's sign bits never show
             for j in tl.static_range(CPW):
-                a0, a1, a2, a3 = _fma_rows(_qz(w0, wh, zf, zero, j * BITS, BITS), xk + j, xk + j < K,
+                a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS), xk + j, xk + j < K,
                                            x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
         if GROUPED:
-            acc0 = _flush(acc0, a0, s, True, SPAN)
+            acc0 = _flush(acc0, a0, s, True)
             if BLOCK_M > 1:
-                acc1 = _flush(acc1, a1, s, True, SPAN)
+                acc1 = _flush(acc1, a1, s, True)
             if BLOCK_M > 2:
-                acc2 = _flush(acc2, a2, s, True, SPAN)
+                acc2 = _flush(acc2, a2, s, True)
             if BLOCK_M > 3:
-                acc3 = _flush(acc3, a3, s, True, SPAN)
-        if PREFETCH:
-            w0, w1, w2 = nw0, nw1, nw2
-            if GROUPED:
-                s, zf = ns, nzf
+                acc3 = _flush(acc3, a3, s, True)
 
     if not GROUPED:
-        acc0 = _flush(acc0, a0, s, False, False) * s
-        acc1 = _flush(acc1, a1, s, False, False) * s
-        acc2 = _flush(acc2, a2, s, False, False) * s
-        acc3 = _flush(acc3, a3, s, False, False) * s
+        acc0 = _flush(acc0, a0, s, False) * s
+        acc1 = _flush(acc1, a1, s, False) * s
+        acc2 = _flush(acc2, a2, s, False) * s
+        acc3 = _flush(acc3, a3, s, False) * s
     out_row = out_ptr + pid_k * stride_os + row0.to(tl.int64) * stride_om + offs_n
     rows_left = offs_n * 0 + (M - row0)  # as a tensor: the interpreter rejects scalar & tensor masks
+    _store_row(out_row, acc0, b_ptr, offs_n, n_mask, SPLIT_K, HAS_BIAS)
+    if BLOCK_M > 1:
+        _store_row(out_row + stride_om, acc1, b_ptr, offs_n, n_mask & (rows_left > 1), SPLIT_K, HAS_BIAS)
+    if BLOCK_M > 2:
+        _store_row(out_row + 2 * stride_om, acc2, b_ptr, offs_n, n_mask & (rows_left > 2), SPLIT_K, HAS_BIAS)
+    if BLOCK_M > 3:
+        _store_row(out_row + 3 * stride_om, acc3, b_ptr, offs_n, n_mask & (rows_left > 3), SPLIT_K, HAS_BIAS)
+
+
+
+@triton.jit(do_not_specialize=["zero"])
+def _gemv_groups_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    M, N, K, Wn, G, zero,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_os, stride_om,
+    BITS: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """_gemv_kernel for K tiles that cover NG ≥ 2 whole groups: longer runs per row per load.
+
+    The tile is [BLOCK_N, NG, WPG] words (WPG words, or 3-bit blocks, per group), so each
+    group's scale and zero are one [BLOCK_N, NG] load broadcast over the group's words (no
+    per-word gather), and the row sums are scaled per group: Σ_g s_g · Σ_{w∈g} Σ_j x·(q − z)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    MASKED: tl.constexpr = not (EVEN_N and EVEN_K)
+    MASK_K: tl.constexpr = not EVEN_K
+    row0 = pid_m * BLOCK_M
+    x0 = x_ptr + row0.to(tl.int64) * stride_xm
+    x1 = x_ptr + tl.minimum(row0 + 1, M - 1).to(tl.int64) * stride_xm
+    x2 = x_ptr + tl.minimum(row0 + 2, M - 1).to(tl.int64) * stride_xm
+    x3 = x_ptr + tl.minimum(row0 + 3, M - 1).to(tl.int64) * stride_xm
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_start = pid_k * per_split
+    t_end = tl.minimum(t_start + per_split, k_tiles)
+
+    NG: tl.constexpr = BLOCK_K // GROUP
+    if BITS == 3:
+        CPW: tl.constexpr = 32  # codes per 3-word block
+    else:
+        CPW: tl.constexpr = 32 // BITS
+    WPG: tl.constexpr = GROUP // CPW
+    gi = tl.arange(0, NG)
+    widx = gi[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG]: word (block) of the tile
+    rows = offs_n[:, None, None] * stride_qn
+    acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for t in range(t_start, t_end):
+        k0 = t * BLOCK_K
+        # groups past K (a partial last tile) are clamped: their words hold code 0 and meet x = 0
+        g = tl.minimum(k0 // GROUP + gi, G - 1)[None, :]
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g, mask=n_mask[:, None], other=0.0).to(tl.float32)
+        zf = tl.load(z_ptr + offs_n[:, None] * stride_zn + g, mask=n_mask[:, None], other=0).to(tl.float32)
+        zf = tl.broadcast_to(zf[:, :, None], [BLOCK_N, NG, WPG])
+        a0 = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
+        a1 = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
+        a3 = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
+        xk = k0 + widx * CPW  # [NG, WPG]: x index of each word's first code
+        if BITS == 3:
+            blk = ((k0 // 32 + widx) * 3)[None, :, :]
+            ptrs = qw_ptr + rows + blk
+            if MASKED:
+                m = n_mask[:, None, None] & (blk < Wn)
+                w0 = tl.load(ptrs, mask=m, other=0)
+                w1 = tl.load(ptrs + 1, mask=m, other=0)
+                w2 = tl.load(ptrs + 2, mask=m, other=0)
+            else:
+                w0 = tl.load(ptrs)
+                w1 = tl.load(ptrs + 1)
+                w2 = tl.load(ptrs + 2)
+            zc = zf + 8388608.0
+            for j in tl.static_range(32):
+                a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,
+                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
+        else:
+            wk = (k0 // CPW + widx)[None, :, :]
+            if MASKED:
+                w = tl.load(qw_ptr + rows + wk, mask=n_mask[:, None, None] & (wk < Wn), other=0)
+            else:
+                w = tl.load(qw_ptr + rows + wk)
+            wh = w >> 16
+            for j in tl.static_range(CPW):
+                a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS), xk + j, xk + j < K,
+                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
+        acc0 += tl.sum(tl.sum(a0, axis=2) * s, axis=1)
+        if BLOCK_M > 1:
+            acc1 += tl.sum(tl.sum(a1, axis=2) * s, axis=1)
+        if BLOCK_M > 2:
+            acc2 += tl.sum(tl.sum(a2, axis=2) * s, axis=1)
+        if BLOCK_M > 3:
+            acc3 += tl.sum(tl.sum(a3, axis=2) * s, axis=1)
+
+    out_row = out_ptr + pid_k * stride_os + row0.to(tl.int64) * stride_om + offs_n
+    rows_left = offs_n * 0 + (M - row0)
     _store_row(out_row, acc0, b_ptr, offs_n, n_mask, SPLIT_K, HAS_BIAS)
     if BLOCK_M > 1:
         _store_row(out_row + stride_om, acc1, b_ptr, offs_n, n_mask & (rows_left > 1), SPLIT_K, HAS_BIAS)
@@ -337,10 +380,9 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     hidden by warps: K is split until there are about `programs_per_sm` (8) programs of 4
     warps per SM, keeping ≥ 4 K tiles per program.
     tuned_skinny.json's "gemv" section overrides per "bits:group:M" class ("pc" = per
-    channel), then per bit-width, with what scripts/gemv_ab.py measured; two switches come
-    from there only: "SPAN_GROUPS" (BLOCK_K may cover several groups, each word then carries
-    its group's scale: more bytes per load at small groups) and "PREFETCH" (tile t + 1's
-    words are loaded before tile t is unpacked). `overrides` (the same keys) apply last.
+    channel), then per bit-width, with what scripts/gemv_ab.py measured; "SPAN_GROUPS" comes
+    from there only: BLOCK_K may then cover several whole groups (_gemv_groups_kernel: longer
+    runs per row). `overrides` (the same keys) apply last.
     """
     block_m = min(M, MAX_BLOCK_M)
     gemv = _tuned().get("gemv", {})
@@ -356,7 +398,6 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     k_tiles = triton.cdiv(K, block_k)
     split_k = t.get("SPLIT_K") or _split_k(n_tiles, k_tiles, t.get("programs_per_sm", 8) * n_sm, 16)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
-            "PREFETCH": bool(t.get("PREFETCH", False)),
             "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 2)}
 
 
@@ -396,18 +437,19 @@ def gemv_matmul(
     cfg.pop("H2", None)
     BM = cfg.pop("BLOCK_M", min(M, MAX_BLOCK_M))
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
-    prefetch = bool(cfg.pop("PREFETCH", False))
     GROUP = group_constexpr(group_size)
     assert 1 <= BM <= MAX_BLOCK_M and BK % 32 == 0
-    assert GROUP % BK == 0 or BK % GROUP == 0, "a K tile lies inside one group or covers whole groups"
+    assert GROUP % BK == 0 or (BK % GROUP == 0 and (BK // GROUP) & (BK // GROUP - 1) == 0), \
+        "a K tile lies inside one group or covers a power of two of whole groups"
     out, stride_os = split_k_output(x, M, N, SK, out, workspace)
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
-    _gemv_kernel[grid](
+    kernel = _gemv_groups_kernel if BK > GROUP else _gemv_kernel
+    kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out,
-        M, N, K, Wn, scales.shape[1], 0,
+        M, N, K, Wn, *((scales.shape[1],) if BK > GROUP else ()), 0,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), stride_os, out.stride(-2),
         BITS=bits, GROUP=GROUP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
-        HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0, PREFETCH=prefetch,
+        HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
         enable_fp_fusion=True,  # the products must fuse into the row sums (FFMA), whatever the default
         **cfg,
     )

@@ -3,8 +3,8 @@ GEMV (gemv_h2.py), W4 g128 and W2 g64, fp16 activations.
 
 Run (H100):  python scripts/gemv_ab.py $OUT/gemv_ab.json --quick   (< 90 s: default configs)
              python scripts/gemv_ab.py $OUT/gemv_ab.json           (+ h2 tile variants, ~3 min)
-             python scripts/gemv_ab.py $OUT/v5.json --v5           (fp32 GEMV: prefetch and
-                                                                    group-spanning tiles, ~4 min)
+             python scripts/gemv_ab.py $OUT/v5.json --v5           (fp32 GEMV: tiles over
+                                                                    several groups, ~4 min)
              python scripts/gemv_ab.py --sass                      (no GPU: SASS instructions
                                                                     per code in the K loops)
 
@@ -27,21 +27,14 @@ import torch.nn.functional as F
 
 SHAPES = {"70B.down": (8192, 28672), "70B.up": (28672, 8192), "7B.up": (11008, 4096), "7B.down": (4096, 11008)}
 CLASSES = [(4, 128), (2, 64)]
-# --v5: the fp32 GEMV's prefetch / group-spanning tiles (default_gemv_config overrides) on
-# these classes; the first variant is v3 as shipped
+# --v5: the fp32 GEMV with K tiles over several whole groups (_gemv_groups_kernel: long runs per
+# row, few rows per program) against v3 as shipped (the first, empty variant)
 V5_CLASSES = [(4, 128), (2, 64), (2, 128), (3, 128)]
-V5_VARIANTS = [
-    {},
-    {"PREFETCH": True},
-    {"PREFETCH": True, "programs_per_sm": 4},
-    {"PREFETCH": True, "programs_per_sm": 16},
-    {"PREFETCH": True, "BLOCK_N": 32},
-    {"PREFETCH": True, "BLOCK_N": 128, "num_warps": 8},
-    {"SPAN_GROUPS": True, "BLOCK_K": 256},
-    {"PREFETCH": True, "SPAN_GROUPS": True, "BLOCK_K": 256},
-    {"PREFETCH": True, "SPAN_GROUPS": True, "BLOCK_K": 256, "BLOCK_N": 32},
-    {"PREFETCH": True, "SPAN_GROUPS": True, "BLOCK_K": 512, "BLOCK_N": 32},
-    {"PREFETCH": True, "SPAN_GROUPS": True, "BLOCK_K": 256, "programs_per_sm": 4},
+V5_VARIANTS = [{}] + [
+    {"SPAN_GROUPS": True, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "programs_per_sm": pps}
+    for bn, bk, nw, pps in [(16, 1024, 4, 8), (16, 512, 2, 16), (8, 1024, 4, 8), (16, 2048, 4, 8),
+                            (8, 2048, 4, 8), (16, 1024, 2, 16), (32, 1024, 4, 8), (16, 512, 4, 8),
+                            (8, 512, 2, 16), (32, 2048, 8, 4)]
 ]
 # h2 tile variants timed besides the default (full run only): default_h2_config overrides
 H2_VARIANTS = [{"rows": 2}, {"programs_per_sm": 8}, {"programs_per_sm": 2}, {"rows": 2, "num_warps": 8}]

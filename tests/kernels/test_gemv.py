@@ -44,21 +44,21 @@ def test_gemv_interpreter(bits: int, group_size: int | None, M: int) -> None:
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize(("group_size", "block_k", "prefetch", "split_k"), [
-    (32, 128, False, 1),  # tiles of 4 groups, each word scaled by its own group
-    (64, 256, True, 2),   # ... prefetched, split
-    (128, 128, True, 3),  # prefetch alone; 3 splits of 5 tiles: the last split is short
-    (None, 64, True, 8),  # per channel, more splits than some have tiles
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("group_size", "block_k", "split_k", "M"), [
+    (32, 128, 1, 2),   # tiles of 4 groups (_gemv_groups_kernel)
+    (64, 256, 2, 3),   # ... split, 3 rows
+    (128, 512, 1, 1),  # one partial tile: groups past K are clamped
 ])
-def test_gemv_span_groups_and_prefetch(bits: int, group_size: int | None, block_k: int, prefetch: bool,
-                                       split_k: int) -> None:
-    # K = 600 (padded to 608; the last tile is partial and its groups past K are clamped)
-    N, K, M = 48, 600, 2
+def test_gemv_tiles_span_groups(bits: int, group_size: int, block_k: int, split_k: int, M: int) -> None:
+    # K = 600 (padded to 608): the last tile is partial, its last group short
+    N, K = 48, 600
     qweight, scales, zeros, x = _inputs(N, K, M, bits, group_size)
-    cfg = dict(SMALL, BLOCK_K=block_k, PREFETCH=prefetch, SPLIT_K=split_k)
-    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, group_size, config=cfg)
-    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size)
+    cfg = dict(SMALL, BLOCK_K=block_k, SPLIT_K=split_k)
+    bias = torch.randn(N) if M == 3 else None
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, group_size, bias, config=cfg, out=out if split_k == 1 else None)
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size, bias)
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
@@ -176,9 +176,8 @@ def test_gemv_gpu(bits, group_size, dtype, shape, M) -> None:
     (torch.bfloat16, {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4, "num_stages": 1}),
     (torch.float16, {"BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 8, "num_warps": 8, "num_stages": 3}),
     (torch.bfloat16, {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 2, "num_stages": 1}),
-    (torch.float16, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 2, "PREFETCH": True}),
-    (torch.bfloat16, {"BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 3, "num_warps": 4, "num_stages": 2, "PREFETCH": True}),
-    (torch.float16, {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 2, "num_warps": 4, "num_stages": 2}),
+    (torch.bfloat16, {"BLOCK_N": 16, "BLOCK_K": 1024, "SPLIT_K": 3, "num_warps": 4, "num_stages": 2}),
+    (torch.float16, {"BLOCK_N": 8, "BLOCK_K": 256, "SPLIT_K": 2, "num_warps": 2, "num_stages": 2}),
 ])
 def test_gemv_gpu_configs(dtype, cfg) -> None:
     """Other tile configs compile and agree (bias, fp32 scales as PEQA passes them)."""
