@@ -1,0 +1,73 @@
+"""Two probes of what bounds the M = 1 GEMV on the H100 (session 5, docs/kernels.md §v5).
+
+  python scripts/gemv_probe.py layout    the same kernel, bytes and codes on the 70B.down matrix
+                                         [8192, 28672] as stored vs viewed as [8192·28672/Kp, Kp]
+                                         (Kp = 4096, 1024, 128: each program's rows lie next to
+                                         each other in memory): does contiguity of a program's
+                                         reads set the speed?
+  python scripts/gemv_probe.py pc        per channel (no group scales, any BLOCK_K): long runs per
+                                         row (BLOCK_K up to 1024 codes) and few rows per program
+                                         in the stored layout (this sweep set the pc tiles).
+
+Timing as in qtool bench kernels (rotated weights, CUDA graph, median), fp16 x, random codes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def _time(N: int, K: int, bits: int, g: int | None, overrides: dict) -> tuple[float, float, dict]:
+    import qtool_kernels as qk
+    from qtool_kernels.gemv import default_gemv_config
+
+    from qtool.bench.kernels import _layer_bytes, random_packed_layer
+    from qtool.bench.timing import copies_needed, time_rotated
+
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    L0 = random_packed_layer(N, K, bits, g)
+    nb = _layer_bytes(L0)
+    layers = [L0] + [random_packed_layer(N, K, bits, g) for _ in range(copies_needed(nb) - 1)]
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    cfg = default_gemv_config(1, N, K, bits, g, n_sm, overrides)
+    t = time_rotated([lambda L=L: qk.gemv_matmul(x, L.qweight, L.scales, L.zeros, bits, g, config=cfg)
+                      for L in layers], rep_ms=40)
+    del layers, L0
+    torch.cuda.empty_cache()
+    return t, nb, cfg
+
+
+def main(mode: str) -> None:
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth
+
+    copy_bw = copy_bandwidth()
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={__import__('triton').__version__} "
+          f"copy={copy_bw / 1e9:.0f} GB/s", flush=True)
+    if mode == "layout":
+        t16 = bench_fp16(8192, 28672, 1, torch.float16)
+        cases = [(bits, g, N, K, {}) for bits, g in [(4, 128), (2, 64), (2, 128), (3, 128), (4, None)]
+                 for N, K in [(8192, 28672), (8192 * 7, 4096), (8192 * 28, 1024), (8192 * 224, 128)]]
+        refs = {(8192, 28672): t16}
+    else:
+        cases = [(bits, None, N, K, {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "programs_per_sm": pps})
+                 for N, K in [(8192, 28672), (11008, 4096)] for bits in (4, 2, 3)
+                 for bn, bk, nw, pps in [(64, 128, 4, 8), (32, 256, 4, 8), (16, 512, 4, 8), (16, 1024, 4, 8),
+                                         (8, 1024, 4, 8), (16, 512, 2, 16), (32, 512, 4, 8), (16, 1024, 8, 4)]]
+        refs = {(N, K): bench_fp16(N, K, 1, torch.float16) for N, K in [(8192, 28672), (11008, 4096)]}
+    for bits, g, N, K, ov in cases:
+        t, nb, cfg = _time(N, K, bits, g, ov)
+        t16 = refs.get((N, K), refs.get((8192, 28672)))
+        print(f"W{bits} g{g or 'ch'} {N}x{K} BN{cfg['BLOCK_N']} BK{cfg['BLOCK_K']} w{cfg['num_warps']} "
+              f"split{cfg['SPLIT_K']}: {t * 1e6:7.1f} us  {nb / t / copy_bw * 100:3.0f}% copy  "
+              f"x{t16 / t:.2f} vs fp16 70B.down-sized", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in ("layout", "pc"):
+        sys.exit("usage: gemv_probe.py layout|pc")
+    if not torch.cuda.is_available():
+        sys.exit("gemv_probe.py needs a CUDA GPU")
+    main(sys.argv[1])
