@@ -4,7 +4,8 @@ GEMV (gemv_h2.py), W4 g128 and W2 g64, fp16 activations.
 Run (H100):  python scripts/gemv_ab.py $OUT/gemv_ab.json --quick   (< 90 s: default configs)
              python scripts/gemv_ab.py $OUT/gemv_ab.json           (+ h2 tile variants, ~3 min)
              python scripts/gemv_ab.py $OUT/v5.json --v5           (fp32 GEMV: tiles over
-                                                                    several groups, ~4 min)
+                                                                    several groups, ~4 min;
+                                                                    --classes=3:64,4:64 for others)
              python scripts/gemv_ab.py --sass                      (no GPU: SASS instructions
                                                                     per code in the K loops)
 
@@ -194,6 +195,10 @@ def main(argv: list[str]) -> None:
           f"copy={copy_bw / 1e9:.0f} GB/s", flush=True)
     rows: list = []
     if "--v5" in argv:
+        global V5_CLASSES
+        for a in argv:  # --classes 3:64,4:64 replaces V5_CLASSES
+            if a.startswith("--classes="):
+                V5_CLASSES = [tuple(int(v) for v in c.split(":")) for c in a.split("=", 1)[1].split(",")]
         for shape in ("70B.down", "7B.up"):
             t16 = bench_fp16(*SHAPES[shape], 1, torch.float16)
             for bits, g in V5_CLASSES:
