@@ -22,6 +22,12 @@ by one shift of the whole word (w >> 16: one shift per word, not per code). The
 constants 2^(23−t) + z cost one add per row and distinct t per tile. 3-bit codes (32 in
 3 words, at every bit offset) take one shift per code instead, all at t = 0.
 
+Tiles over several groups (_gemv_groups_kernel, when BLOCK_K > group): the same per-code
+work on a [BLOCK_N, groups, words per group] tile, so each program reads long runs of a few
+rows. Measured on the H100 (docs/kernels.md §v5), the locality of a program's reads is what
+separates this kernel from the copy bandwidth: the same kernel on a contiguous view of the
+70B.down matrix is 1.3× faster at W4 and 2.2× at W3.
+
 Layout: the codes are never reassembled into a [BLOCK_N, BLOCK_K] tile. Code j of every
 word is a [BLOCK_N, words] tensor in the words' own layout, and x is loaded per code
 position j as x[k0 + word·codes_per_word + j] ([1, words]: fewer elements than threads,
@@ -126,6 +132,35 @@ def _flush(acc, a, s, SCALED: tl.constexpr):
     return acc + p
 
 
+@triton.jit
+def _rows_and_k_slice(x_ptr, row0, M, stride_xm, K, pid_k, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Pointers to the ≤ 4 rows of x from row0 and this split's K tiles [t_start, t_end).
+    Rows past M (when BLOCK_M does not divide M) read row M − 1 and are not stored."""
+    x0 = x_ptr + row0.to(tl.int64) * stride_xm
+    x1 = x_ptr + tl.minimum(row0 + 1, M - 1).to(tl.int64) * stride_xm
+    x2 = x_ptr + tl.minimum(row0 + 2, M - 1).to(tl.int64) * stride_xm
+    x3 = x_ptr + tl.minimum(row0 + 3, M - 1).to(tl.int64) * stride_xm
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    t_start = pid_k * per_split
+    t_end = tl.minimum(t_start + per_split, k_tiles)
+    return x0, x1, x2, x3, t_start, t_end
+
+
+@triton.jit
+def _store_rows(out_row, stride_om, acc0, acc1, acc2, acc3, b_ptr, offs_n, n_mask, rows_left,
+                BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The BLOCK_M rows of y (or of this split's fp32 partials) from out_row on; rows_left = M − row0."""
+    left = offs_n * 0 + rows_left  # as a tensor: the interpreter rejects scalar & tensor masks
+    _store_row(out_row, acc0, b_ptr, offs_n, n_mask, SPLIT_K, HAS_BIAS)
+    if BLOCK_M > 1:
+        _store_row(out_row + stride_om, acc1, b_ptr, offs_n, n_mask & (left > 1), SPLIT_K, HAS_BIAS)
+    if BLOCK_M > 2:
+        _store_row(out_row + 2 * stride_om, acc2, b_ptr, offs_n, n_mask & (left > 2), SPLIT_K, HAS_BIAS)
+    if BLOCK_M > 3:
+        _store_row(out_row + 3 * stride_om, acc3, b_ptr, offs_n, n_mask & (left > 3), SPLIT_K, HAS_BIAS)
+
+
 @triton.jit(do_not_specialize=["zero"])  # a runtime 0 (see _field): never a compile-time constant
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
@@ -144,16 +179,7 @@ def _gemv_kernel(
     MASK_K: tl.constexpr = not EVEN_K
     GROUPED: tl.constexpr = GROUP != _PER_CHANNEL
     row0 = pid_m * BLOCK_M
-    # Rows past M (when BLOCK_M does not divide M) read row M − 1 and are not stored.
-    x0 = x_ptr + row0.to(tl.int64) * stride_xm
-    x1 = x_ptr + tl.minimum(row0 + 1, M - 1).to(tl.int64) * stride_xm
-    x2 = x_ptr + tl.minimum(row0 + 2, M - 1).to(tl.int64) * stride_xm
-    x3 = x_ptr + tl.minimum(row0 + 3, M - 1).to(tl.int64) * stride_xm
-
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_start = pid_k * per_split
-    t_end = tl.minimum(t_start + per_split, k_tiles)
+    x0, x1, x2, x3, t_start, t_end = _rows_and_k_slice(x_ptr, row0, M, stride_xm, K, pid_k, BLOCK_K, SPLIT_K)
 
     if BITS == 3:
         NW: tl.constexpr = BLOCK_K // 32  # 32-code blocks (3 words each) per row and tile
@@ -222,15 +248,8 @@ def _gemv_kernel(
         acc1 = _flush(acc1, a1, s, False) * s
         acc2 = _flush(acc2, a2, s, False) * s
         acc3 = _flush(acc3, a3, s, False) * s
-    out_row = out_ptr + pid_k * stride_os + row0.to(tl.int64) * stride_om + offs_n
-    rows_left = offs_n * 0 + (M - row0)  # as a tensor: the interpreter rejects scalar & tensor masks
-    _store_row(out_row, acc0, b_ptr, offs_n, n_mask, SPLIT_K, HAS_BIAS)
-    if BLOCK_M > 1:
-        _store_row(out_row + stride_om, acc1, b_ptr, offs_n, n_mask & (rows_left > 1), SPLIT_K, HAS_BIAS)
-    if BLOCK_M > 2:
-        _store_row(out_row + 2 * stride_om, acc2, b_ptr, offs_n, n_mask & (rows_left > 2), SPLIT_K, HAS_BIAS)
-    if BLOCK_M > 3:
-        _store_row(out_row + 3 * stride_om, acc3, b_ptr, offs_n, n_mask & (rows_left > 3), SPLIT_K, HAS_BIAS)
+    _store_rows(out_ptr + pid_k * stride_os + row0.to(tl.int64) * stride_om + offs_n, stride_om, acc0, acc1, acc2,
+                acc3, b_ptr, offs_n, n_mask, M - row0, BLOCK_M, SPLIT_K, HAS_BIAS)
 
 
 
@@ -256,15 +275,7 @@ def _gemv_groups_kernel(
     MASKED: tl.constexpr = not (EVEN_N and EVEN_K)
     MASK_K: tl.constexpr = not EVEN_K
     row0 = pid_m * BLOCK_M
-    x0 = x_ptr + row0.to(tl.int64) * stride_xm
-    x1 = x_ptr + tl.minimum(row0 + 1, M - 1).to(tl.int64) * stride_xm
-    x2 = x_ptr + tl.minimum(row0 + 2, M - 1).to(tl.int64) * stride_xm
-    x3 = x_ptr + tl.minimum(row0 + 3, M - 1).to(tl.int64) * stride_xm
-
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    t_start = pid_k * per_split
-    t_end = tl.minimum(t_start + per_split, k_tiles)
+    x0, x1, x2, x3, t_start, t_end = _rows_and_k_slice(x_ptr, row0, M, stride_xm, K, pid_k, BLOCK_K, SPLIT_K)
 
     NG: tl.constexpr = BLOCK_K // GROUP
     if BITS == 3:
@@ -325,15 +336,8 @@ def _gemv_groups_kernel(
         if BLOCK_M > 3:
             acc3 += tl.sum(tl.sum(a3, axis=2) * s, axis=1)
 
-    out_row = out_ptr + pid_k * stride_os + row0.to(tl.int64) * stride_om + offs_n
-    rows_left = offs_n * 0 + (M - row0)
-    _store_row(out_row, acc0, b_ptr, offs_n, n_mask, SPLIT_K, HAS_BIAS)
-    if BLOCK_M > 1:
-        _store_row(out_row + stride_om, acc1, b_ptr, offs_n, n_mask & (rows_left > 1), SPLIT_K, HAS_BIAS)
-    if BLOCK_M > 2:
-        _store_row(out_row + 2 * stride_om, acc2, b_ptr, offs_n, n_mask & (rows_left > 2), SPLIT_K, HAS_BIAS)
-    if BLOCK_M > 3:
-        _store_row(out_row + 3 * stride_om, acc3, b_ptr, offs_n, n_mask & (rows_left > 3), SPLIT_K, HAS_BIAS)
+    _store_rows(out_ptr + pid_k * stride_os + row0.to(tl.int64) * stride_om + offs_n, stride_om, acc0, acc1, acc2,
+                acc3, b_ptr, offs_n, n_mask, M - row0, BLOCK_M, SPLIT_K, HAS_BIAS)
 
 
 @triton.jit

@@ -137,7 +137,8 @@ def sass_counts() -> dict:
     out = {}
     i32 = "i32"
     for bits, g in CLASSES:
-        c = default_gemv_config(1, N, K, bits, g, 132)
+        c = default_gemv_config(1, N, K, bits, g, 132, {"SPAN_GROUPS": False, "BLOCK_N": 64, "BLOCK_K": 128,
+                                                                "num_warps": 4})  # v3: _gemv_kernel, 64 × 128
         old = loop(compile_sass(_gemv_kernel, {
             "x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "out_ptr": "*fp32",
             **dict.fromkeys(["M", "N", "K", "Wn", "zero", "stride_xm", "stride_qn", "stride_sn", "stride_zn",
