@@ -421,7 +421,8 @@ def gemv_matmul(
 
     `out` [M, N] (x's dtype) receives y when K is not split; `workspace` [SPLIT_K, M, N]
     fp32 holds the split-K partials. Both are allocated when not given. `config` keys:
-    BLOCK_N, BLOCK_K (a multiple of 32 dividing the group size), SPLIT_K, num_warps,
+    BLOCK_N, BLOCK_K (a multiple of 32 dividing the group size, or a power of two of whole
+    groups: then _gemv_groups_kernel runs), SPLIT_K, num_warps,
     num_stages, optional BLOCK_M (1…4, default min(M, 4)). With QTOOL_GEMV_H2=1, or a config
     saying "H2": True (and holding default_h2_config's keys), M = 1 fp16 W4/W2 on CUDA takes
     the packed-half2 kernel (gemv_h2.py; `gemv_path` says which path runs).
