@@ -165,7 +165,8 @@ def _store_rows(out_row, stride_om, acc0, acc1, acc2, acc3, b_ptr, offs_n, n_mas
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, Wn, zero,
-    stride_xm, stride_qn, stride_sn, stride_zn, stride_os, stride_om,
+    stride_xm, stride_qb, stride_qt, stride_qn, stride_sb, stride_sg, stride_sn, stride_zb, stride_zg, stride_zn,
+    stride_os, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
@@ -180,18 +181,23 @@ def _gemv_kernel(
     GROUPED: tl.constexpr = GROUP != _PER_CHANNEL
     row0 = pid_m * BLOCK_M
     x0, x1, x2, x3, t_start, t_end = _rows_and_k_slice(x_ptr, row0, M, stride_xm, K, pid_k, BLOCK_K, SPLIT_K)
+    r = tl.arange(0, BLOCK_N)  # rows within the block: addresses go through the block/tile strides
+    qw_blk = qw_ptr + pid_n * stride_qb
+    s_blk = s_ptr + pid_n * stride_sb + r * stride_sn
+    z_blk = z_ptr + pid_n * stride_zb + r * stride_zn
 
     if BITS == 3:
         NW: tl.constexpr = BLOCK_K // 32  # 32-code blocks (3 words each) per row and tile
         CPW: tl.constexpr = 32
+        WPT: tl.constexpr = 3 * NW  # words per row and tile
     else:
         CPW: tl.constexpr = 32 // BITS
         NW: tl.constexpr = BLOCK_K // CPW  # words per row and tile
+        WPT: tl.constexpr = NW
     wi = tl.arange(0, NW)
     if not GROUPED:  # one scale and zero per row: the scale multiplies the sums at the end
-        s = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
-        zf = tl.broadcast_to(tl.load(z_ptr + offs_n * stride_zn, mask=n_mask, other=0).to(tl.float32)[:, None],
-                             [BLOCK_N, NW])
+        s = tl.load(s_blk, mask=n_mask, other=0.0).to(tl.float32)
+        zf = tl.broadcast_to(tl.load(z_blk, mask=n_mask, other=0).to(tl.float32)[:, None], [BLOCK_N, NW])
     acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -206,8 +212,8 @@ def _gemv_kernel(
         k0 = t * BLOCK_K
         if GROUPED:
             g = k0 // GROUP
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-            zf = tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32)[:, None]
+            s = tl.load(s_blk + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
+            zf = tl.load(z_blk + g * stride_zg, mask=n_mask, other=0).to(tl.float32)[:, None]
             # broadcast before the per-position constants are formed from it: one layout
             # conversion of z instead of one per constant
             zf = tl.broadcast_to(zf, [BLOCK_N, NW])
@@ -216,18 +222,17 @@ def _gemv_kernel(
             a2 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
             a3 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
         xk = k0 + wi * CPW  # x index of each word's (block's) first code
+        qw_tile = qw_blk + t * stride_qt
         if BITS == 3:
-            blk = (k0 // 32 + wi) * 3
-            w0, w1, w2 = load3(qw_ptr, offs_n, stride_qn, blk, n_mask, Wn, MASKED)
+            w0, w1, w2 = load3(qw_tile, r, stride_qn, wi * 3, n_mask, Wn - t * WPT, MASKED)
             zc = zf + 8388608.0
             for j in tl.static_range(32):
                 a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,
                                            x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
         else:
-            wk = k0 // CPW + wi
-            ptrs = qw_ptr + offs_n[:, None] * stride_qn + wk[None, :]
+            ptrs = qw_tile + r[:, None] * stride_qn + wi[None, :]
             if MASKED:
-                w = tl.load(ptrs, mask=n_mask[:, None] & (wk[None, :] < Wn), other=0)
+                w = tl.load(ptrs, mask=n_mask[:, None] & (wi[None, :] < Wn - t * WPT), other=0)
             else:
                 w = tl.load(ptrs)
             wh = w >> 16  # masked afterwards, so the arithmetic shift's sign bits never show
@@ -257,7 +262,8 @@ def _gemv_kernel(
 def _gemv_groups_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
     M, N, K, Wn, G, zero,
-    stride_xm, stride_qn, stride_sn, stride_zn, stride_os, stride_om,
+    stride_xm, stride_qb, stride_qt, stride_qn, stride_sb, stride_sg, stride_sn, stride_zb, stride_zg, stride_zn,
+    stride_os, stride_om,
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
@@ -283,9 +289,17 @@ def _gemv_groups_kernel(
     else:
         CPW: tl.constexpr = 32 // BITS
     WPG: tl.constexpr = GROUP // CPW
+    if BITS == 3:
+        WPT: tl.constexpr = 3 * (BLOCK_K // 32)  # words per row and tile
+    else:
+        WPT: tl.constexpr = BLOCK_K // CPW
     gi = tl.arange(0, NG)
     widx = gi[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG]: word (block) of the tile
-    rows = offs_n[:, None, None] * stride_qn
+    r = tl.arange(0, BLOCK_N)
+    rows = r[:, None, None] * stride_qn
+    qw_blk = qw_ptr + pid_n * stride_qb
+    s_blk = s_ptr + pid_n * stride_sb + r[:, None] * stride_sn
+    z_blk = z_ptr + pid_n * stride_zb + r[:, None] * stride_zn
     acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -294,19 +308,20 @@ def _gemv_groups_kernel(
         k0 = t * BLOCK_K
         # groups past K (a partial last tile) are clamped: their words hold code 0 and meet x = 0
         g = tl.minimum(k0 // GROUP + gi, G - 1)[None, :]
-        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + g, mask=n_mask[:, None], other=0.0).to(tl.float32)
-        zf = tl.load(z_ptr + offs_n[:, None] * stride_zn + g, mask=n_mask[:, None], other=0).to(tl.float32)
+        s = tl.load(s_blk + g * stride_sg, mask=n_mask[:, None], other=0.0).to(tl.float32)
+        zf = tl.load(z_blk + g * stride_zg, mask=n_mask[:, None], other=0).to(tl.float32)
         zf = tl.broadcast_to(zf[:, :, None], [BLOCK_N, NG, WPG])
         a0 = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
         a1 = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
         a2 = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
         a3 = tl.zeros([BLOCK_N, NG, WPG], dtype=tl.float32)
         xk = k0 + widx * CPW  # [NG, WPG]: x index of each word's first code
+        qw_tile = qw_blk + t * stride_qt
         if BITS == 3:
-            blk = ((k0 // 32 + widx) * 3)[None, :, :]
-            ptrs = qw_ptr + rows + blk
+            blk = (widx * 3)[None, :, :]
+            ptrs = qw_tile + rows + blk
             if MASKED:
-                m = n_mask[:, None, None] & (blk < Wn)
+                m = n_mask[:, None, None] & (blk < Wn - t * WPT)
                 w0 = tl.load(ptrs, mask=m, other=0)
                 w1 = tl.load(ptrs + 1, mask=m, other=0)
                 w2 = tl.load(ptrs + 2, mask=m, other=0)
@@ -319,11 +334,11 @@ def _gemv_groups_kernel(
                 a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,
                                            x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
         else:
-            wk = (k0 // CPW + widx)[None, :, :]
+            wk = widx[None, :, :]
             if MASKED:
-                w = tl.load(qw_ptr + rows + wk, mask=n_mask[:, None, None] & (wk < Wn), other=0)
+                w = tl.load(qw_tile + rows + wk, mask=n_mask[:, None, None] & (wk < Wn - t * WPT), other=0)
             else:
-                w = tl.load(qw_ptr + rows + wk)
+                w = tl.load(qw_tile + rows + wk)
             wh = w >> 16
             for j in tl.static_range(CPW):
                 a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS), xk + j, xk + j < K,
@@ -420,39 +435,64 @@ def gemv_matmul(
     """y [M, N] = x [M, K] · Ŵᵀ (+ bias) with Ŵ = s·(q − z) from the packed layout, on CUDA cores.
 
     `out` [M, N] (x's dtype) receives y when K is not split; `workspace` [SPLIT_K, M, N]
-    fp32 holds the split-K partials. Both are allocated when not given. `config` keys:
+    fp32 holds the split-K partials. Both are allocated when not given. Tile-major weights
+    (tiles.py: qweight [N/BN, Wn/wpt, BN, wpt], optionally scales and zeros [N/BN, G, BN])
+    fix BLOCK_N and BLOCK_K to their tile. `config` keys:
     BLOCK_N, BLOCK_K (a multiple of 32 dividing the group size, or a power of two of whole
     groups: then _gemv_groups_kernel runs), SPLIT_K, num_warps,
     num_stages, optional BLOCK_M (1…4, default min(M, 4)). With QTOOL_GEMV_H2=1, or a config
     saying "H2": True (and holding default_h2_config's keys), M = 1 fp16 W4/W2 on CUDA takes
     the packed-half2 kernel (gemv_h2.py; `gemv_path` says which path runs).
     """
-    if gemv_path(x, qweight, bits, group_size, config) == "h2":
+    if qweight.dim() == 2 and gemv_path(x, qweight, bits, group_size, config) == "h2":
         from qtool_kernels.gemv_h2 import gemv_h2_matmul  # PTX: never imported by the interpreter
 
         return gemv_h2_matmul(x, qweight, scales, zeros, bits, group_size, bias, config, out, workspace)
     M, K = x.shape
-    N, Wn = qweight.shape
     assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
     assert bits in (2, 3, 4, 8), bits
-    assert x.stride(1) == 1 and qweight.stride(1) == 1
-    assert scales.stride(1) == 1 and zeros.stride(1) == 1
+    assert x.stride(1) == 1 and qweight.stride(-1) == 1
+    assert scales.stride(-1) == 1 and zeros.stride(-1) == 1 and scales.dim() == zeros.dim()
+    tiled = qweight.dim() == 4
+    if tiled:  # tile-major (tiles.py): the tile is fixed by the layout
+        NB, KT, BN, wpt = qweight.shape
+        N, Wn, BK = NB * BN, KT * wpt, wpt * 32 // bits
+        assert K == KT * BK, "tile-major weights hold whole K tiles"
+        fixed = {"BLOCK_N": BN, "BLOCK_K": BK, "SPAN_GROUPS": group_size is not None and BK > group_size}
+        cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device), fixed))
+        assert cfg["BLOCK_N"] == BN and cfg["BLOCK_K"] == BK, "config tile differs from the tile-major layout"
+    else:
+        N, Wn = qweight.shape
+        cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device)))
     assert Wn * 32 >= K * bits, "qweight holds fewer codes than K"
-    cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device)))
     cfg.pop("H2", None)
+    cfg.pop("SPAN_GROUPS", None)
     BM = cfg.pop("BLOCK_M", min(M, MAX_BLOCK_M))
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     GROUP = group_constexpr(group_size)
     assert 1 <= BM <= MAX_BLOCK_M and BK % 32 == 0
     assert GROUP % BK == 0 or (BK % GROUP == 0 and (BK // GROUP) & (BK // GROUP - 1) == 0), \
         "a K tile lies inside one group or covers a power of two of whole groups"
+    if tiled:
+        q_strides = (qweight.stride(0), qweight.stride(1), qweight.stride(2))
+    else:  # row-major: a row block is BN rows down, a K tile its words along the row
+        q_strides = (BN * qweight.stride(0), BK * bits // 32, qweight.stride(0))
+    if scales.dim() == 3:  # [N / BN, G, BN]
+        assert scales.shape[2] == BN and zeros.shape == scales.shape, "tile-major scales need BLOCK_N rows per block"
+        G = scales.shape[1]
+        s_strides = (scales.stride(0), scales.stride(1), scales.stride(2))
+        z_strides = (zeros.stride(0), zeros.stride(1), zeros.stride(2))
+    else:
+        G = scales.shape[1]
+        s_strides = (BN * scales.stride(0), 1, scales.stride(0))
+        z_strides = (BN * zeros.stride(0), 1, zeros.stride(0))
     out, stride_os = split_k_output(x, M, N, SK, out, workspace)
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
     kernel = _gemv_groups_kernel if BK > GROUP else _gemv_kernel
     kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out,
-        M, N, K, Wn, *((scales.shape[1],) if BK > GROUP else ()), 0,
-        x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), stride_os, out.stride(-2),
+        M, N, K, Wn, *((G,) if BK > GROUP else ()), 0,
+        x.stride(0), *q_strides, *s_strides, *z_strides, stride_os, out.stride(-2),
         BITS=bits, GROUP=GROUP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
         enable_fp_fusion=True,  # the products must fuse into the row sums (FFMA), whatever the default

@@ -5,6 +5,8 @@
                                          (Kp = 4096, 1024, 128: each program's rows lie next to
                                          each other in memory): does contiguity of a program's
                                          reads set the speed?
+  python scripts/gemv_probe.py tiled     session 6: row-major vs tile-major (kernels/tiles.py) weights,
+                                         same kernel and tiles, on the target shapes; tile sweep.
   python scripts/gemv_probe.py pc        per channel (no group scales, any BLOCK_K): long runs per
                                          row (BLOCK_K up to 1024 codes) and few rows per program
                                          in the stored layout (this sweep set the pc tiles).
@@ -39,6 +41,80 @@ def _time(N: int, K: int, bits: int, g: int | None, overrides: dict) -> tuple[fl
     return t, nb, cfg
 
 
+def _time_tiled(N: int, K: int, bits: int, g: int | None, ov: dict, tiled_scales: bool = True
+                ) -> tuple[float, float, float, dict]:
+    """(row-major s, tile-major s, bytes, config): the same config, weights as stored vs tile-major."""
+    import qtool_kernels as qk
+    from qtool_kernels.gemv import default_gemv_config
+    from qtool_kernels.tiles import groups_tile_major, tile_major
+
+    from qtool.bench.kernels import _layer_bytes, random_packed_layer
+    from qtool.bench.timing import copies_needed, time_rotated
+
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    L0 = random_packed_layer(N, K, bits, g)
+    nb = _layer_bytes(L0)
+    layers = [L0] + [random_packed_layer(N, K, bits, g) for _ in range(copies_needed(nb) - 1)]
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    cfg = default_gemv_config(1, N, K, bits, g, n_sm, ov)
+    t_row = time_rotated([lambda L=L: qk.gemv_matmul(x, L.qweight, L.scales, L.zeros, bits, g, config=cfg)
+                          for L in layers], rep_ms=40)
+    BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tl_ = []
+    for L in layers:
+        q = tile_major(L.qweight, BN, BK, bits)
+        s, z = L.scales, L.zeros
+        if tiled_scales:
+            s, z = groups_tile_major(s, BN), groups_tile_major(z, BN)
+        tl_.append((q, s, z))
+    del layers, L0
+    t_tile = time_rotated([lambda q=q, s=s, z=z: qk.gemv_matmul(x, q, s, z, bits, g, config=cfg)
+                           for q, s, z in tl_], rep_ms=40)
+    del tl_
+    torch.cuda.empty_cache()
+    return t_row, t_tile, nb, cfg
+
+
+def tiled(quick: bool) -> None:
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth
+
+    copy_bw = copy_bandwidth()
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={__import__('triton').__version__} "
+          f"copy={copy_bw / 1e9:.0f} GB/s", flush=True)
+    shapes = {"70B.down": (8192, 28672), "7B.down": (4096, 11008), "70B.up": (28672, 8192), "7B.up": (11008, 4096)}
+    if quick:
+        shapes = {k: shapes[k] for k in ("70B.down", "7B.down")}
+    t16 = {k: bench_fp16(N, K, 1, torch.float16) for k, (N, K) in shapes.items()}
+    print("fp16 " + " ".join(f"{k}={v * 1e6:.1f}us" for k, v in t16.items()), flush=True)
+
+    def c(bn, bk, nw, pps, span=False):
+        return {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "programs_per_sm": pps, "SPAN_GROUPS": span}
+
+    classes = {
+        (4, 128): [{}, c(64, 128, 4, 8), c(32, 128, 4, 8), c(32, 128, 2, 16), c(16, 128, 2, 16), c(128, 128, 8, 4),
+                   c(32, 256, 4, 8, True), c(16, 512, 2, 16, True), c(64, 128, 4, 4), c(64, 128, 4, 16)],
+        (4, None): [{}, c(64, 128, 4, 8), c(32, 256, 4, 8), c(16, 512, 2, 16), c(64, 256, 4, 8)],
+        (2, 64): [{}, c(64, 64, 4, 8), c(64, 128, 4, 8, True), c(32, 256, 4, 8, True), c(128, 64, 4, 8)],
+        (3, 128): [{}, c(64, 128, 4, 8), c(32, 128, 4, 8), c(32, 256, 4, 8, True), c(16, 128, 2, 16)],
+        (2, 128): [{}, c(64, 128, 4, 8), c(128, 128, 4, 8), c(32, 256, 4, 8, True)],
+        (3, 64): [{}, c(64, 64, 4, 8), c(32, 128, 4, 8, True), c(64, 128, 4, 8, True)],
+        (4, 64): [{}, c(64, 64, 4, 8), c(64, 128, 4, 8, True), c(32, 128, 4, 8, True)],
+    }
+    for name, (N, K) in shapes.items():
+        for (bits, g), cfgs in classes.items():
+            for ov in cfgs:
+                try:
+                    tr, tt, nb, cfg = _time_tiled(N, K, bits, g, ov)
+                except Exception as e:  # a tile that does not divide the shape
+                    print(f"{name} W{bits} g{g or 'ch'} {ov}: skipped ({type(e).__name__}: {e})", flush=True)
+                    continue
+                print(f"{name} W{bits} g{g or 'ch'} BN{cfg['BLOCK_N']} BK{cfg['BLOCK_K']} w{cfg['num_warps']} "
+                      f"split{cfg['SPLIT_K']}{' default' if not ov else ''}: row {tr * 1e6:6.1f} us "
+                      f"({t16[name] / tr:.2f}x, {nb / tr / copy_bw * 100:3.0f}%)  tile {tt * 1e6:6.1f} us "
+                      f"({t16[name] / tt:.2f}x, {nb / tt / copy_bw * 100:3.0f}%)", flush=True)
+
+
 def main(mode: str) -> None:
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -66,8 +142,11 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("layout", "pc"):
-        sys.exit("usage: gemv_probe.py layout|pc")
+    if len(sys.argv) < 2 or sys.argv[1] not in ("layout", "pc", "tiled"):
+        sys.exit("usage: gemv_probe.py layout|pc|tiled [--quick]")
     if not torch.cuda.is_available():
         sys.exit("gemv_probe.py needs a CUDA GPU")
-    main(sys.argv[1])
+    if sys.argv[1] == "tiled":
+        tiled("--quick" in sys.argv)
+    else:
+        main(sys.argv[1])

@@ -62,6 +62,43 @@ def test_gemv_tiles_span_groups(bits: int, group_size: int, block_k: int, split_
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("group_size", "block_n", "block_k", "split_k", "M", "tiled_scales"), [
+    (128, 16, 128, 2, 1, True),    # one group per tile, split K, tile-major scales
+    (64, 32, 256, 1, 1, False),    # tiles of 4 groups (_gemv_groups_kernel), row-major scales
+    (None, 16, 128, 3, 2, True),   # per channel, 2 rows of x
+    (32, 32, 64, 1, 3, True),      # two tiles per group
+])
+def test_gemv_tile_major(bits: int, group_size: int | None, block_n: int, block_k: int, split_k: int, M: int,
+                         tiled_scales: bool) -> None:
+    from qtool_kernels.tiles import groups_row_major, groups_tile_major, row_major, tile_major
+
+    N, K = 64, 512
+    qweight, scales, zeros, x = _inputs(N, K, M, bits, group_size)
+    qt = tile_major(qweight, block_n, block_k, bits)
+    assert torch.equal(row_major(qt), qweight)
+    st, zt = scales, zeros
+    if tiled_scales:
+        st, zt = groups_tile_major(scales, block_n), groups_tile_major(zeros, block_n)
+        assert torch.equal(groups_row_major(st), scales) and torch.equal(groups_row_major(zt), zeros)
+    bias = torch.randn(N) if M == 3 else None
+    cfg = dict(SMALL, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    y = qk.gemv_matmul(x, qt, st, zt, bits, group_size, bias, config=cfg, out=out if split_k == 1 else None)
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size, bias)
+    assert rel_err(y, ref) < TOL[torch.float16]
+    # the default config adopts the layout's tile
+    y2 = qk.gemv_matmul(x, qt, st, zt, bits, group_size, bias)
+    assert rel_err(y2, ref) < TOL[torch.float16]
+
+
+def test_tile_major_rejects_partial_tiles() -> None:
+    from qtool_kernels.tiles import tile_major
+
+    with pytest.raises(ValueError, match="whole tiles"):
+        tile_major(torch.zeros(48, 20, dtype=torch.int32), 32, 128, 4)
+
+
 @pytest.mark.parametrize(("bits", "group_size", "M"), [(4, 128, 3), (3, None, 1)])
 def test_gemv_default_config(bits: int, group_size: int | None, M: int) -> None:
     # SmolLM2-like shape (N = 1536, K = 576) through the default tiles.
