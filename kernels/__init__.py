@@ -10,7 +10,7 @@ docs/kernels.md. Every kernel has its `reference_*` beside it.
 # `kernels` (cwd on sys.path), and transformers probes `import kernels` for Hugging Face's
 # hub package; absolute `qtool_kernels` imports here would then recurse into a half-built module.
 from .dequant import dequantize_packed, reference_dequantize
-from .gemv import default_gemv_config, gemv_matmul, reference_gemv
+from .gemv import default_gemv_config, gemv_matmul, reference_gemv, tile_major_tile
 from .linear import GEMV_MAX_M, SKINNY_MAX_M, forward_packed, gemv_max_m, quant_linear, skinny_max_m
 from .nf4 import (
     NF4_SKINNY_MAX_M,
@@ -24,6 +24,7 @@ from .nf4 import (
 )
 from .scale_grad import reference_scale_grad, scale_grad
 from .skinny import reference_skinny, skinny_matmul
+from .tiles import row_major, tile_major
 
 __all__ = [
     "GEMV_MAX_M",
@@ -46,7 +47,10 @@ __all__ = [
     "reference_gemv",
     "reference_scale_grad",
     "reference_skinny",
+    "row_major",
     "scale_grad",
     "skinny_matmul",
     "skinny_max_m",
+    "tile_major",
+    "tile_major_tile",
 ]

@@ -1,6 +1,6 @@
 """Triton helpers shared by the kernels: unpack a tile of packed codes straight into fp16/bf16.
 
-The packed layout is qtool.quant.pack's, read as stored (no re-layout): row n of
+The packed layout is qtool.quant.pack's (or its tile-major permutation, tiles.py): row n of
 `qweight` is a little-endian bit stream, code k at stream bits [k·b, (k+1)·b). A tile is
 BLOCK_N rows × BLOCK_K codes starting at code k0; k0 and BLOCK_K are multiples of 32, so
 a tile always starts on a word boundary and 32 codes fill exactly `b` words.
@@ -51,19 +51,38 @@ def _pair(w, SHIFT: tl.constexpr, MASK: tl.constexpr, MAGIC: tl.constexpr, IS_BF
 
 
 @triton.jit
-def load3(qw_ptr, offs_n, stride_qn, blk, n_mask, Wn, MASKED: tl.constexpr):
-    """The three words of 3-bit 32-code blocks starting at word `blk` [NB] of rows `offs_n`."""
-    base = qw_ptr + offs_n[:, None] * stride_qn + blk[None, :]
+def word_ptrs(qw_ptr, offs_n, w0, wl, stride_qn, Wn, TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0):
+    """Pointers [len(offs_n), len(wl)] to words w0 + wl of rows offs_n (w0 a scalar), in
+    row-major (TILE_N = 0: row n at n·stride_qn) or tile-major storage (tiles.py:
+    [N/TILE_N, Wn/TILE_W, TILE_N, TILE_W]; the words w0 + wl must lie in one tile column,
+    which callers ensure by tiles whose word count divides TILE_W). The word axis stays
+    `scalar + arange`, so Triton still sees contiguous, aligned runs and vectorises the loads."""
+    if TILE_N == 0:
+        return qw_ptr + offs_n[:, None] * stride_qn + (w0 + wl)[None, :]
+    TILE: tl.constexpr = TILE_N * TILE_W
+    nb = offs_n // TILE_N
+    rows = nb * (Wn // TILE_W) * TILE + (offs_n - nb * TILE_N) * TILE_W
+    wb = w0 // TILE_W
+    return qw_ptr + (wb * TILE + (w0 - wb * TILE_W)) + rows[:, None] + wl[None, :]
+
+
+@triton.jit
+def load3(qw_ptr, offs_n, stride_qn, w0, wl, n_mask, Wn, MASKED: tl.constexpr,
+          TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0):
+    """The three words of 3-bit 32-code blocks starting at words w0 + wl [NB] (w0 a scalar)
+    of rows `offs_n` (a block never straddles two tile-major tiles: TILE_W is a multiple of 3)."""
+    blk = w0 + wl
+    base = word_ptrs(qw_ptr, offs_n, w0, wl, stride_qn, Wn, TILE_N, TILE_W)
     if MASKED:
         m = n_mask[:, None] & (blk[None, :] < Wn)
-        w0 = tl.load(base, mask=m, other=0)
-        w1 = tl.load(base + 1, mask=m, other=0)
-        w2 = tl.load(base + 2, mask=m, other=0)
+        a = tl.load(base, mask=m, other=0)
+        b = tl.load(base + 1, mask=m, other=0)
+        c = tl.load(base + 2, mask=m, other=0)
     else:
-        w0 = tl.load(base)
-        w1 = tl.load(base + 1)
-        w2 = tl.load(base + 2)
-    return w0, w1, w2
+        a = tl.load(base)
+        b = tl.load(base + 1)
+        c = tl.load(base + 2)
+    return a, b, c
 
 
 @triton.jit
@@ -141,12 +160,15 @@ def unpack_tile(
     BLOCK_K: tl.constexpr,
     IS_BF16: tl.constexpr,
     MASKED: tl.constexpr = True,
+    TILE_N: tl.constexpr = 0,
+    TILE_W: tl.constexpr = 0,
 ):
     """[BLOCK_N, BLOCK_K] fp16/bf16 tile of o + code (o = code_offset), codes k0 … k0+BLOCK_K−1.
 
     Exact: o + code is an integer below 2^11 (fp16) or 2^8 (bf16). Words past the end of a
     row (Wn words) read as 0; callers mask the matching activations. MASKED=False (the
-    caller knows N and K are multiples of the tile) drops the bounds checks.
+    caller knows N and K are multiples of the tile) drops the bounds checks. TILE_N, TILE_W:
+    the storage's tile-major tile (0: row-major), see word_ptrs.
     """
     if IS_BF16:
         MAGIC: tl.constexpr = 0x43004300
@@ -154,14 +176,14 @@ def unpack_tile(
         MAGIC: tl.constexpr = 0x64006400
     if BITS == 3:
         NB: tl.constexpr = BLOCK_K // 32
-        blk = (k0 // 32 + tl.arange(0, NB)) * 3
-        w0, w1, w2 = load3(qw_ptr, offs_n, stride_qn, blk, n_mask, Wn, MASKED)
+        w0, w1, w2 = load3(qw_ptr, offs_n, stride_qn, (k0 // 32) * 3, tl.arange(0, NB) * 3, n_mask, Wn, MASKED,
+                           TILE_N, TILE_W)
         vals = _tree32(w0, w1, w2, IS_BF16)
     else:
         CPW: tl.constexpr = 32 // BITS  # codes per word
         BW: tl.constexpr = BLOCK_K // CPW
         wi = k0 // CPW + tl.arange(0, BW)
-        ptrs = qw_ptr + offs_n[:, None] * stride_qn + wi[None, :]
+        ptrs = word_ptrs(qw_ptr, offs_n, k0 // CPW, tl.arange(0, BW), stride_qn, Wn, TILE_N, TILE_W)
         if MASKED:
             w = tl.load(ptrs, mask=n_mask[:, None] & (wi[None, :] < Wn), other=0)
         else:

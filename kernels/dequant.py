@@ -23,6 +23,7 @@ def _dequant_kernel(
     stride_qn, stride_sn, stride_zn, stride_on,
     BITS: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_BF16: tl.constexpr,
+    TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -30,7 +31,8 @@ def _dequant_kernel(
     n_mask = offs_n < N
     k0 = pid_k * BLOCK_K
     OFF: tl.constexpr = code_offset(IS_BF16, BITS)
-    q = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K, IS_BF16).to(tl.float32)
+    q = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K, IS_BF16,
+                    True, TILE_N, TILE_W).to(tl.float32)
     q = q - OFF
     GS: tl.constexpr = BLOCK_K // GPB
     g = k0 // GROUP + tl.arange(0, GPB)
@@ -59,8 +61,13 @@ def dequantize_packed(
     block_k: int = 256,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Dense Ŵ [N, K] in `dtype` (fp16/bf16) from the packed layout, into `out` if given."""
-    N, Wn = qweight.shape
+    """Dense Ŵ [N, K] in `dtype` (fp16/bf16) from the packed layout (row- or tile-major), into
+    `out` if given."""
+    from qtool_kernels.tiles import fit_block_k, packed_geometry
+
+    N, Wn, TN, TW = packed_geometry(qweight)
+    assert TN == 0 or qweight.is_contiguous()
+    block_k = fit_block_k(block_k, bits, TW)
     G = scales.shape[1]
     assert dtype in (torch.float16, torch.bfloat16), dtype
     GROUP = group_constexpr(group_size)
@@ -77,7 +84,7 @@ def dequantize_packed(
         qweight, scales, zeros, out, N, K, Wn, G,
         qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         BITS=bits, GROUP=GROUP, GPB=gpb, BLOCK_N=block_n, BLOCK_K=block_k,
-        IS_BF16=dtype == torch.bfloat16, num_warps=4,
+        IS_BF16=dtype == torch.bfloat16, TILE_N=TN, TILE_W=TW, num_warps=4,
     )
     return out
 
@@ -86,7 +93,9 @@ def reference_dequantize(
     qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int | None, K: int
 ) -> Tensor:
     """float64 Ŵ [N, K]."""
+    from qtool_kernels.tiles import as_row_major
+
     from qtool.quant.grid import dequantize
     from qtool.quant.pack import unpack
 
-    return dequantize(unpack(qweight, bits, K), scales.double(), zeros, group_size)
+    return dequantize(unpack(as_row_major(qweight), bits, K), scales.double(), zeros, group_size)

@@ -59,7 +59,8 @@ from qtool_kernels.skinny import (
 )
 from torch import Tensor
 
-__all__ = ["default_gemv_config", "default_h2_config", "gemv_matmul", "gemv_path", "reference_gemv"]
+__all__ = ["default_gemv_config", "default_h2_config", "gemv_matmul", "gemv_path", "reference_gemv",
+           "tile_major_tile"]
 
 MAX_BLOCK_M = 4  # rows of x per program; more rows re-unpack the weights in another program
 
@@ -224,7 +225,7 @@ def _gemv_kernel(
         xk = k0 + wi * CPW  # x index of each word's (block's) first code
         qw_tile = qw_blk + t * stride_qt
         if BITS == 3:
-            w0, w1, w2 = load3(qw_tile, r, stride_qn, wi * 3, n_mask, Wn - t * WPT, MASKED)
+            w0, w1, w2 = load3(qw_tile, r, stride_qn, 0, wi * 3, n_mask, Wn - t * WPT, MASKED)
             zc = zf + 8388608.0
             for j in tl.static_range(32):
                 a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,
@@ -386,8 +387,21 @@ def _split_k(n_tiles: int, k_tiles: int, target: int, cap: int) -> int:
     return split_k
 
 
+def tile_major_tile(bits: int, group_size: int | None, N: int, K: int) -> tuple[int, int] | None:
+    """(BLOCK_N, BLOCK_K) to store this layer tile-major with (tiles.py), or None: no measured
+    tile-major tile for the class ("gemv_tiled" in tuned_skinny.json, M = 1), or the shape
+    is not whole tiles (N % BLOCK_N, K % BLOCK_K)."""
+    t = _tuned().get("gemv_tiled", {}).get(f"{bits}:{group_size or 'pc'}:1")
+    if not t:
+        return None
+    bn, bk = t["BLOCK_N"], t["BLOCK_K"]
+    if N % bn or K % bk:
+        return None
+    return bn, bk
+
+
 def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int,
-                        overrides: dict | None = None) -> dict:
+                        overrides: dict | None = None, tiled: bool = False) -> dict:
     """Tile sizes for the GEMV kernel.
 
     Defaults (compiled for sm_90, not yet timed on a GPU): 64 rows × 128 codes per tile with
@@ -401,10 +415,11 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     tuned_skinny.json's "gemv" section overrides per "bits:group:M" class ("pc" = per
     channel), then per bit-width, with what scripts/gemv_ab.py measured; "SPAN_GROUPS" comes
     from there only: BLOCK_K may then cover several whole groups (_gemv_groups_kernel: longer
-    runs per row). `overrides` (the same keys) apply last.
+    runs per row). tiled=True (tile-major weights) reads the "gemv_tiled" section instead
+    (scripts/gemv_probe.py tiled). `overrides` (the same keys) apply last.
     """
     block_m = min(M, MAX_BLOCK_M)
-    gemv = _tuned().get("gemv", {})
+    gemv = _tuned().get("gemv_tiled" if tiled else "gemv", {})
     t = dict(gemv.get(str(bits), {}))
     t.update(gemv.get(f"{bits}:{group_size or 'pc'}:{block_m}", {}))
     t.update(overrides or {})
@@ -459,7 +474,7 @@ def gemv_matmul(
         N, Wn, BK = NB * BN, KT * wpt, wpt * 32 // bits
         assert K == KT * BK, "tile-major weights hold whole K tiles"
         fixed = {"BLOCK_N": BN, "BLOCK_K": BK, "SPAN_GROUPS": group_size is not None and BK > group_size}
-        cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device), fixed))
+        cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device), fixed, tiled=True))
         assert cfg["BLOCK_N"] == BN and cfg["BLOCK_K"] == BK, "config tile differs from the tile-major layout"
     else:
         N, Wn = qweight.shape

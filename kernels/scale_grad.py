@@ -67,6 +67,9 @@ def scale_grad(
     block_n: int = 64,
 ) -> Tensor:
     """∂L/∂s [N, G] fp32 for y = x · (s·(q − z))ᵀ, given x [M, K] and dY = ∂L/∂y [M, N]."""
+    from qtool_kernels.tiles import as_row_major
+
+    qweight = as_row_major(qweight)  # training keeps the stored layout; a copy if not
     M, K = x.shape
     N, Wn = qweight.shape
     G = zeros.shape[1]

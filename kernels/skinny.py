@@ -41,6 +41,7 @@ def _skinny_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr,
+    TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -62,7 +63,7 @@ def _skinny_kernel(
     for t in range(t_start, t_end):
         k0 = t * BLOCK_K
         v = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K, IS_BF16,
-                        not EVEN)  # [BN, BK] o + q, exact
+                        not EVEN, TILE_N, TILE_W)  # [BN, BK] o + q, exact
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN:
             x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
@@ -160,16 +161,20 @@ def skinny_matmul(
     """y [M, N] = x [M, K] · Ŵᵀ with Ŵ = s·(q − z) from the packed layout.
 
     `out` [M, N] (x's dtype) receives y when K is not split; `workspace` [SPLIT_K, M, N]
-    fp32 holds the split-K partials. Both are allocated when not given.
+    fp32 holds the split-K partials. Both are allocated when not given. qweight may be
+    tile-major (tiles.py).
     """
+    from qtool_kernels.tiles import fit_block_k, packed_geometry
+
     M, K = x.shape
-    N, Wn = qweight.shape
+    N, Wn, TN, TW = packed_geometry(qweight)
     G = scales.shape[1]
     assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
-    assert x.stride(1) == 1 and qweight.stride(1) == 1
+    assert x.stride(1) == 1 and qweight.stride(-1) == 1 and (TN == 0 or qweight.is_contiguous())
     assert scales.stride(1) == 1 and zeros.stride(1) == 1
     cfg = dict(config or default_config(M, N, K, bits, group_size, _num_sms(x.device)))
     BM, BN, BK, SK = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
+    BK = fit_block_k(BK, bits, TW)
     GROUP = group_constexpr(group_size)
     if GROUP < BK:
         gpb = BK // GROUP
@@ -184,7 +189,7 @@ def skinny_matmul(
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), stride_os, out.stride(-2),
         BITS=bits, GROUP=GROUP, GPB=gpb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         SPLIT_K=SK, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
-        EVEN=(N % BN == 0) and (K % BK == 0), **cfg,
+        EVEN=(N % BN == 0) and (K % BK == 0), TILE_N=TN, TILE_W=TW, **cfg,
     )
     return split_k_result(out, SK, bias, x.dtype)
 
@@ -229,7 +234,9 @@ def reference_skinny(
     from qtool.quant.pack import unpack
 
     K = x.shape[1]
-    W = dequantize(unpack(qweight, bits, K), scales.double(), zeros, group_size)
+    from qtool_kernels.tiles import as_row_major
+
+    W = dequantize(unpack(as_row_major(qweight), bits, K), scales.double(), zeros, group_size)
     y = x.double() @ W.T
     if bias is not None:
         y = y + bias.double()

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["groups_row_major", "groups_tile_major", "row_major", "tile_major", "words_per_tile"]
+__all__ = ["as_row_major", "fit_block_k", "groups_row_major", "groups_tile_major", "packed_geometry", "row_major",
+           "tile_major", "words_per_tile"]
 
 
 def words_per_tile(bits: int, block_k: int) -> int:
@@ -53,3 +54,28 @@ def groups_row_major(t: Tensor) -> Tensor:
     """The inverse of groups_tile_major."""
     NB, G, BN = t.shape
     return t.transpose(1, 2).reshape(NB * BN, G)
+
+
+def packed_geometry(qweight: Tensor) -> tuple[int, int, int, int]:
+    """(N, Wn, TILE_N, TILE_W) of row-major [N, Wn] (tile 0, 0) or tile-major qweight."""
+    if qweight.dim() == 2:
+        return qweight.shape[0], qweight.shape[1], 0, 0
+    NB, KT, BN, wpt = qweight.shape
+    return NB * BN, KT * wpt, BN, wpt
+
+
+def as_row_major(qweight: Tensor) -> Tensor:
+    """qweight in the checkpoint's [N, Wn] layout (a copy if it was tile-major)."""
+    return qweight if qweight.dim() == 2 else row_major(qweight)
+
+
+def fit_block_k(block_k: int, bits: int, tile_w: int) -> int:
+    """The largest tile width ≤ block_k (halving) whose words lie inside one tile-major tile
+    column of tile_w words (tile_w = 0: row-major, anything goes)."""
+    if tile_w == 0:
+        return block_k
+    layout_k = tile_w * 32 // bits
+    while layout_k % block_k and block_k > 32:
+        block_k //= 2
+    assert layout_k % block_k == 0, (block_k, layout_k)
+    return block_k

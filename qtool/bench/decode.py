@@ -159,8 +159,14 @@ def _quantize_blocks(model: TinyLlama, bits: int, group_size: int | None) -> Non
 
 
 def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, ...], new_tokens: int,
-        layers: int = 32, max_len: int = 512) -> dict:
+        layers: int = 32, max_len: int = 512, tile_major: bool = True) -> dict:
+    """fp16 vs quantized decode step time per batch size; tile_major: the codes stored
+    tile-major for the quantized run (qtool.nn.qlinear.tile_major_layout, as `qtool eval`'s
+    generation does), else in the checkpoint's row-major layout."""
+    import contextlib
+
     from qtool.errors import QtoolError
+    from qtool.nn.qlinear import tile_major_layout
 
     if not torch.cuda.is_available():
         raise QtoolError("`qtool bench decode` needs a CUDA GPU")
@@ -175,9 +181,11 @@ def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, 
             p.data.normal_(0, 0.02)
     fp16 = {b: _time_decode(model, b, new_tokens, max_len) for b in batches}
     _quantize_blocks(model, bits, group_size)
-    quant = {b: _time_decode(model, b, new_tokens, max_len) for b in batches}
+    with tile_major_layout(model) if tile_major else contextlib.nullcontext(0) as n_tiled:
+        quant = {b: _time_decode(model, b, new_tokens, max_len) for b in batches}
     rows = [{"batch": b, "fp16_ms": fp16[b] * 1e3, "quant_ms": quant[b] * 1e3, "fp16_tok_s": b / fp16[b],
              "quant_tok_s": b / quant[b], "speedup": fp16[b] / quant[b]} for b in batches]
     return {"model": model_name, "layers": layers, "gpu": torch.cuda.get_device_name(), "bits": bits,
-            "group_size": group_size, "new_tokens": new_tokens, "kv_len": max_len, "torch": torch.__version__,
+            "group_size": group_size, "tile_major_layers": n_tiled, "new_tokens": new_tokens, "kv_len": max_len,
+            "torch": torch.__version__,
             "rows": rows}

@@ -44,7 +44,7 @@ class KernelRow:
     bits: int | str  # or "nf4"
     group_size: int | None  # the absmax block size for nf4
     dtype: str
-    path: str  # "skinny" or "dequant+cublas"
+    path: str  # "gemv", "skinny" or "dequant+cublas"; "/tile": codes stored tile-major
     quant_us: float
     fp16_us: float
     speedup: float  # fp16 time / quantized time
@@ -108,8 +108,12 @@ def bench_fp16(N: int, K: int, M: int, dtype: torch.dtype) -> float:
 
 
 def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype: torch.dtype,
-                skinny_max_m: int | None = None, config: dict | None = None) -> tuple[float, int, str]:
-    """(seconds, weight bytes, path) of the kernel path, weights rotated out of L2."""
+                skinny_max_m: int | None = None, config: dict | None = None,
+                tile_major: bool = False) -> tuple[float, int, str]:
+    """(seconds, weight bytes, path) of the kernel path, weights rotated out of L2.
+
+    tile_major: the codes stored as decode stores them (qtool.nn.qlinear.tile_major_layout)
+    when the class has a measured tile-major tile; the path then ends in "/tile"."""
     import qtool_kernels as qk
 
     if bits == NF4:
@@ -117,6 +121,10 @@ def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype
     layers = [random_packed_layer(N, K, bits, group_size)]
     nbytes = _layer_bytes(layers[0])
     layers += [random_packed_layer(N, K, bits, group_size) for _ in range(copies_needed(nbytes) - 1)]
+    tile = qk.tile_major_tile(bits, group_size, N, K) if tile_major and config is None else None
+    if tile is not None:
+        for L in layers:
+            L.qweight = qk.tile_major(L.qweight, tile[0], tile[1], bits)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     max_m = qk.skinny_max_m() if skinny_max_m is None else skinny_max_m
     path = "skinny" if M <= max_m else "dequant+cublas"
@@ -130,7 +138,7 @@ def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype
                  for L in layers]
     t = time_rotated(calls, use_graph=M <= 256)
     del layers
-    return t, nbytes, path
+    return t, nbytes, path + ("/tile" if tile is not None else "")
 
 
 def bench_nf4(N: int, K: int, M: int, block_size: int, dtype: torch.dtype,
@@ -182,6 +190,7 @@ def run(
     dtype: torch.dtype = torch.float16,
     fwd_bwd_min_m: int = 2048,
     progress=None,
+    tile_major: bool = True,
 ) -> KernelReport:
     import triton
 
@@ -197,7 +206,7 @@ def run(
             t16 = bench_fp16(N, K, M, dtype)
             for bits in bits_list:
                 for g in ((NF4_BLOCK,) if bits == NF4 else groups):
-                    tq, nbytes, path = bench_quant(N, K, M, bits, g, dtype)
+                    tq, nbytes, path = bench_quant(N, K, M, bits, g, dtype, tile_major=tile_major)
                     ratio = None
                     if M >= fwd_bwd_min_m:
                         ratio = bench_fwd_bwd(N, K, M, bits, g, dtype)

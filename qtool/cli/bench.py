@@ -35,6 +35,8 @@ def kernels(
     bits: Annotated[str, typer.Option(help="Bit-widths, comma-separated (nf4 for QLoRA's NF4).")] = "2,3,4",
     groups: GroupsOpt = "64,128,ch",
     dtype: Annotated[str, typer.Option(help="Activation dtype: fp16 or bf16.")] = "fp16",
+    row_major: Annotated[bool, typer.Option("--row-major", help="Time the checkpoint's row-major codes, "
+                                            "not the tile-major layout decode uses.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Packed-weight matmul kernels vs fp16 cuBLAS (median times, weights rotated out of L2).
@@ -48,7 +50,7 @@ def kernels(
     unknown = [s for s in names if s not in kb.SHAPES]
     if unknown:
         raise QtoolError(f"unknown shape(s) {unknown}; choose from {list(kb.SHAPES)}")
-    report = kb.run(names, _csv(m), _csv(bits, _bits), _csv(groups), _dtype(dtype))
+    report = kb.run(names, _csv(m), _csv(bits, _bits), _csv(groups), _dtype(dtype), tile_major=not row_major)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -63,6 +65,8 @@ def decode(
     batch: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,16",
     new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per timing.")] = 64,
     layers: Annotated[int, typer.Option(help="Decoder layers of the synthetic model (32 = full 7B).")] = 32,
+    row_major: Annotated[bool, typer.Option("--row-major", help="Keep the checkpoint's row-major codes "
+                                            "(default: tile-major while decoding).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Greedy decode tokens/s, quantized vs fp16, static KV cache and CUDA graphs."""
@@ -70,7 +74,7 @@ def decode(
     from qtool.bench.report import decode_table
 
     g = _csv(group_size)[0]
-    report = db.run(model, bits, g, _csv(batch), new_tokens, layers)
+    report = db.run(model, bits, g, _csv(batch), new_tokens, layers, tile_major=not row_major)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:

@@ -68,7 +68,12 @@ class QuantLinear(nn.Module):
         return layer
 
     def codes(self) -> Tensor:
-        return unpack(self.qweight, self.bits, self.in_features)
+        qweight = self.qweight
+        if qweight.dim() == 4:  # tile-major inside `tile_major_layout`
+            from qtool_kernels.tiles import row_major
+
+            qweight = row_major(qweight)
+        return unpack(qweight, self.bits, self.in_features)
 
     def effective_scales(self) -> Tensor:
         if self.scale_delta is None:
@@ -142,3 +147,41 @@ def dense_cache(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterato
     finally:
         for m in layers:
             m._dense = None
+
+
+@contextlib.contextmanager
+def tile_major_layout(model: nn.Module) -> Iterator[int]:
+    """Store each frozen CUDA QuantLinear's codes tile-major for the block (decode, generation).
+
+    The M = 1 GEMV reads a program's rows as one contiguous run per K tile in this layout
+    (qtool_kernels.tiles; measured on an H100, docs/benchmarks.md). The codes are permuted in
+    place, one layer at a time (no second copy of the model), and put back on exit, so
+    checkpoints and swap-scales always see the stored layout; scales and zeros are not moved.
+    Layers without a measured tile for their class or shape, on the CPU, or whose scales
+    train (PEQA) stay as they are. Yields the number of layers converted."""
+    try:
+        from qtool_kernels.gemv import tile_major_tile
+        from qtool_kernels.tiles import row_major, tile_major
+    except ImportError:  # no Triton: nothing reads the tile-major layout
+        yield 0
+        return
+    import os
+
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"  # CPU tests run the kernels there
+    done: list[QuantLinear] = []
+    try:
+        for m in model.modules():
+            if not (isinstance(m, QuantLinear) and (m.qweight.is_cuda or interpreting) and m.qweight.dim() == 2
+                    and m.use_kernels):
+                continue
+            if m.scale_delta is not None and m.scale_delta.requires_grad:
+                continue
+            tile = tile_major_tile(m.bits, m.group_size, m.out_features, m.in_features)
+            if tile is None or m.qweight.shape[1] * 32 != m.in_features * m.bits:
+                continue
+            m.qweight = tile_major(m.qweight, tile[0], tile[1], m.bits)
+            done.append(m)
+        yield len(done)
+    finally:
+        for m in done:
+            m.qweight = row_major(m.qweight).contiguous()
