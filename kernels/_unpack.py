@@ -57,13 +57,17 @@ def word_ptrs(qw_ptr, offs_n, w0, wl, stride_qn, Wn, TILE_N: tl.constexpr = 0, T
     [N/TILE_N, Wn/TILE_W, TILE_N, TILE_W]; the words w0 + wl must lie in one tile column,
     which callers ensure by tiles whose word count divides TILE_W). The word axis stays
     `scalar + arange`, so Triton still sees contiguous, aligned runs and vectorises the loads."""
+    # if/else, not an early return: Triton still folds constants after a returning branch,
+    # and w0 // TILE_W with both compile-time zeros would divide by zero
     if TILE_N == 0:
-        return qw_ptr + offs_n[:, None] * stride_qn + (w0 + wl)[None, :]
-    TILE: tl.constexpr = TILE_N * TILE_W
-    nb = offs_n // TILE_N
-    rows = nb * (Wn // TILE_W) * TILE + (offs_n - nb * TILE_N) * TILE_W
-    wb = w0 // TILE_W
-    return qw_ptr + (wb * TILE + (w0 - wb * TILE_W)) + rows[:, None] + wl[None, :]
+        ptrs = qw_ptr + offs_n[:, None] * stride_qn + (w0 + wl)[None, :]
+    else:
+        TILE: tl.constexpr = TILE_N * TILE_W
+        nb = offs_n // TILE_N
+        rows = nb * (Wn // TILE_W) * TILE + (offs_n - nb * TILE_N) * TILE_W
+        wb = w0 // TILE_W
+        ptrs = qw_ptr + (wb * TILE + (w0 - wb * TILE_W)) + rows[:, None] + wl[None, :]
+    return ptrs
 
 
 @triton.jit

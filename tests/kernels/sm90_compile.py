@@ -1,0 +1,74 @@
+"""Compile kernels for sm_90 on a machine without a GPU (Triton's bundled ptxas/nvdisasm)
+and print, per case, the global-load instructions of the SASS as JSON.
+
+Run as a subprocess by test_compile_sm90.py: the interpreter tests set TRITON_INTERPRET=1,
+under which @triton.jit yields functions that cannot be compiled. The interpreter does not
+fold constants the way the compiler does, so a kernel can pass every interpreter test and
+still fail to compile (a tile-major helper once divided by a compile-time zero in a branch
+the interpreter never took)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+PTRS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "out_ptr": "*fp16"}
+# arguments that are multiples of 16 at run time on real shapes (Triton specialises those)
+DIV16 = {"N", "K", "Wn", "G", "stride_xm", "stride_qn", "stride_os", "stride_om", "stride_qb", "stride_qt",
+         "stride_sb", "stride_zb", "stride_on"}
+
+
+def compile_sass(fn, const: dict, opts: dict) -> str:
+    sig = {a: "constexpr" if a in const else PTRS.get(a, "i32") for a in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (a, t) in enumerate(sig.items())
+             if t.startswith("*") or a in DIV16}
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["sass"]
+
+
+def cases(bits: int) -> list[tuple[str, object, dict, dict]]:
+    from qtool_kernels.dequant import _dequant_kernel
+    from qtool_kernels.gemv import _gemv_groups_kernel, _gemv_kernel
+    from qtool_kernels.skinny import _skinny_kernel
+
+    tw = 128 * bits // 32  # words of a 128-code tile-major tile
+    out = []
+    for tn in (0, 64):
+        out.append((f"skinny/tile{tn}", _skinny_kernel,
+                    dict(BITS=bits, GROUP=128, GPB=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, HAS_BIAS=False,
+                         IS_BF16=False, EVEN=True, TILE_N=tn, TILE_W=tw if tn else 0),
+                    {"num_warps": 4, "num_stages": 3}))
+        out.append((f"dequant/tile{tn}", _dequant_kernel,
+                    dict(BITS=bits, GROUP=128, GPB=1, BLOCK_N=32, BLOCK_K=128, IS_BF16=True, TILE_N=tn,
+                         TILE_W=tw if tn else 0), {"num_warps": 4}))
+    out.append(("gemv", _gemv_kernel, dict(BITS=bits, GROUP=128, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8,
+                                            HAS_BIAS=False, EVEN_N=True, EVEN_K=True),
+                {"num_warps": 4, "num_stages": 2}))
+    out.append(("gemv_groups", _gemv_groups_kernel, dict(BITS=bits, GROUP=64, BLOCK_M=1, BLOCK_N=32, BLOCK_K=256,
+                                                          SPLIT_K=8, HAS_BIAS=False, EVEN_N=True, EVEN_K=True),
+                {"num_warps": 4, "num_stages": 2}))
+    return out
+
+
+def main(bits: int) -> None:
+    res = {}
+    for name, fn, const, opts in cases(bits):
+        try:
+            sass = compile_sass(fn, const, opts)
+            res[name] = dict(Counter(m.group(0) for m in re.finditer(r"\bLDG(STS)?\.E(\.\w+)*", sass)))
+        except Exception as e:  # reported per case, so one failure does not hide the others
+            cause = e
+            while cause.__cause__ or cause.__context__:
+                cause = cause.__cause__ or cause.__context__
+            res[name] = {"error": f"{type(cause).__name__}: {cause}"[:300]}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))

@@ -1,0 +1,43 @@
+"""Every kernel family compiles for sm_90 with the tile-major layout, and reading tile-major
+codes keeps the same (vectorised) global loads as the row-major layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+HERE = pathlib.Path(__file__).parent
+
+
+def _nvdisasm() -> bool:
+    try:
+        import triton
+
+        return (pathlib.Path(triton.__file__).parent / "backends/nvidia/bin/nvdisasm").exists() or bool(
+            shutil.which("nvdisasm"))
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _nvdisasm(), reason="Triton without its bundled nvdisasm")
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_kernels_compile_for_sm90(bits: int) -> None:
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run([sys.executable, str(HERE / "sm90_compile.py"), str(bits)], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    errors = {k: v["error"] for k, v in res.items() if "error" in v}
+    assert not errors, errors
+    for kernel in ("skinny", "dequant"):
+        assert res[f"{kernel}/tile64"] == res[f"{kernel}/tile0"], (kernel, res)
+    # the codes are read 64 or 128 bits at a time wherever a row's words are contiguous (W2/W4)
+    if bits != 3:
+        wide = [k for k, v in res.items() if not any(op.endswith((".64", ".128")) for op in v)]
+        assert not wide, res
