@@ -7,6 +7,9 @@
                                          reads set the speed?
   python scripts/gemv_probe.py tiled     session 6: row-major vs tile-major (kernels/tiles.py) weights,
                                          same kernel and tiles, on the target shapes; tile sweep.
+  python scripts/gemv_probe.py refactor  session 6: the row-major GEMV of 6c29dc8 (before the block/tile
+                                         strides) vs now vs tile-major, same configs, one run (W4/W2:
+                                         the old file imports today's _unpack, whose 3-bit loader changed).
   python scripts/gemv_probe.py pc        per channel (no group scales, any BLOCK_K): long runs per
                                          row (BLOCK_K up to 1024 codes) and few rows per program
                                          in the stored layout (this sweep set the pc tiles).
@@ -115,6 +118,50 @@ def tiled(quick: bool) -> None:
                       f"({t16[name] / tt:.2f}x, {nb / tt / copy_bw * 100:3.0f}%)", flush=True)
 
 
+def refactor() -> None:
+    import importlib.util
+    import pathlib
+    import subprocess
+    import tempfile
+
+    import qtool_kernels as qk
+
+    from qtool.bench.kernels import _layer_bytes, bench_fp16, random_packed_layer
+    from qtool.bench.timing import copies_needed, copy_bandwidth, time_rotated
+
+    src = subprocess.run(["git", "show", "6c29dc8:kernels/gemv.py"], capture_output=True, text=True, check=True).stdout
+    path = pathlib.Path(tempfile.mkdtemp()) / "gemv_6c29dc8.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("gemv_6c29dc8", path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    bw = copy_bandwidth()
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={__import__('triton').__version__} "
+          f"copy={bw / 1e9:.0f} GB/s", flush=True)
+    base = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+    for N, K in [(8192, 28672), (4096, 11008)]:
+        t16 = bench_fp16(N, K, 1, torch.float16)
+        for bits, g, sk in [(4, 128, 8), (4, 128, 16), (4, None, 16), (2, 128, 16)]:
+            cfg = dict(base, SPLIT_K=sk)
+            L0 = random_packed_layer(N, K, bits, g)
+            nb = _layer_bytes(L0)
+            Ls = [L0] + [random_packed_layer(N, K, bits, g) for _ in range(copies_needed(nb) - 1)]
+            x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+            def timed(fn, qws, x=x, Ls=Ls, bits=bits, g=g, cfg=cfg) -> float:
+                return time_rotated([lambda q=q, L=L: fn(x, q, L.scales, L.zeros, bits, g, config=cfg)
+                                     for q, L in zip(qws, Ls, strict=True)], rep_ms=40)
+
+            t_old = timed(old.gemv_matmul, [L.qweight for L in Ls])
+            t_new = timed(qk.gemv_matmul, [L.qweight for L in Ls])
+            qts = [qk.tile_major(L.qweight, 64, 128, bits) for L in Ls]
+            t_tile = timed(qk.gemv_matmul, qts)
+            print(f"{N}x{K} W{bits} g{g or 'ch'} split{sk}: fp16 {t16 * 1e6:.1f}  6c29dc8 {t_old * 1e6:.1f}  "
+                  f"now {t_new * 1e6:.1f}  tile-major {t_tile * 1e6:.1f} us ({t16 / t_tile:.2f}x, "
+                  f"{nb / t_tile / bw * 100:.0f}% copy)", flush=True)
+            del Ls, qts, L0
+            torch.cuda.empty_cache()
+
+
 def main(mode: str) -> None:
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -142,11 +189,13 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("layout", "pc", "tiled"):
-        sys.exit("usage: gemv_probe.py layout|pc|tiled [--quick]")
+    if len(sys.argv) < 2 or sys.argv[1] not in ("layout", "pc", "tiled", "refactor"):
+        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor [--quick]")
     if not torch.cuda.is_available():
         sys.exit("gemv_probe.py needs a CUDA GPU")
     if sys.argv[1] == "tiled":
         tiled("--quick" in sys.argv)
+    elif sys.argv[1] == "refactor":
+        refactor()
     else:
         main(sys.argv[1])

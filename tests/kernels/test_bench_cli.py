@@ -14,8 +14,8 @@ from qtool.errors import QtoolError
 def test_kernels_passes_parsed_options(monkeypatch) -> None:
     seen = {}
 
-    def fake_run(shapes, Ms, bits_list, groups, dtype):
-        seen.update(shapes=shapes, Ms=Ms, bits=bits_list, groups=groups, dtype=dtype)
+    def fake_run(shapes, Ms, bits_list, groups, dtype, tile_major):
+        seen.update(shapes=shapes, Ms=Ms, bits=bits_list, groups=groups, dtype=dtype, tile_major=tile_major)
         return kb.KernelReport("gpu", "t", "tr", 3000.0, [])
 
     monkeypatch.setattr(kb, "run", fake_run)
@@ -23,8 +23,11 @@ def test_kernels_passes_parsed_options(monkeypatch) -> None:
                                    "--groups", "128,ch", "--dtype", "bf16", "--json"])
     assert res.exit_code == 0, res.output
     assert seen == {"shapes": ["7B.qo"], "Ms": (1, 16), "bits": (4,), "groups": (128, None),
-                    "dtype": torch.bfloat16}
+                    "dtype": torch.bfloat16, "tile_major": True}
     assert '"copy_gbps": 3000.0' in res.output
+    res = CliRunner().invoke(app, ["kernels", "--shapes", "7B.qo", "--row-major", "--json"])
+    assert res.exit_code == 0, res.output
+    assert seen["tile_major"] is False
 
 
 def test_unknown_shape_is_a_user_error() -> None:
