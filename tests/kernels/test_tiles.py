@@ -62,13 +62,15 @@ def test_tile_major_layout_roundtrip() -> None:
     for bits, g, (N, K) in [(4, 128, (128, 256)), (2, 64, (64, 512)), (3, 128, (64, 256)), (4, 128, (80, 256))]:
         qw = rtn(torch.randn(N, K, generator=gen), QuantSpec(bits, g))
         layers.append(QuantLinear.from_quantized(qw, bits, g, None))
-    model = nn.Sequential(*layers)
+    peqa = QuantLinear.from_quantized(rtn(torch.randn(64, 256, generator=gen), QuantSpec(4, 128)), 4, 128, None)
+    peqa.scale_delta = nn.Parameter(torch.zeros_like(peqa.scales, dtype=torch.float32))  # trains: left as is
+    model = nn.Sequential(*layers, peqa)
     before = [m.qweight.clone() for m in layers]
     codes = [m.codes() for m in layers]
     xs = [torch.randn(1, m.in_features, generator=gen).half() for m in layers]
     with tile_major_layout(model) as n:
         # 80 rows are not whole 64-row tiles: that layer stays row-major
-        assert n == 3 and [m.qweight.dim() for m in layers] == [4, 4, 4, 2]
+        assert n == 3 and [m.qweight.dim() for m in layers] == [4, 4, 4, 2] and peqa.qweight.dim() == 2
         assert all(torch.equal(m.codes(), c) for m, c in zip(layers, codes, strict=True))
         ys = [qk.quant_linear(m, x) for m, x in zip(layers, xs, strict=True)]  # the kernels (interpreter)
         ys_torch = [m(x) for m, x in zip(layers, xs, strict=True)]  # CPU tensors: the torch fallback
