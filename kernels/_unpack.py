@@ -75,13 +75,17 @@ def load3(qw_ptr, offs_n, stride_qn, w0, wl, n_mask, Wn, MASKED: tl.constexpr,
           TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0):
     """The three words of 3-bit 32-code blocks starting at words w0 + wl [NB] (w0 a scalar)
     of rows `offs_n` (a block never straddles two tile-major tiles: TILE_W is a multiple of 3)."""
-    blk = w0 + wl
     base = word_ptrs(qw_ptr, offs_n, w0, wl, stride_qn, Wn, TILE_N, TILE_W)
+    return load3_at(base, n_mask[:, None] & ((w0 + wl)[None, :] < Wn), MASKED)
+
+
+@triton.jit
+def load3_at(base, mask, MASKED: tl.constexpr):
+    """The three words of 3-bit blocks whose first words `base` points at (any shape)."""
     if MASKED:
-        m = n_mask[:, None] & (blk[None, :] < Wn)
-        a = tl.load(base, mask=m, other=0)
-        b = tl.load(base + 1, mask=m, other=0)
-        c = tl.load(base + 2, mask=m, other=0)
+        a = tl.load(base, mask=mask, other=0)
+        b = tl.load(base + 1, mask=mask, other=0)
+        c = tl.load(base + 2, mask=mask, other=0)
     else:
         a = tl.load(base)
         b = tl.load(base + 1)

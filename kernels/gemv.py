@@ -47,7 +47,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from qtool_kernels._unpack import code3, load3
+from qtool_kernels._unpack import code3, load3, load3_at
 from qtool_kernels.skinny import (
     PER_CHANNEL,
     _num_sms,
@@ -320,16 +320,7 @@ def _gemv_groups_kernel(
         qw_tile = qw_blk + t * stride_qt
         if BITS == 3:
             blk = (widx * 3)[None, :, :]
-            ptrs = qw_tile + rows + blk
-            if MASKED:
-                m = n_mask[:, None, None] & (blk < Wn - t * WPT)
-                w0 = tl.load(ptrs, mask=m, other=0)
-                w1 = tl.load(ptrs + 1, mask=m, other=0)
-                w2 = tl.load(ptrs + 2, mask=m, other=0)
-            else:
-                w0 = tl.load(ptrs)
-                w1 = tl.load(ptrs + 1)
-                w2 = tl.load(ptrs + 2)
+            w0, w1, w2 = load3_at(qw_tile + rows + blk, n_mask[:, None, None] & (blk < Wn - t * WPT), MASKED)
             zc = zf + 8388608.0
             for j in tl.static_range(32):
                 a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,

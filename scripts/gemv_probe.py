@@ -24,22 +24,35 @@ import sys
 import torch
 
 
-def _time(N: int, K: int, bits: int, g: int | None, overrides: dict) -> tuple[float, float, dict]:
+def _rotated_layers(N: int, K: int, bits: int, g: int | None) -> tuple[list, int]:
+    """Enough random packed layers to rotate out of L2, and one layer's weight bytes."""
+    from qtool.bench.kernels import _layer_bytes, random_packed_layer
+    from qtool.bench.timing import copies_needed
+
+    L0 = random_packed_layer(N, K, bits, g)
+    nb = _layer_bytes(L0)
+    return [L0] + [random_packed_layer(N, K, bits, g) for _ in range(copies_needed(nb) - 1)], nb
+
+
+def _time_row_major(layers: list, K: int, bits: int, g: int | None, overrides: dict) -> tuple[float, dict, object]:
+    """(seconds, config, x) of the GEMV on the layers' stored codes with default_gemv_config + overrides."""
     import qtool_kernels as qk
     from qtool_kernels.gemv import default_gemv_config
 
-    from qtool.bench.kernels import _layer_bytes, random_packed_layer
-    from qtool.bench.timing import copies_needed, time_rotated
+    from qtool.bench.timing import time_rotated
 
     n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    L0 = random_packed_layer(N, K, bits, g)
-    nb = _layer_bytes(L0)
-    layers = [L0] + [random_packed_layer(N, K, bits, g) for _ in range(copies_needed(nb) - 1)]
     x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-    cfg = default_gemv_config(1, N, K, bits, g, n_sm, overrides)
+    cfg = default_gemv_config(1, layers[0].out_features, K, bits, g, n_sm, overrides)
     t = time_rotated([lambda L=L: qk.gemv_matmul(x, L.qweight, L.scales, L.zeros, bits, g, config=cfg)
                       for L in layers], rep_ms=40)
-    del layers, L0
+    return t, cfg, x
+
+
+def _time(N: int, K: int, bits: int, g: int | None, overrides: dict) -> tuple[float, float, dict]:
+    layers, nb = _rotated_layers(N, K, bits, g)
+    t, cfg, _ = _time_row_major(layers, K, bits, g, overrides)
+    del layers
     torch.cuda.empty_cache()
     return t, nb, cfg
 
@@ -48,20 +61,12 @@ def _time_tiled(N: int, K: int, bits: int, g: int | None, ov: dict, tiled_scales
                 ) -> tuple[float, float, float, dict]:
     """(row-major s, tile-major s, bytes, config): the same config, weights as stored vs tile-major."""
     import qtool_kernels as qk
-    from qtool_kernels.gemv import default_gemv_config
     from qtool_kernels.tiles import groups_tile_major, tile_major
 
-    from qtool.bench.kernels import _layer_bytes, random_packed_layer
-    from qtool.bench.timing import copies_needed, time_rotated
+    from qtool.bench.timing import time_rotated
 
-    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
-    L0 = random_packed_layer(N, K, bits, g)
-    nb = _layer_bytes(L0)
-    layers = [L0] + [random_packed_layer(N, K, bits, g) for _ in range(copies_needed(nb) - 1)]
-    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-    cfg = default_gemv_config(1, N, K, bits, g, n_sm, ov)
-    t_row = time_rotated([lambda L=L: qk.gemv_matmul(x, L.qweight, L.scales, L.zeros, bits, g, config=cfg)
-                          for L in layers], rep_ms=40)
+    layers, nb = _rotated_layers(N, K, bits, g)
+    t_row, cfg, x = _time_row_major(layers, K, bits, g, ov)
     BN, BK = cfg["BLOCK_N"], cfg["BLOCK_K"]
     tl_ = []
     for L in layers:
@@ -70,7 +75,7 @@ def _time_tiled(N: int, K: int, bits: int, g: int | None, ov: dict, tiled_scales
         if tiled_scales:
             s, z = groups_tile_major(s, BN), groups_tile_major(z, BN)
         tl_.append((q, s, z))
-    del layers, L0
+    del layers
     t_tile = time_rotated([lambda q=q, s=s, z=z: qk.gemv_matmul(x, q, s, z, bits, g, config=cfg)
                            for q, s, z in tl_], rep_ms=40)
     del tl_
@@ -126,8 +131,8 @@ def refactor() -> None:
 
     import qtool_kernels as qk
 
-    from qtool.bench.kernels import _layer_bytes, bench_fp16, random_packed_layer
-    from qtool.bench.timing import copies_needed, copy_bandwidth, time_rotated
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth, time_rotated
 
     src = subprocess.run(["git", "show", "6c29dc8:kernels/gemv.py"], capture_output=True, text=True, check=True).stdout
     path = pathlib.Path(tempfile.mkdtemp()) / "gemv_6c29dc8.py"
@@ -143,9 +148,7 @@ def refactor() -> None:
         t16 = bench_fp16(N, K, 1, torch.float16)
         for bits, g, sk in [(4, 128, 8), (4, 128, 16), (4, None, 16), (2, 128, 16)]:
             cfg = dict(base, SPLIT_K=sk)
-            L0 = random_packed_layer(N, K, bits, g)
-            nb = _layer_bytes(L0)
-            Ls = [L0] + [random_packed_layer(N, K, bits, g) for _ in range(copies_needed(nb) - 1)]
+            Ls, nb = _rotated_layers(N, K, bits, g)
             x = torch.randn(1, K, device="cuda", dtype=torch.float16)
             def timed(fn, qws, x=x, Ls=Ls, bits=bits, g=g, cfg=cfg) -> float:
                 return time_rotated([lambda q=q, L=L: fn(x, q, L.scales, L.zeros, bits, g, config=cfg)
@@ -158,7 +161,7 @@ def refactor() -> None:
             print(f"{N}x{K} W{bits} g{g or 'ch'} split{sk}: fp16 {t16 * 1e6:.1f}  6c29dc8 {t_old * 1e6:.1f}  "
                   f"now {t_new * 1e6:.1f}  tile-major {t_tile * 1e6:.1f} us ({t16 / t_tile:.2f}x, "
                   f"{nb / t_tile / bw * 100:.0f}% copy)", flush=True)
-            del Ls, qts, L0
+            del Ls, qts
             torch.cuda.empty_cache()
 
 
