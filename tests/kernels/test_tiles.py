@@ -93,7 +93,11 @@ def test_tile_major_gpu(bits: int, group_size: int | None, dtype: torch.dtype, M
     assert tile is not None
     gen, seed = fresh_generator("cuda")
     print(f"seed={seed}")
-    qweight, scales, zeros = random_packed(N, K, bits, group_size, device="cuda")
+    # random codes drawn on the GPU (an RTN of a 45M-element matrix on the host takes seconds)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (N, K * bits // 32), device="cuda", dtype=torch.int32, generator=gen)
+    G = 1 if group_size is None else K // group_size
+    scales = (torch.rand(N, G, device="cuda", generator=gen) * 0.015 + 0.005).half()
+    zeros = torch.randint(0, 2**bits, (N, G), device="cuda", dtype=torch.uint8, generator=gen)
     qt = tile_major(qweight, tile[0], tile[1], bits)
     x = torch.randn(M, K, device="cuda", generator=gen).to(dtype)
     y = qk.forward_packed(x, qt, scales, zeros, bits, group_size, None)
