@@ -53,3 +53,21 @@ def test_nf4_weight_bytes() -> None:
     n_blocks = N * K // 64
     layer = kb.random_nf4_layer(N, K, device="cpu")
     assert kb._layer_bytes(layer) == N * K // 2 + n_blocks + 4 * -(-n_blocks // 256) + 4
+
+
+def test_decode_passes_layout(monkeypatch) -> None:
+    from qtool.bench import decode as db
+
+    seen = {}
+
+    def fake_run(model, bits, g, batches, new_tokens, layers, tile_major):
+        seen.update(model=model, bits=bits, g=g, batches=batches, tile_major=tile_major)
+        return {"model": model, "gpu": "g", "bits": bits, "group_size": g, "tile_major_layers": 0, "rows": []}
+
+    monkeypatch.setattr(db, "run", fake_run)
+    res = CliRunner().invoke(app, ["decode", "--bits", "3", "--group-size", "64", "--batch", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    assert seen == {"model": "synthetic-7b", "bits": 3, "g": 64, "batches": (1,), "tile_major": True}
+    res = CliRunner().invoke(app, ["decode", "--row-major"])
+    assert res.exit_code == 0, res.output
+    assert seen["tile_major"] is False
