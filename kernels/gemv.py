@@ -57,6 +57,7 @@ from qtool_kernels.skinny import (
     split_k_output,
     split_k_result,
 )
+from qtool_kernels.tiles import packed_geometry, words_per_tile
 from torch import Tensor
 
 __all__ = ["default_gemv_config", "default_h2_config", "gemv_matmul", "gemv_path", "reference_gemv",
@@ -287,13 +288,11 @@ def _gemv_groups_kernel(
     NG: tl.constexpr = BLOCK_K // GROUP
     if BITS == 3:
         CPW: tl.constexpr = 32  # codes per 3-word block
-    else:
-        CPW: tl.constexpr = 32 // BITS
-    WPG: tl.constexpr = GROUP // CPW
-    if BITS == 3:
         WPT: tl.constexpr = 3 * (BLOCK_K // 32)  # words per row and tile
     else:
+        CPW: tl.constexpr = 32 // BITS
         WPT: tl.constexpr = BLOCK_K // CPW
+    WPG: tl.constexpr = GROUP // CPW
     gi = tl.arange(0, NG)
     widx = gi[:, None] * WPG + tl.arange(0, WPG)[None, :]  # [NG, WPG]: word (block) of the tile
     r = tl.arange(0, BLOCK_N)
@@ -459,16 +458,15 @@ def gemv_matmul(
     assert bits in (2, 3, 4, 8), bits
     assert x.stride(1) == 1 and qweight.stride(-1) == 1
     assert scales.stride(-1) == 1 and zeros.stride(-1) == 1 and scales.dim() == zeros.dim()
-    tiled = qweight.dim() == 4
+    N, Wn, BN, wpt = packed_geometry(qweight)
+    tiled = BN != 0
     if tiled:  # tile-major (tiles.py): the tile is fixed by the layout
-        NB, KT, BN, wpt = qweight.shape
-        N, Wn, BK = NB * BN, KT * wpt, wpt * 32 // bits
-        assert K == KT * BK, "tile-major weights hold whole K tiles"
+        BK = wpt * 32 // bits
+        assert K * bits == Wn * 32, "tile-major weights hold whole K tiles"
         fixed = {"BLOCK_N": BN, "BLOCK_K": BK, "SPAN_GROUPS": group_size is not None and BK > group_size}
         cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device), fixed, tiled=True))
         assert cfg["BLOCK_N"] == BN and cfg["BLOCK_K"] == BK, "config tile differs from the tile-major layout"
     else:
-        N, Wn = qweight.shape
         cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device)))
     assert Wn * 32 >= K * bits, "qweight holds fewer codes than K"
     cfg.pop("H2", None)
@@ -482,7 +480,7 @@ def gemv_matmul(
     if tiled:
         q_strides = (qweight.stride(0), qweight.stride(1), qweight.stride(2))
     else:  # row-major: a row block is BN rows down, a K tile its words along the row
-        q_strides = (BN * qweight.stride(0), BK * bits // 32, qweight.stride(0))
+        q_strides = (BN * qweight.stride(0), words_per_tile(bits, BK), qweight.stride(0))
     if scales.dim() == 3:  # [N / BN, G, BN]
         assert scales.shape[2] == BN and zeros.shape == scales.shape, "tile-major scales need BLOCK_N rows per block"
         G = scales.shape[1]
