@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 from qtool_kernels._unpack import code3, load3, load3_at
+from qtool_kernels.occupancy import resident_programs, split_k_one_wave
 from qtool_kernels.skinny import (
     PER_CHANNEL,
     _num_sms,
@@ -368,13 +369,34 @@ def _block_k(bits: int, group_size: int | None, want: int) -> int:
     return bk
 
 
-def _split_k(n_tiles: int, k_tiles: int, target: int, cap: int) -> int:
-    """Double split-K until there are `target` programs, keeping ≥ 4 K tiles per program:
-    nothing is software-pipelined, so latency is hidden by programs in flight."""
-    split_k = 1
-    while n_tiles * split_k < target and k_tiles // (2 * split_k) >= 4 and split_k < cap:
-        split_k *= 2
-    return split_k
+def _split_k(n_tiles: int, k_tiles: int, t: dict, n_sm: int, resident: int | None, cap: int) -> int:
+    """SPLIT_K for `n_tiles` row blocks × `k_tiles` K tiles: the tuned "SPLIT_K" if given, else
+    the most K slices whose grid fits in one wave of the SMs' slots (occupancy.split_k_one_wave).
+    Nothing is software-pipelined, so latency is hidden by programs in flight: the slots are
+    `programs_per_sm` (default 8) per SM, or fewer when the compiled kernel's registers fit
+    fewer (`resident`, known after its first launch). A doubling rule once made 1,024 programs
+    for 70B.down on 924 slots (71 registers: 7 per SM), a second wave 11 % full that cost
+    20 % (docs/kernels.md §v7)."""
+    if t.get("SPLIT_K"):
+        return t["SPLIT_K"]
+    per_sm = t.get("programs_per_sm", 8)
+    if resident:
+        per_sm = min(per_sm, resident)
+    return split_k_one_wave(n_tiles, k_tiles, per_sm * n_sm, cap)
+
+
+# launch signature -> programs per SM of the kernel it compiled to (its registers and shared
+# memory), recorded at the first launch; later calls size their grid with it.
+_RESIDENT: dict[tuple, int] = {}
+
+
+def _record_residency(key: tuple, compiled: object) -> None:
+    """Note how many programs of `compiled` (what a Triton launch returns) fit on an SM; no-op
+    under the interpreter (no compiled kernel) or when the count is unknown."""
+    regs = getattr(compiled, "n_regs", None)
+    meta = getattr(compiled, "metadata", None)
+    if regs and meta is not None:
+        _RESIDENT[key] = resident_programs(regs, meta.num_warps, meta.shared)
 
 
 def tile_major_tile(bits: int, group_size: int | None, N: int, K: int) -> tuple[int, int] | None:
@@ -391,7 +413,7 @@ def tile_major_tile(bits: int, group_size: int | None, N: int, K: int) -> tuple[
 
 
 def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int,
-                        overrides: dict | None = None, tiled: bool = False) -> dict:
+                        overrides: dict | None = None, tiled: bool = False, resident: int | None = None) -> dict:
     """Tile sizes for the GEMV kernel.
 
     Defaults (compiled for sm_90, not yet timed on a GPU): 64 rows × 128 codes per tile with
@@ -400,8 +422,9 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     (128 rows with 4 warps would shuffle scale, zero and the 2^(23−t) + z constants through
     shared memory every tile: 12 barriers per tile). BLOCK_K shrinks to the group size when
     groups are smaller. Nothing is software-pipelined (the loads feed no dot), so latency is
-    hidden by warps: K is split until there are about `programs_per_sm` (8) programs of 4
-    warps per SM, keeping ≥ 4 K tiles per program.
+    hidden by programs in flight: K is split into as many slices as fit in one wave of
+    `programs_per_sm` (8) programs per SM, or of `resident` (how many the compiled kernel fits)
+    when fewer, keeping ≥ 4 K tiles per program (_split_k).
     tuned_skinny.json's "gemv" section overrides per "bits:group:M" class ("pc" = per
     channel), then per bit-width, with what scripts/gemv_ab.py measured; "SPAN_GROUPS" comes
     from there only: BLOCK_K may then cover several whole groups (_gemv_groups_kernel: longer
@@ -420,7 +443,7 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     block_k = _block_k(bits, group_size, want_k)
     n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     k_tiles = triton.cdiv(K, block_k)
-    split_k = t.get("SPLIT_K") or _split_k(n_tiles, k_tiles, t.get("programs_per_sm", 8) * n_sm, 16)
+    split_k = _split_k(n_tiles, k_tiles, t, n_sm, resident, 16)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
             "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 2)}
 
@@ -460,14 +483,18 @@ def gemv_matmul(
     assert scales.stride(-1) == 1 and zeros.stride(-1) == 1 and scales.dim() == zeros.dim()
     N, Wn, BN, wpt = packed_geometry(qweight)
     tiled = BN != 0
+    # everything the default config and the kernel's specialisation depend on, but the split
+    sig = (x.dtype, tuple(qweight.shape), bits, group_size, scales.dim(), bias is not None, min(M, MAX_BLOCK_M))
+    resident = _RESIDENT.get(sig)
     if tiled:  # tile-major (tiles.py): the tile is fixed by the layout
         BK = wpt * 32 // bits
         assert K * bits == Wn * 32, "tile-major weights hold whole K tiles"
         fixed = {"BLOCK_N": BN, "BLOCK_K": BK, "SPAN_GROUPS": group_size is not None and BK > group_size}
-        cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device), fixed, tiled=True))
+        cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device), fixed, tiled=True,
+                                                 resident=resident))
         assert cfg["BLOCK_N"] == BN and cfg["BLOCK_K"] == BK, "config tile differs from the tile-major layout"
     else:
-        cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device)))
+        cfg = dict(config or default_gemv_config(M, N, K, bits, group_size, _num_sms(x.device), resident=resident))
     assert Wn * 32 >= K * bits, "qweight holds fewer codes than K"
     cfg.pop("H2", None)
     cfg.pop("SPAN_GROUPS", None)
@@ -493,7 +520,7 @@ def gemv_matmul(
     out, stride_os = split_k_output(x, M, N, SK, out, workspace)
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
     kernel = _gemv_groups_kernel if BK > GROUP else _gemv_kernel
-    kernel[grid](
+    compiled = kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out,
         M, N, K, Wn, *((G,) if BK > GROUP else ()), 0,
         x.stride(0), *q_strides, *s_strides, *z_strides, stride_os, out.stride(-2),
@@ -502,6 +529,8 @@ def gemv_matmul(
         enable_fp_fusion=True,  # the products must fuse into the row sums (FFMA), whatever the default
         **cfg,
     )
+    if config is None and resident is None:
+        _record_residency(sig, compiled)
     return split_k_result(out, SK, bias, x.dtype)
 
 
@@ -560,5 +589,5 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
     bn = t.get("BLOCK_N", t.get("rows", 4) * (32 // nq) * nw)
     n_tiles = triton.cdiv(N, bn)
     k_tiles = triton.cdiv(K, bk)
-    split_k = t.get("SPLIT_K") or _split_k(n_tiles, k_tiles, t.get("programs_per_sm", 4) * n_sm, 32)
+    split_k = _split_k(n_tiles, k_tiles, {"programs_per_sm": 4, **t}, n_sm, None, 32)
     return {"H2": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": nw, "num_stages": 1}

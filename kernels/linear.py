@@ -21,6 +21,7 @@ from qtool_kernels.dequant import dequantize_packed
 from qtool_kernels.gemv import gemv_matmul
 from qtool_kernels.scale_grad import scale_grad
 from qtool_kernels.skinny import skinny_matmul
+from qtool_kernels.tiles import groups_row_major
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -75,11 +76,15 @@ def forward_packed(
     """y [M, N] = x2d [M, K] · Ŵᵀ + bias, no autograd.
 
     max_m: the largest M for a fused kernel (default skinny_max_m()); within it, M ≤
-    gemv_max_m() takes the GEMV and the rest the skinny kernel."""
+    gemv_max_m() takes the GEMV and the rest the skinny kernel. Tile-major scales and zeros
+    [N / BN, G, BN] (tiles.groups_tile_major, inside `tile_major_layout`) are read by the GEMV
+    as they are and put back in row order (N·G elements) for the other kernels."""
     M, K = x2d.shape
+    if M <= (skinny_max_m() if max_m is None else max_m) and M <= gemv_max_m():
+        return gemv_matmul(x2d, qweight, scales, zeros, bits, group_size, bias)
+    if scales.dim() == 3:
+        scales, zeros = groups_row_major(scales), groups_row_major(zeros)
     if M <= (skinny_max_m() if max_m is None else max_m):
-        if M <= gemv_max_m():
-            return gemv_matmul(x2d, qweight, scales, zeros, bits, group_size, bias)
         return skinny_matmul(x2d, qweight, scales, zeros, bits, group_size, bias)
     W = dequantize_packed(qweight, scales, zeros, bits, group_size, K, x2d.dtype)
     return F.linear(x2d, W, None if bias is None else bias.to(x2d.dtype))
@@ -90,6 +95,8 @@ class _QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, scale_delta, qweight, scales, zeros, bias, bits, group_size):
+        if scales.dim() == 3:  # tile-major groups (frozen layers in tile_major_layout)
+            scales, zeros = groups_row_major(scales), groups_row_major(zeros)
         s = scales if scale_delta is None else scales.float() + scale_delta
         y = forward_packed(x2d, qweight, s, zeros, bits, group_size, bias)
         ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, qweight, s, zeros)

@@ -51,9 +51,10 @@ def groups_tile_major(t: Tensor, block_n: int) -> Tensor:
 
 
 def groups_row_major(t: Tensor) -> Tensor:
-    """The inverse of groups_tile_major."""
+    """The inverse of groups_tile_major, contiguous (the kernels read [N, G] with unit stride
+    along G; a plain reshape would be a strided view when G = 1)."""
     NB, G, BN = t.shape
-    return t.transpose(1, 2).reshape(NB * BN, G)
+    return t.transpose(1, 2).reshape(NB * BN, G).contiguous()
 
 
 def packed_geometry(qweight: Tensor) -> tuple[int, int, int, int]:

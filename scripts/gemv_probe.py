@@ -10,6 +10,11 @@
   python scripts/gemv_probe.py refactor  session 6: the row-major GEMV of 6c29dc8 (before the block/tile
                                          strides) vs now vs tile-major, same configs, one run (W4/W2:
                                          the old file imports today's _unpack, whose 3-bit loader changed).
+  python scripts/gemv_probe.py waves     session 7: grid size vs resident slots. Per class and shape, the same
+                                         kernel with (a) session 6's doubling split-K and [N, G] scales,
+                                         (b) doubling split, tile-major scales (session 6's probe), (c) the
+                                         shipped default (one-wave split from the compiled kernel's registers,
+                                         tile-major scales), (d/e) row-major codes, doubling vs shipped.
   python scripts/gemv_probe.py pc        per channel (no group scales, any BLOCK_K): long runs per
                                          row (BLOCK_K up to 1024 codes) and few rows per program
                                          in the stored layout (this sweep set the pc tiles).
@@ -165,6 +170,96 @@ def refactor() -> None:
             torch.cuda.empty_cache()
 
 
+def _doubling_split(n_tiles: int, k_tiles: int, target: int, cap: int = 16) -> int:
+    """Session 6's split-K rule: double until n_tiles · split ≥ target (it overshoots up to 2×)."""
+    split = 1
+    while n_tiles * split < target and k_tiles // (2 * split) >= 4 and split < cap:
+        split *= 2
+    return split
+
+
+def _launched_split(fn) -> int:
+    """SPLIT_K of the GEMV launch that fn() makes (timing runs it; this reads its config)."""
+    import qtool_kernels.gemv as gemv
+
+    seen = []
+    saved = {k: k.run for k in (gemv._gemv_kernel, gemv._gemv_groups_kernel)}
+
+    def spy(kernel):
+        def run(*args, **kwargs):
+            seen.append(kwargs["SPLIT_K"])
+            return saved[kernel](*args, **kwargs)
+        return run
+
+    for k in saved:
+        k.run = spy(k)
+    try:
+        fn()
+    finally:
+        for k, run in saved.items():
+            k.run = run
+    return seen[-1]
+
+
+def waves(quick: bool) -> None:
+    import qtool_kernels as qk
+    import qtool_kernels.gemv as gemv
+    import triton
+    from qtool_kernels.tiles import groups_tile_major, tile_major
+
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth, time_rotated
+
+    bw = copy_bandwidth()
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"copy={bw / 1e9:.0f} GB/s sms={n_sm}", flush=True)
+    shapes = {"70B.down": (8192, 28672), "7B.down": (4096, 11008), "70B.up": (28672, 8192), "7B.up": (11008, 4096)}
+    classes = [(4, 128), (4, None), (3, 128), (2, 64), (2, 128), (4, 64)]
+    if quick:
+        shapes = {k: shapes[k] for k in ("70B.down", "7B.down")}
+        classes = classes[:4]
+    for name, (N, K) in shapes.items():
+        t16 = bench_fp16(N, K, 1, torch.float16)
+        for bits, g in classes:
+            tile = qk.tile_major_tile(bits, g, N, K)
+            if tile is None:
+                continue
+            Ls, nb = _rotated_layers(N, K, bits, g)
+            x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+            fixed = {"BLOCK_N": tile[0], "BLOCK_K": tile[1], "SPAN_GROUPS": g is not None and tile[1] > g}
+            tile_cfg = gemv.default_gemv_config(1, N, K, bits, g, n_sm, fixed, tiled=True)
+            row_cfg = gemv.default_gemv_config(1, N, K, bits, g, n_sm)
+            # session 6's grids: the doubling rule at the then-tuned programs per SM (row W4 g128: 4)
+            pps_row = 4 if (bits, g) == (4, 128) else gemv._tuned()["gemv"].get(f"{bits}:{g or 'pc'}:1", {}).get(
+                "programs_per_sm", 8)
+            old_tile = dict(tile_cfg, SPLIT_K=_doubling_split(N // tile[0], K // tile[1], 8 * n_sm))
+            old_row = dict(row_cfg, SPLIT_K=_doubling_split(triton.cdiv(N, row_cfg["BLOCK_N"]),
+                                                            triton.cdiv(K, row_cfg["BLOCK_K"]), pps_row * n_sm))
+            qt = [tile_major(L.qweight, *tile, bits) for L in Ls]
+            s3 = [(groups_tile_major(L.scales, tile[0]), groups_tile_major(L.zeros, tile[0])) for L in Ls]
+            row_groups = [(L.scales, L.zeros) for L in Ls]
+            runs = {
+                "tile, [N,G] scales, doubling": ([(q, s, z) for q, (s, z) in zip(qt, row_groups, strict=True)],
+                                                 old_tile),
+                "tile, tile scales, doubling": ([(q, s, z) for q, (s, z) in zip(qt, s3, strict=True)], old_tile),
+                "tile, tile scales, shipped": ([(q, s, z) for q, (s, z) in zip(qt, s3, strict=True)], None),
+                "row, doubling": ([(L.qweight, L.scales, L.zeros) for L in Ls], old_row),
+                "row, shipped": ([(L.qweight, L.scales, L.zeros) for L in Ls], None),
+            }
+            for label, (ws, cfg) in runs.items():
+                calls = [lambda q=q, s=s, z=z, cfg=cfg, x=x, b=bits, g=g: qk.gemv_matmul(x, q, s, z, b, g, config=cfg)
+                         for q, s, z in ws]
+                t = time_rotated(calls, rep_ms=40)  # its warm-up records the kernel's residency
+                split = _launched_split(calls[0])
+                bn = tile[0] if ws[0][0].dim() == 4 else row_cfg["BLOCK_N"]
+                print(f"{name} W{bits} g{g or 'ch'} {label:29}: {t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 "
+                      f"{t16 * 1e6:.1f} us, {nb / t / bw * 100:3.0f}% copy) split={split} "
+                      f"programs={triton.cdiv(N, bn) * split}", flush=True)
+            del Ls, qt, s3
+            torch.cuda.empty_cache()
+
+
 def main(mode: str) -> None:
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -192,13 +287,15 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("layout", "pc", "tiled", "refactor"):
-        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor [--quick]")
+    if len(sys.argv) < 2 or sys.argv[1] not in ("layout", "pc", "tiled", "refactor", "waves"):
+        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves [--quick]")
     if not torch.cuda.is_available():
         sys.exit("gemv_probe.py needs a CUDA GPU")
     if sys.argv[1] == "tiled":
         tiled("--quick" in sys.argv)
     elif sys.argv[1] == "refactor":
         refactor()
+    elif sys.argv[1] == "waves":
+        waves("--quick" in sys.argv)
     else:
         main(sys.argv[1])

@@ -10,6 +10,7 @@ the bytes a kernel must read at least once (packed codes + scales + zeros, or NF
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qtool.bench.timing import copies_needed, copy_bandwidth, time_rotated
+from qtool.nn.qlinear import tile_major_layout
 
 # (N out, K in). Llama-2-7B: q/k/v/o 4096×4096, gate/up 11008×4096, down 4096×11008;
 # Llama-3-70B: q/o 8192×8192, gate/up 28672×8192, down 8192×28672.
@@ -122,9 +124,6 @@ def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype
     nbytes = _layer_bytes(layers[0])
     layers += [random_packed_layer(N, K, bits, group_size) for _ in range(copies_needed(nbytes) - 1)]
     tile = qk.tile_major_tile(bits, group_size, N, K) if tile_major and config is None else None
-    if tile is not None:
-        for L in layers:
-            L.qweight = qk.tile_major(L.qweight, tile[0], tile[1], bits)
     x = torch.randn(M, K, device="cuda", dtype=dtype)
     max_m = qk.skinny_max_m() if skinny_max_m is None else skinny_max_m
     path = "skinny" if M <= max_m else "dequant+cublas"
@@ -136,7 +135,9 @@ def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype
     else:
         calls = [lambda L=L: qk.forward_packed(x, L.qweight, L.scales, L.zeros, bits, group_size, None, max_m)
                  for L in layers]
-    t = time_rotated(calls, use_graph=M <= 256)
+    # the layers' buffers are swapped in place; the calls read them when they run
+    with tile_major_layout(torch.nn.ModuleList(layers)) if tile is not None else contextlib.nullcontext():
+        t = time_rotated(calls, use_graph=M <= 256)
     del layers
     return t, nbytes, path + ("/tile" if tile is not None else "")
 

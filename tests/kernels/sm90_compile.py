@@ -56,6 +56,39 @@ def cases(bits: int) -> list[tuple[str, object, dict, dict]]:
     return out
 
 
+def occupancy() -> None:
+    """The GEMV's grid on a 132-SM sm_90 in steady state: gemv_matmul twice per layer (the first
+    launch records how many programs its compiled kernel fits per SM, the second sizes the
+    grid by it), for row-major and tile-major layers (tile-major scales, as tile_major_layout
+    stores them)."""
+    import torch
+    from qtool_kernels import gemv, offline
+    from qtool_kernels.occupancy import resident_programs
+    from qtool_kernels.tiles import groups_tile_major, tile_major
+
+    gemv._num_sms = lambda device: 132
+    res = {}
+    for bits, g in [(4, 128), (3, 128), (2, 64)]:
+        for N, K in [(4096, 11008), (8192, 8192)]:
+            for tiled in (False, True):
+                q = torch.zeros(N, K * bits // 32, dtype=torch.int32)
+                s, z = torch.ones(N, K // g, dtype=torch.float16), torch.zeros(N, K // g, dtype=torch.uint8)
+                if tiled:
+                    bn, bk = gemv.tile_major_tile(bits, g, N, K)
+                    q, s, z = tile_major(q, bn, bk, bits), groups_tile_major(s, bn), groups_tile_major(z, bn)
+                x = torch.zeros(1, K, dtype=torch.float16)
+                with offline.captured(gemv._gemv_kernel, gemv._gemv_groups_kernel, arch=90) as got:
+                    gemv.gemv_matmul(x, q, s, z, bits, g)
+                    gemv.gemv_matmul(x, q, s, z, bits, g)
+                c = offline.compile_launch(got[-1])
+                res[f"W{bits} g{g} {N}x{K} {'tile' if tiled else 'row'}"] = {
+                    "regs": c.regs, "spill": c.spill_bytes,
+                    "resident": resident_programs(c.regs, c.num_warps, c.shared),
+                    "programs": got[-1].grid[0] * got[-1].grid[1] * got[-1].grid[2],
+                    "splits": [la.kwargs["SPLIT_K"] for la in got]}
+    print(json.dumps(res))
+
+
 def main(bits: int) -> None:
     res = {}
     for name, fn, const, opts in cases(bits):
@@ -71,4 +104,4 @@ def main(bits: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    occupancy() if sys.argv[1] == "occupancy" else main(int(sys.argv[1]))

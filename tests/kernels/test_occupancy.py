@@ -1,0 +1,68 @@
+"""Occupancy arithmetic (kernels/occupancy.py) and how the GEMV sizes its grid with it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from qtool_kernels import gemv
+from qtool_kernels.occupancy import resident_programs, split_k_one_wave
+
+
+@pytest.mark.parametrize(("regs", "warps", "shared", "expected"), [
+    (63, 4, 1024, 8),  # 64 registers a thread after rounding: 2,048 a warp, 32 warps
+    (71, 4, 1024, 7),  # 72 -> 2,304 a warp: 28 warps
+    (56, 4, 1024, 9),
+    (168, 4, 0, 3),
+    (255, 4, 0, 2),
+    (32, 4, 0, 16),  # the warp limit (64 a SM)
+    (16, 1, 0, 32),  # the program limit (32 a SM)
+    (32, 4, 100_000, 2),  # shared memory: 228 KB over 100 KB + 1 KB reserved each
+])
+def test_resident_programs(regs: int, warps: int, shared: int, expected: int) -> None:
+    assert resident_programs(regs, warps, shared) == expected
+
+
+def test_split_fits_one_wave() -> None:
+    # 70B.down W4 g128 64 x 128 tiles: 128 row blocks x 224 K tiles
+    assert split_k_one_wave(128, 224, 132 * 8, 16) == 8  # 1,024 programs on 1,056 slots
+    assert split_k_one_wave(128, 224, 132 * 7, 16) == 7  # not 8: 1,024 on 924 slots is 1.11 waves
+    # the row blocks alone fill more than a wave: no split
+    assert split_k_one_wave(1792, 28, 132 * 4, 16) == 1
+    # at least min_tiles K tiles per program
+    assert split_k_one_wave(64, 32, 132 * 8, 16) == 8
+    # 7B.down: 86 K tiles; 14 slices of 7 tiles would leave the 14th empty -> 13
+    assert split_k_one_wave(64, 86, 132 * 7, 16) == 13
+
+
+@pytest.mark.parametrize("n_tiles", [1, 7, 64, 128, 448, 1792])
+@pytest.mark.parametrize("k_tiles", [1, 4, 9, 32, 86, 224])
+@pytest.mark.parametrize("slots", [132 * 3, 132 * 7, 132 * 8])
+def test_split_invariants(n_tiles: int, k_tiles: int, slots: int) -> None:
+    split = split_k_one_wave(n_tiles, k_tiles, slots, 16)
+    assert 1 <= split <= 16
+    per_split = -(-k_tiles // split)
+    assert (split - 1) * per_split < k_tiles  # no empty K slice (the kernel's own slicing)
+    if split > 1:
+        assert n_tiles * split <= slots and k_tiles // split >= 4
+
+
+def test_gemv_config_uses_recorded_residency() -> None:
+    N, K, n_sm = 8192, 28672, 132
+    assert gemv.default_gemv_config(1, N, K, 4, 128, n_sm)["SPLIT_K"] == 8
+    assert gemv.default_gemv_config(1, N, K, 4, 128, n_sm, resident=7)["SPLIT_K"] == 7
+    # programs_per_sm caps the slots even when more programs fit
+    assert gemv.default_gemv_config(1, N, K, 4, 128, n_sm, resident=9)["SPLIT_K"] == 8
+    # a tuned SPLIT_K wins
+    assert gemv.default_gemv_config(1, N, K, 4, 128, n_sm, {"SPLIT_K": 3}, resident=7)["SPLIT_K"] == 3
+
+
+def test_record_residency() -> None:
+    key = ("test-key",)
+    try:
+        gemv._record_residency(key, None)  # the interpreter returns no compiled kernel
+        assert key not in gemv._RESIDENT
+        gemv._record_residency(key, SimpleNamespace(n_regs=71, metadata=SimpleNamespace(num_warps=4, shared=1024)))
+        assert gemv._RESIDENT[key] == 7
+    finally:
+        gemv._RESIDENT.pop(key, None)
