@@ -47,8 +47,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from qtool_kernels import occupancy
 from qtool_kernels._unpack import code3, load3, load3_at
-from qtool_kernels.occupancy import resident_programs, split_k_one_wave
+from qtool_kernels.occupancy import split_k_one_wave
 from qtool_kernels.skinny import (
     PER_CHANNEL,
     _num_sms,
@@ -385,20 +386,6 @@ def _split_k(n_tiles: int, k_tiles: int, t: dict, n_sm: int, resident: int | Non
     return split_k_one_wave(n_tiles, k_tiles, per_sm * n_sm, cap)
 
 
-# launch signature -> programs per SM of the kernel it compiled to (its registers and shared
-# memory), recorded at the first launch; later calls size their grid with it.
-_RESIDENT: dict[tuple, int] = {}
-
-
-def _record_residency(key: tuple, compiled: object) -> None:
-    """Note how many programs of `compiled` (what a Triton launch returns) fit on an SM; no-op
-    under the interpreter (no compiled kernel) or when the count is unknown."""
-    regs = getattr(compiled, "n_regs", None)
-    meta = getattr(compiled, "metadata", None)
-    if regs and meta is not None:
-        _RESIDENT[key] = resident_programs(regs, meta.num_warps, meta.shared)
-
-
 def tile_major_tile(bits: int, group_size: int | None, N: int, K: int) -> tuple[int, int] | None:
     """(BLOCK_N, BLOCK_K) to store this layer tile-major with (tiles.py), or None: no measured
     tile-major tile for the class ("gemv_tiled" in tuned_skinny.json, M = 1), or the shape
@@ -484,8 +471,8 @@ def gemv_matmul(
     N, Wn, BN, wpt = packed_geometry(qweight)
     tiled = BN != 0
     # everything the default config and the kernel's specialisation depend on, but the split
-    sig = (x.dtype, tuple(qweight.shape), bits, group_size, scales.dim(), bias is not None, min(M, MAX_BLOCK_M))
-    resident = _RESIDENT.get(sig)
+    sig = ("gemv", x.dtype, tuple(qweight.shape), bits, group_size, scales.dim(), bias is not None, min(M, MAX_BLOCK_M))
+    resident = occupancy.recorded(sig)
     if tiled:  # tile-major (tiles.py): the tile is fixed by the layout
         BK = wpt * 32 // bits
         assert K * bits == Wn * 32, "tile-major weights hold whole K tiles"
@@ -530,7 +517,7 @@ def gemv_matmul(
         **cfg,
     )
     if config is None and resident is None:
-        _record_residency(sig, compiled)
+        occupancy.record(sig, compiled)
     return split_k_result(out, SK, bias, x.dtype)
 
 

@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from qtool_kernels import occupancy
 from qtool_kernels._unpack import _halves, _tree8
 from qtool_kernels.linear import _interpreting
+from qtool_kernels.occupancy import split_k_one_wave
 from qtool_kernels.skinny import _num_sms, split_k_output, split_k_result
 from torch import Tensor
 
@@ -293,7 +295,7 @@ def is_aligned(K: int, block_size: int) -> bool:
     return K % block_size == 0
 
 
-def nf4_config(M: int, N: int, K: int, block_size: int, n_sm: int) -> dict:
+def nf4_config(M: int, N: int, K: int, block_size: int, n_sm: int, resident: int | None = None) -> dict:
     """Tile sizes for the NF4 skinny kernel (chosen from the sm_90 SASS, not yet timed).
 
     BLOCK_K = b for b = 64/128 (one absmax per row and tile: the scale goes on the partial
@@ -302,7 +304,8 @@ def nf4_config(M: int, N: int, K: int, block_size: int, n_sm: int) -> dict:
     64 × 128): per thread 64 codes per loop trip, which halves the loop overhead per code
     of a 64 × 64 tile (5.8 vs 7.7 instructions per code in the compiled loop). Rows of x
     beyond 16 keep BLOCK_N = 64 (register pressure). K is split as in the integer kernel:
-    until there are ~4 programs per SM, keeping ≥ 4 K tiles per program.
+    into as many slices as fit in one wave of 8 programs per SM, or of `resident` (what the
+    compiled kernel fits) when fewer, keeping ≥ 4 K tiles per program.
     """
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     if is_aligned(K, block_size):
@@ -312,9 +315,7 @@ def nf4_config(M: int, N: int, K: int, block_size: int, n_sm: int) -> dict:
         block_k, block_n = 64, 64
     n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     k_tiles = triton.cdiv(K, block_k)
-    split_k = 1
-    while n_tiles * split_k < 4 * n_sm and k_tiles // (2 * split_k) >= 4 and split_k < 8:
-        split_k *= 2
+    split_k = split_k_one_wave(n_tiles, k_tiles, min(8, resident or 8) * n_sm, 8)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
             "num_warps": 4, "num_stages": 3}
 
@@ -342,9 +343,16 @@ def nf4_skinny_matmul(
     assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
     assert x.stride(1) == 1 and w.codes.is_contiguous()
     assert w.block_size in SUPPORTED_BLOCKS, w.block_size
-    cfg = dict(config or nf4_config(M, N, K, w.block_size, _num_sms(x.device)))
-    BM, BN, BK, SK = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     aligned = is_aligned(K, w.block_size)
+    # Word reads need 4-byte alignment (a sliced or mmapped buffer may lack it); K is a
+    # multiple of 32 whenever b divides it, so rows start on a word.
+    words_ok = aligned and w.codes.numel() % 4 == 0 and w.codes.data_ptr() % 4 == 0
+    regs = (not _interpreting()) if lut_in_registers is None else lut_in_registers
+    regs = regs and words_ok
+    sig = ("nf4", x.dtype, N, K, w.block_size, w.double_quant, bias is not None, M, regs)  # what the split depends on
+    resident = occupancy.recorded(sig)
+    cfg = dict(config or nf4_config(M, N, K, w.block_size, _num_sms(x.device), resident))
+    BM, BN, BK, SK = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     if aligned:
         if BK <= w.block_size:
             assert w.block_size % BK == 0, "a tile must not straddle two absmax blocks"
@@ -355,16 +363,11 @@ def nf4_skinny_matmul(
     else:
         gpb = 1  # unused: the unaligned path scales per element
     out, stride_os = split_k_output(x, M, N, SK, out, workspace)
-    # Word reads need 4-byte alignment (a sliced or mmapped buffer may lack it); K is a
-    # multiple of 32 whenever b divides it, so rows start on a word.
-    words_ok = aligned and w.codes.numel() % 4 == 0 and w.codes.data_ptr() % 4 == 0
-    regs = (not _interpreting()) if lut_in_registers is None else lut_in_registers
-    regs = regs and words_ok
     codes, stride_cn = (w.codes.view(torch.int32), K // 8) if regs else (w.codes, K // 2)
     lut, dq_map, tab = _tables(x.device, x.dtype)
     a, aq, a_s, a_m = w.pointers()
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
-    _nf4_skinny_kernel[grid](
+    compiled = _nf4_skinny_kernel[grid](
         x, codes, a, aq, a_s, a_m, lut, dq_map, tab, bias if bias is not None else lut, out,
         M, N, K, stride_cn, K // w.block_size,
         x.stride(0), stride_os, out.stride(-2),
@@ -372,6 +375,8 @@ def nf4_skinny_matmul(
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, HAS_BIAS=bias is not None,
         IS_BF16=x.dtype == torch.bfloat16, EVEN=(N % BN == 0) and (K % BK == 0), LUT_REGS=regs, **cfg,
     )
+    if config is None and resident is None:
+        occupancy.record(sig, compiled)
     return split_k_result(out, SK, bias, x.dtype)
 
 

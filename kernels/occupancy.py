@@ -3,8 +3,9 @@
 The M = 1 GEMV hides memory latency with programs in flight, not with software pipelining, so
 its grid is sized to the SMs' resident slots. A grid a little larger than the slots runs a
 second, nearly empty wave: 1,024 programs on 132 SMs × 7 slots (71 registers) is 1.11 waves,
-and the last 100 programs run alone. Pure arithmetic, no CUDA: `resident_programs` takes what
-the compiler reported (CompiledKernel.n_regs on a GPU, cuobjdump offline: offline.py).
+and the last 100 programs run alone. No CUDA here: `resident_programs` takes what the
+compiler reported (CompiledKernel.n_regs on a GPU, cuobjdump offline: offline.py), and
+`record`/`recorded` keep it per launch signature for the wrappers (gemv.py, skinny.py).
 """
 
 from __future__ import annotations
@@ -47,3 +48,23 @@ def split_k_one_wave(n_tiles: int, k_tiles: int, slots: int, cap: int, min_tiles
     split = max(1, min(cap, slots // max(n_tiles, 1), k_tiles // min_tiles))
     per_split = -(-k_tiles // split)
     return -(-k_tiles // per_split)
+
+
+# launch signature -> programs per SM of the kernel it compiled to, recorded at its first
+# launch (registers and shared memory are known only then); later calls size their grid by it.
+_RESIDENT: dict[tuple, int] = {}
+
+
+def recorded(key: tuple) -> int | None:
+    """Programs per SM recorded for this launch signature, or None before its first launch."""
+    return _RESIDENT.get(key)
+
+
+def record(key: tuple, compiled: object) -> None:
+    """Note how many programs of `compiled` (what a Triton launch returns: n_regs,
+    metadata.num_warps, metadata.shared) fit on an SM; a no-op under the interpreter (no
+    compiled kernel) or when the count is unknown."""
+    regs = getattr(compiled, "n_regs", None)
+    meta = getattr(compiled, "metadata", None)
+    if regs and meta is not None:
+        _RESIDENT[key] = resident_programs(regs, meta.num_warps, meta.shared)

@@ -42,7 +42,7 @@ class Compiled:
     num_warps: int
     regs: int
     spill_bytes: int  # STACK + LOCAL from the cubin: 0 unless ptxas spilled
-    shared: int
+    shared: int  # bytes per program: static (cubin) + dynamic (Triton's launch)
     sass: str = field(repr=False)
 
 
@@ -95,7 +95,9 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
         k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
         use = resource_usage(k.asm["cubin"])
-        _cache[key] = (options.num_warps, use["REG"], use["STACK"] + use["LOCAL"], use["SHARED"], k.asm["sass"])
+        # static shared memory (cubin) + the dynamic allocation the launcher asks for
+        shared = use["SHARED"] + k.metadata.shared
+        _cache[key] = (options.num_warps, use["REG"], use["STACK"] + use["LOCAL"], shared, k.asm["sass"])
     return Compiled(fn.__name__, launch.grid, *_cache[key])
 
 

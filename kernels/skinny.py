@@ -23,7 +23,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+from qtool_kernels import occupancy
 from qtool_kernels._unpack import code_offset, unpack_tile
+from qtool_kernels.occupancy import split_k_one_wave
 from torch import Tensor
 
 PER_CHANNEL = 1 << 30  # GROUP constexpr meaning "one group spans all of K"
@@ -117,13 +119,16 @@ def _tuned() -> dict:
         return {}
 
 
-def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int) -> dict:
+def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_sm: int,
+                   resident: int | None = None) -> dict:
     """Tile sizes for the skinny kernel.
 
     Defaults: 64 rows × 128 codes per tile, 4 warps, 3 pipeline stages (the v1 sweep's
     winner at every decode shape); tuned_skinny.json (from the v2 sweep) overrides them per
-    bit-width. K is split until there are about `programs_per_sm` programs per SM, keeping
-    at least 4 K tiles per program, so every SM has several tiles of loads in flight.
+    bit-width. K is split into as many slices as fit in one wave of `programs_per_sm` (8)
+    programs per SM, or of `resident` (how many the compiled kernel fits: 5 at W4 for sm_90,
+    96 registers) when fewer, keeping at least 4 K tiles per program, so every SM has several
+    tiles of loads in flight and no second, partial wave (occupancy.split_k_one_wave).
     """
     t = _tuned().get(str(bits), {})
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
@@ -132,10 +137,8 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
         block_k = 128  # per-element dequantization with a wide x tile: keep shared memory small
     n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     k_tiles = triton.cdiv(K, block_k)
-    split_k = 1
-    target = t.get("programs_per_sm", 4) * n_sm
-    while n_tiles * split_k < target and k_tiles // (2 * split_k) >= 4 and split_k < 8:
-        split_k *= 2
+    per_sm = min(t.get("programs_per_sm", 8), resident or 8)
+    split_k = t.get("SPLIT_K") or split_k_one_wave(n_tiles, k_tiles, per_sm * n_sm, 8)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
             "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3)}
 
@@ -172,7 +175,9 @@ def skinny_matmul(
     assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
     assert x.stride(1) == 1 and qweight.stride(-1) == 1 and (TN == 0 or qweight.is_contiguous())
     assert scales.stride(1) == 1 and zeros.stride(1) == 1
-    cfg = dict(config or default_config(M, N, K, bits, group_size, _num_sms(x.device)))
+    sig = ("skinny", x.dtype, tuple(qweight.shape), bits, group_size, bias is not None, M)  # what the split depends on
+    resident = occupancy.recorded(sig)
+    cfg = dict(config or default_config(M, N, K, bits, group_size, _num_sms(x.device), resident))
     BM, BN, BK, SK = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     BK = fit_block_k(BK, bits, TW)
     GROUP = group_constexpr(group_size)
@@ -183,7 +188,7 @@ def skinny_matmul(
         gpb = 1
     out, stride_os = split_k_output(x, M, N, SK, out, workspace)
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
-    _skinny_kernel[grid](
+    compiled = _skinny_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out,
         M, N, K, Wn, G,
         x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), stride_os, out.stride(-2),
@@ -191,6 +196,8 @@ def skinny_matmul(
         SPLIT_K=SK, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
         EVEN=(N % BN == 0) and (K % BK == 0), TILE_N=TN, TILE_W=TW, **cfg,
     )
+    if config is None and resident is None:
+        occupancy.record(sig, compiled)
     return split_k_result(out, SK, bias, x.dtype)
 
 

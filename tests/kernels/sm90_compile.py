@@ -57,31 +57,33 @@ def cases(bits: int) -> list[tuple[str, object, dict, dict]]:
 
 
 def occupancy() -> None:
-    """The GEMV's grid on a 132-SM sm_90 in steady state: gemv_matmul twice per layer (the first
-    launch records how many programs its compiled kernel fits per SM, the second sizes the
-    grid by it), for row-major and tile-major layers (tile-major scales, as tile_major_layout
-    stores them)."""
+    """The decode kernels' grids on a 132-SM sm_90 in steady state: each wrapper called twice
+    per layer (the first launch records how many programs its compiled kernel fits per SM,
+    the second sizes the grid by it). GEMV (M = 1) on row-major and tile-major layers
+    (tile-major scales, as tile_major_layout stores them), skinny kernel at M = 16."""
     import torch
-    from qtool_kernels import gemv, offline
+    from qtool_kernels import gemv, offline, skinny
     from qtool_kernels.occupancy import resident_programs
     from qtool_kernels.tiles import groups_tile_major, tile_major
 
-    gemv._num_sms = lambda device: 132
+    gemv._num_sms = skinny._num_sms = lambda device: 132
     res = {}
     for bits, g in [(4, 128), (3, 128), (2, 64)]:
         for N, K in [(4096, 11008), (8192, 8192)]:
-            for tiled in (False, True):
+            for layout in ("row", "tile", "skinny"):
                 q = torch.zeros(N, K * bits // 32, dtype=torch.int32)
                 s, z = torch.ones(N, K // g, dtype=torch.float16), torch.zeros(N, K // g, dtype=torch.uint8)
-                if tiled:
+                if layout == "tile":
                     bn, bk = gemv.tile_major_tile(bits, g, N, K)
                     q, s, z = tile_major(q, bn, bk, bits), groups_tile_major(s, bn), groups_tile_major(z, bn)
-                x = torch.zeros(1, K, dtype=torch.float16)
-                with offline.captured(gemv._gemv_kernel, gemv._gemv_groups_kernel, arch=90) as got:
-                    gemv.gemv_matmul(x, q, s, z, bits, g)
-                    gemv.gemv_matmul(x, q, s, z, bits, g)
+                x = torch.zeros(16 if layout == "skinny" else 1, K, dtype=torch.float16)
+                fn = skinny.skinny_matmul if layout == "skinny" else gemv.gemv_matmul
+                with offline.captured(gemv._gemv_kernel, gemv._gemv_groups_kernel, skinny._skinny_kernel,
+                                      arch=90) as got:
+                    fn(x, q, s, z, bits, g)
+                    fn(x, q, s, z, bits, g)
                 c = offline.compile_launch(got[-1])
-                res[f"W{bits} g{g} {N}x{K} {'tile' if tiled else 'row'}"] = {
+                res[f"W{bits} g{g} {N}x{K} {layout}"] = {
                     "regs": c.regs, "spill": c.spill_bytes,
                     "resident": resident_programs(c.regs, c.num_warps, c.shared),
                     "programs": got[-1].grid[0] * got[-1].grid[1] * got[-1].grid[2],

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from qtool_kernels import gemv
+from qtool_kernels import gemv, occupancy
 from qtool_kernels.occupancy import resident_programs, split_k_one_wave
 
 
@@ -60,9 +60,9 @@ def test_gemv_config_uses_recorded_residency() -> None:
 def test_record_residency() -> None:
     key = ("test-key",)
     try:
-        gemv._record_residency(key, None)  # the interpreter returns no compiled kernel
-        assert key not in gemv._RESIDENT
-        gemv._record_residency(key, SimpleNamespace(n_regs=71, metadata=SimpleNamespace(num_warps=4, shared=1024)))
-        assert gemv._RESIDENT[key] == 7
+        occupancy.record(key, None)  # the interpreter returns no compiled kernel
+        assert occupancy.recorded(key) is None
+        occupancy.record(key, SimpleNamespace(n_regs=71, metadata=SimpleNamespace(num_warps=4, shared=1024)))
+        assert occupancy.recorded(key) == 7
     finally:
-        gemv._RESIDENT.pop(key, None)
+        occupancy._RESIDENT.pop(key, None)
