@@ -59,6 +59,7 @@ from qtool_kernels.skinny import (
     split_k_output,
     split_k_result,
 )
+from qtool_kernels.tickets import tickets
 from qtool_kernels.tiles import packed_geometry, words_per_tile
 from torch import Tensor
 
@@ -152,10 +153,16 @@ def _rows_and_k_slice(x_ptr, row0, M, stride_xm, K, pid_k, BLOCK_K: tl.constexpr
 
 
 @triton.jit
-def _store_rows(out_row, stride_om, acc0, acc1, acc2, acc3, b_ptr, offs_n, n_mask, rows_left,
-                BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The BLOCK_M rows of y (or of this split's fp32 partials) from out_row on; rows_left = M − row0."""
+def _store_rows(out_ptr, stride_os, stride_om, pid_k, row0, y_ptr, stride_ym, cnt_ptr, acc0, acc1, acc2, acc3,
+                b_ptr, offs_n, n_mask, rows_left,
+                BLOCK_M: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr):
+    """The BLOCK_M rows of y from row0 on (rows_left = M − row0). SPLIT_K = 1: y itself at
+    out_ptr. Otherwise this split's fp32 partials at out_ptr [SPLIT_K, M, N]; with FUSED, the
+    program that takes the row block's last ticket (cnt_ptr, at 0 before the launch) adds the
+    partials in split order (the same sum whichever program is last), the bias, and writes y
+    at y_ptr in its dtype, then leaves the counter at 0 (tickets.py)."""
     left = offs_n * 0 + rows_left  # as a tensor: the interpreter rejects scalar & tensor masks
+    out_row = out_ptr + pid_k * stride_os + row0.to(tl.int64) * stride_om + offs_n
     _store_row(out_row, acc0, b_ptr, offs_n, n_mask, SPLIT_K, HAS_BIAS)
     if BLOCK_M > 1:
         _store_row(out_row + stride_om, acc1, b_ptr, offs_n, n_mask & (left > 1), SPLIT_K, HAS_BIAS)
@@ -163,17 +170,34 @@ def _store_rows(out_row, stride_om, acc0, acc1, acc2, acc3, b_ptr, offs_n, n_mas
         _store_row(out_row + 2 * stride_om, acc2, b_ptr, offs_n, n_mask & (left > 2), SPLIT_K, HAS_BIAS)
     if BLOCK_M > 3:
         _store_row(out_row + 3 * stride_om, acc3, b_ptr, offs_n, n_mask & (left > 3), SPLIT_K, HAS_BIAS)
+    if SPLIT_K > 1 and FUSED:
+        # every thread's partial is stored before the ticket is taken; the release makes them
+        # visible GPU-wide, the last ticket's acquire sees all SPLIT_K of them
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT_K - 1:
+            parts = out_ptr + row0.to(tl.int64) * stride_om + offs_n
+            y_row = y_ptr + row0.to(tl.int64) * stride_ym + offs_n
+            for r in tl.static_range(BLOCK_M):
+                y = tl.zeros_like(acc0)
+                mask = n_mask & (left > r)
+                for k in range(SPLIT_K):  # .cg: straight from L2, where the other SMs' stores are
+                    y += tl.load(parts + k * stride_os + r * stride_om, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    y += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
+                tl.store(y_row + r * stride_ym, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit(do_not_specialize=["zero"])  # a runtime 0 (see _field): never a compile-time constant
 def _gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr,
     M, N, K, Wn, zero,
     stride_xm, stride_qb, stride_qt, stride_qn, stride_sb, stride_sg, stride_sn, stride_zb, stride_zg, stride_zn,
-    stride_os, stride_om,
+    stride_os, stride_om, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FUSED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -257,20 +281,21 @@ def _gemv_kernel(
         acc1 = _flush(acc1, a1, s, False) * s
         acc2 = _flush(acc2, a2, s, False) * s
         acc3 = _flush(acc3, a3, s, False) * s
-    _store_rows(out_ptr + pid_k * stride_os + row0.to(tl.int64) * stride_om + offs_n, stride_om, acc0, acc1, acc2,
-                acc3, b_ptr, offs_n, n_mask, M - row0, BLOCK_M, SPLIT_K, HAS_BIAS)
+    _store_rows(out_ptr, stride_os, stride_om, pid_k, row0, y_ptr, stride_ym,
+                cnt_ptr + pid_m * tl.num_programs(0) + pid_n, acc0, acc1, acc2, acc3,
+                b_ptr, offs_n, n_mask, M - row0, BLOCK_M, SPLIT_K, HAS_BIAS, FUSED)
 
 
 
 @triton.jit(do_not_specialize=["zero"])
 def _gemv_groups_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr,
     M, N, K, Wn, G, zero,
     stride_xm, stride_qb, stride_qt, stride_qn, stride_sb, stride_sg, stride_sn, stride_zb, stride_zg, stride_zn,
-    stride_os, stride_om,
+    stride_os, stride_om, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FUSED: tl.constexpr,
 ):
     """_gemv_kernel for K tiles that cover NG ≥ 2 whole groups: longer runs per row per load.
 
@@ -344,8 +369,9 @@ def _gemv_groups_kernel(
         if BLOCK_M > 3:
             acc3 += tl.sum(tl.sum(a3, axis=2) * s, axis=1)
 
-    _store_rows(out_ptr + pid_k * stride_os + row0.to(tl.int64) * stride_om + offs_n, stride_om, acc0, acc1, acc2,
-                acc3, b_ptr, offs_n, n_mask, M - row0, BLOCK_M, SPLIT_K, HAS_BIAS)
+    _store_rows(out_ptr, stride_os, stride_om, pid_k, row0, y_ptr, stride_ym,
+                cnt_ptr + pid_m * tl.num_programs(0) + pid_n, acc0, acc1, acc2, acc3,
+                b_ptr, offs_n, n_mask, M - row0, BLOCK_M, SPLIT_K, HAS_BIAS, FUSED)
 
 
 @triton.jit
@@ -449,8 +475,10 @@ def gemv_matmul(
 ) -> Tensor:
     """y [M, N] = x [M, K] · Ŵᵀ (+ bias) with Ŵ = s·(q − z) from the packed layout, on CUDA cores.
 
-    `out` [M, N] (x's dtype) receives y when K is not split; `workspace` [SPLIT_K, M, N]
-    fp32 holds the split-K partials. Both are allocated when not given. Tile-major weights
+    `out` [M, N] (x's dtype) receives y; `workspace` [SPLIT_K, M, N] fp32 holds the split-K
+    partials, which the last program of each row block adds up (fused_split_k(); tickets.py;
+    with QTOOL_FUSED_SPLIT_K=0 two more kernels do, and `out` is used only when K is not split).
+    Both are allocated when not given. Tile-major weights
     (tiles.py: qweight [N/BN, Wn/wpt, BN, wpt], optionally scales and zeros [N/BN, G, BN])
     fix BLOCK_N and BLOCK_K to their tile. `config` keys:
     BLOCK_N, BLOCK_K (a multiple of 32 dividing the group size, or a power of two of whole
@@ -504,21 +532,38 @@ def gemv_matmul(
         G = scales.shape[1]
         s_strides = (BN * scales.stride(0), 1, scales.stride(0))
         z_strides = (BN * zeros.stride(0), 1, zeros.stride(0))
-    out, stride_os = split_k_output(x, M, N, SK, out, workspace)
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
+    fused = SK > 1 and fused_split_k()
+    y = out
+    if fused:  # the last program of each row block reduces the partials into y
+        if y is None:
+            y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        assert y.shape == (M, N) and y.dtype == x.dtype and y.stride(1) == 1
+        out = None
+        counters = tickets(x.device, grid[0] * grid[2])
+    out, stride_os = split_k_output(x, M, N, SK, out, workspace)
+    if not fused:
+        y, counters = out, out  # unused by the kernel
     kernel = _gemv_groups_kernel if BK > GROUP else _gemv_kernel
     compiled = kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else scales, out,
+        x, qweight, scales, zeros, bias if bias is not None else scales, out, y, counters,
         M, N, K, Wn, *((G,) if BK > GROUP else ()), 0,
-        x.stride(0), *q_strides, *s_strides, *z_strides, stride_os, out.stride(-2),
+        x.stride(0), *q_strides, *s_strides, *z_strides, stride_os, out.stride(-2), y.stride(0),
         BITS=bits, GROUP=GROUP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
-        HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
+        HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0, FUSED=fused,
         enable_fp_fusion=True,  # the products must fuse into the row sums (FFMA), whatever the default
         **cfg,
     )
     if config is None and resident is None:
         occupancy.record(sig, compiled)
-    return split_k_result(out, SK, bias, x.dtype)
+    return y if fused else split_k_result(out, SK, bias, x.dtype)
+
+
+def fused_split_k() -> bool:
+    """Whether split-K GEMVs reduce their partials in their last program (default) rather than
+    in two more kernels (sum, cast); QTOOL_FUSED_SPLIT_K=0 restores the latter, for A/B runs.
+    Read on every call."""
+    return os.environ.get("QTOOL_FUSED_SPLIT_K", "1") != "0"
 
 
 def h2_eligible(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -> bool:

@@ -44,6 +44,7 @@ class Compiled:
     spill_bytes: int  # STACK + LOCAL from the cubin: 0 unless ptxas spilled
     shared: int  # bytes per program: static (cubin) + dynamic (Triton's launch)
     sass: str = field(repr=False)
+    ptx: str = field(repr=False)
 
 
 @contextmanager
@@ -97,7 +98,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> Compiled:
         use = resource_usage(k.asm["cubin"])
         # static shared memory (cubin) + the dynamic allocation the launcher asks for
         shared = use["SHARED"] + k.metadata.shared
-        _cache[key] = (options.num_warps, use["REG"], use["STACK"] + use["LOCAL"], shared, k.asm["sass"])
+        _cache[key] = (options.num_warps, use["REG"], use["STACK"] + use["LOCAL"], shared, k.asm["sass"],
+                       k.asm["ptx"])
     return Compiled(fn.__name__, launch.grid, *_cache[key])
 
 

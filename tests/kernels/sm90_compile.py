@@ -18,14 +18,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-PTRS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "out_ptr": "*fp16"}
+PTRS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "out_ptr": "*fp16",
+        "y_ptr": "*fp16", "cnt_ptr": "*i32"}
+PARTIALS = {"out_ptr": "*fp32"}  # what a split-K GEMV writes
 # arguments that are multiples of 16 at run time on real shapes (Triton specialises those)
 DIV16 = {"N", "K", "Wn", "G", "stride_xm", "stride_qn", "stride_os", "stride_om", "stride_qb", "stride_qt",
          "stride_sb", "stride_zb", "stride_on"}
 
 
 def compile_sass(fn, const: dict, opts: dict) -> str:
-    sig = {a: "constexpr" if a in const else PTRS.get(a, "i32") for a in fn.arg_names}
+    ptrs = dict(PTRS, **PARTIALS) if const.get("SPLIT_K", 1) > 1 and "FUSED" in const else PTRS
+    sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (a, t) in enumerate(sig.items())
              if t.startswith("*") or a in DIV16}
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
@@ -48,10 +51,11 @@ def cases(bits: int) -> list[tuple[str, object, dict, dict]]:
                     dict(BITS=bits, GROUP=128, GPB=1, BLOCK_N=32, BLOCK_K=128, IS_BF16=True, TILE_N=tn,
                          TILE_W=tw if tn else 0), {"num_warps": 4}))
     out.append(("gemv", _gemv_kernel, dict(BITS=bits, GROUP=128, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8,
-                                            HAS_BIAS=False, EVEN_N=True, EVEN_K=True),
+                                            HAS_BIAS=False, EVEN_N=True, EVEN_K=True, FUSED=True),
                 {"num_warps": 4, "num_stages": 2}))
     out.append(("gemv_groups", _gemv_groups_kernel, dict(BITS=bits, GROUP=64, BLOCK_M=1, BLOCK_N=32, BLOCK_K=256,
-                                                          SPLIT_K=8, HAS_BIAS=False, EVEN_N=True, EVEN_K=True),
+                                                          SPLIT_K=8, HAS_BIAS=False, EVEN_N=True, EVEN_K=True,
+                                                          FUSED=True),
                 {"num_warps": 4, "num_stages": 2}))
     return out
 
@@ -97,6 +101,9 @@ def main(bits: int) -> None:
         try:
             sass = compile_sass(fn, const, opts)
             res[name] = dict(Counter(m.group(0) for m in re.finditer(r"\bLDG(STS)?\.E(\.\w+)*", sass)))
+            if name.startswith("gemv"):  # the split-K tickets: the ops that order partials and ticket
+                res[name]["ordering"] = " ".join(m.group(0) for m in re.finditer(
+                    r"\bBAR\.SYNC|\bMEMBAR\.\w+\.GPU|\bATOMG\.E\.(ADD|EXCH)|\bCCTL\.IVALL|\bLDG\.E(\.\w+)?\.STRONG\.GPU", sass))
         except Exception as e:  # reported per case, so one failure does not hide the others
             cause = e
             while cause.__cause__ or cause.__context__:

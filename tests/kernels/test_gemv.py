@@ -130,6 +130,36 @@ def test_gemv_split_k_partials_all_written() -> None:
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize(("M", "block_m", "split_k", "bias"), [(1, 1, 4, False), (3, 2, 3, True), (4, 4, 5, True)])
+def test_gemv_fused_split_k(M: int, block_m: int, split_k: int, bias: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last program of each row block sums the partials in split order: bit for bit the
+    fp32 sum (split 0 first), + bias, one rounding, of the partials the unfused path writes;
+    the ticket counters are back at 0 afterwards; rows past M and y are never left unwritten."""
+    import qtool_kernels.gemv as gemv
+
+    N, K, bits = 80, 1024, 4  # 80 rows: the last 32-row block is partial
+    qweight, scales, zeros, x = _inputs(N, K, M, bits, 128)
+    b = torch.randn(N).half() if bias else None
+    cfg = _cfg(128, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=32)
+    monkeypatch.setenv("QTOOL_FUSED_SPLIT_K", "0")
+    ws = torch.full((split_k, M, N), float("nan"))
+    qk.gemv_matmul(x, qweight, scales, zeros, bits, 128, b, config=cfg, workspace=ws)
+    expected = torch.zeros(M, N)
+    for k in range(split_k):
+        expected += ws[k]
+    if b is not None:
+        expected += b.float()
+    monkeypatch.setenv("QTOOL_FUSED_SPLIT_K", "1")
+    counters = torch.zeros(3 * -(-M // block_m), dtype=torch.int32)
+    monkeypatch.setattr(gemv, "tickets", lambda device, n: counters[:n])
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, 128, b, config=cfg, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.equal(y, expected.half())
+    assert not counters.any()
+    assert rel_err(y, qk.reference_gemv(x, qweight, scales, zeros, bits, 128, b)) < TOL[torch.float16]
+
+
 def test_gemv_rows_past_block_m() -> None:
     # M = 5 in programs of 2 rows: the last program's second row does not exist (it reads
     # row 4 again and must not be stored); the output is poisoned to catch stray writes.
@@ -225,6 +255,50 @@ def test_gemv_gpu_configs(dtype, cfg) -> None:
     y = qk.gemv_matmul(x, qweight, scales.float(), zeros, 4, 128, bias, config=cfg)
     ref = qk.reference_gemv(x, qweight, scales.float(), zeros, 4, 128, bias)
     assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gemv_fused_split_k_gpu_graph_and_streams() -> None:
+    """On the GPU the last-ticket reduction must see every partial: eager, 50 CUDA-graph
+    replays and two streams at once give the same bits as the unfused path's fp32 sum."""
+    import os
+
+    gen, seed = fresh_generator("cuda")
+    print(f"seed={seed}")
+    N, K, bits, g = 4096, 11008, 4, 128
+    qweight = torch.randint(-(2**31), 2**31 - 1, (N, K * bits // 32), device="cuda", dtype=torch.int32, generator=gen)
+    scales = (torch.rand(N, K // g, device="cuda", generator=gen) * 0.015 + 0.005).half()
+    zeros = torch.randint(0, 16, (N, K // g), device="cuda", dtype=torch.uint8, generator=gen)
+    x = torch.randn(1, K, device="cuda", generator=gen).half()
+    cfg = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 13, "num_warps": 4, "num_stages": 2}
+    os.environ["QTOOL_FUSED_SPLIT_K"] = "0"
+    try:
+        expected = qk.gemv_matmul(x, qweight, scales, zeros, bits, g, config=cfg)
+    finally:
+        os.environ.pop("QTOOL_FUSED_SPLIT_K")
+    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, g, config=cfg)
+    torch.cuda.synchronize()
+    assert rel_err(y, expected) < 1e-3  # torch's sum(0) may add the partials in another order
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        qk.gemv_matmul(x, qweight, scales, zeros, bits, g, config=cfg)  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        yg = qk.gemv_matmul(x, qweight, scales, zeros, bits, g, config=cfg)
+    outs = []
+    for _ in range(50):
+        graph.replay()
+        outs.append(yg.clone())
+    s2 = torch.cuda.Stream()
+    with torch.cuda.stream(s2):  # a second stream, running beside the default one
+        y2 = qk.gemv_matmul(x, qweight, scales, zeros, bits, g, config=cfg)
+    y1 = qk.gemv_matmul(x, qweight, scales, zeros, bits, g, config=cfg)
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, y) for o in outs)
+    assert torch.equal(y1, y) and torch.equal(y2, y)
 
 
 @pytest.mark.gpu
