@@ -102,7 +102,8 @@ def main(bits: int) -> None:
             sass = compile_sass(fn, const, opts)
             res[name] = dict(Counter(m.group(0) for m in re.finditer(r"\bLDG(STS)?\.E(\.\w+)*", sass)))
             if name.startswith("gemv"):  # the split-K tickets: the ops that order partials and ticket
-                ops = r"\bBAR\.SYNC|\bMEMBAR\.\w+\.GPU|\bATOMG\.E\.(ADD|EXCH)|\bCCTL\.IVALL|\bLDG\.E(\.\w+)?\.STRONG\.GPU"
+                ops = (r"\bBAR\.SYNC|\bMEMBAR\.\w+\.GPU|\bATOMG\.E\.(ADD|EXCH)|\bCCTL\.IVALL"
+                       r"|\bLDG\.E(\.\w+)?\.STRONG\.GPU")
                 res[name]["ordering"] = " ".join(m.group(0) for m in re.finditer(ops, sass))
         except Exception as e:  # reported per case, so one failure does not hide the others
             cause = e
