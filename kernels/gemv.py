@@ -56,10 +56,10 @@ from qtool_kernels.skinny import (
     _tuned,
     group_constexpr,
     reference_skinny,
-    split_k_output,
+    split_k_buffers,
     split_k_result,
 )
-from qtool_kernels.tickets import tickets
+from qtool_kernels.tickets import reduce_if_last
 from qtool_kernels.tiles import packed_geometry, words_per_tile
 from torch import Tensor
 
@@ -171,22 +171,12 @@ def _store_rows(out_ptr, stride_os, stride_om, pid_k, row0, y_ptr, stride_ym, cn
     if BLOCK_M > 3:
         _store_row(out_row + 3 * stride_om, acc3, b_ptr, offs_n, n_mask & (left > 3), SPLIT_K, HAS_BIAS)
     if SPLIT_K > 1 and FUSED:
-        # every thread's partial is stored before the ticket is taken; the release makes them
-        # visible GPU-wide, the last ticket's acquire sees all SPLIT_K of them
-        tl.debug_barrier()
-        ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
-        if ticket == SPLIT_K - 1:
-            parts = out_ptr + row0.to(tl.int64) * stride_om + offs_n
-            y_row = y_ptr + row0.to(tl.int64) * stride_ym + offs_n
-            for r in tl.static_range(BLOCK_M):
-                y = tl.zeros_like(acc0)
-                mask = n_mask & (left > r)
-                for k in range(SPLIT_K):  # .cg: straight from L2, where the other SMs' stores are
-                    y += tl.load(parts + k * stride_os + r * stride_om, mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    y += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
-                tl.store(y_row + r * stride_ym, y.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+        r = tl.arange(0, 4)[:, None]  # BLOCK_M ≤ 4 rows (3 is not a power of two: masked)
+        tile = r * stride_om + offs_n[None, :]
+        reduce_if_last(out_ptr + row0.to(tl.int64) * stride_om + tile, stride_os,
+                       y_ptr + row0.to(tl.int64) * stride_ym + r * stride_ym + offs_n[None, :],
+                       n_mask[None, :] & (r < BLOCK_M) & (r < rows_left), cnt_ptr, b_ptr + offs_n[None, :] + r * 0,
+                       SPLIT_K, HAS_BIAS)
 
 
 @triton.jit(do_not_specialize=["zero"])  # a runtime 0 (see _field): never a compile-time constant
@@ -381,7 +371,7 @@ def _store_row(ptrs, acc, b_ptr, offs_n, mask, SPLIT_K: tl.constexpr, HAS_BIAS: 
             acc += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
         tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
     else:
-        tl.store(ptrs, acc, mask=mask)  # fp32 partials, summed by split_k_result
+        tl.store(ptrs, acc, mask=mask)  # fp32 partials: reduce_if_last or split_k_result adds them
 
 
 def _block_k(bits: int, group_size: int | None, want: int) -> int:
@@ -533,17 +523,7 @@ def gemv_matmul(
         s_strides = (BN * scales.stride(0), 1, scales.stride(0))
         z_strides = (BN * zeros.stride(0), 1, zeros.stride(0))
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
-    fused = SK > 1 and fused_split_k()
-    y = out
-    if fused:  # the last program of each row block reduces the partials into y
-        if y is None:
-            y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-        assert y.shape == (M, N) and y.dtype == x.dtype and y.stride(1) == 1
-        out = None
-        counters = tickets(x.device, grid[0] * grid[2])
-    out, stride_os = split_k_output(x, M, N, SK, out, workspace)
-    if not fused:
-        y, counters = out, out  # unused by the kernel
+    out, stride_os, y, counters, fused = split_k_buffers(x, M, N, SK, grid[0] * grid[2], out, workspace)
     kernel = _gemv_groups_kernel if BK > GROUP else _gemv_kernel
     compiled = kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, y, counters,
@@ -557,13 +537,6 @@ def gemv_matmul(
     if config is None and resident is None:
         occupancy.record(sig, compiled)
     return y if fused else split_k_result(out, SK, bias, x.dtype)
-
-
-def fused_split_k() -> bool:
-    """Whether split-K GEMVs reduce their partials in their last program (default) rather than
-    in two more kernels (sum, cast); QTOOL_FUSED_SPLIT_K=0 restores the latter, for A/B runs.
-    Read on every call."""
-    return os.environ.get("QTOOL_FUSED_SPLIT_K", "1") != "0"
 
 
 def h2_eligible(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -> bool:

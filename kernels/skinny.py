@@ -26,6 +26,7 @@ import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import code_offset, unpack_tile
 from qtool_kernels.occupancy import split_k_one_wave
+from qtool_kernels.tickets import fused_split_k, reduce_if_last, tickets
 from torch import Tensor
 
 PER_CHANNEL = 1 << 30  # GROUP constexpr meaning "one group spans all of K"
@@ -34,16 +35,16 @@ PER_CHANNEL = 1 << 30  # GROUP constexpr meaning "one group spans all of K"
 @triton.jit
 def _skinny_kernel(
     # pointers
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr,
     # sizes
     M, N, K, Wn, G,
     # strides (elements)
-    stride_xm, stride_qn, stride_sn, stride_zn, stride_os, stride_om,
+    stride_xm, stride_qn, stride_sn, stride_zn, stride_os, stride_om, stride_ym,
     # meta
     BITS: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr,
-    TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0,
+    TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0, FUSED: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -99,7 +100,12 @@ def _skinny_kernel(
             acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(out_ptrs, acc, mask=out_mask)  # fp32 partials, summed by the wrapper
+        tl.store(out_ptrs, acc, mask=out_mask)  # fp32 partials: the last program or the wrapper adds them
+        if FUSED:
+            reduce_if_last(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], stride_os,
+                           y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out_mask,
+                           cnt_ptr + pid_m * tl.num_programs(0) + pid_n, b_ptr + offs_n[:, None] + offs_m[None, :] * 0,
+                           SPLIT_K, HAS_BIAS)
 
 
 def group_constexpr(group_size: int | None) -> int:
@@ -163,9 +169,10 @@ def skinny_matmul(
 ) -> Tensor:
     """y [M, N] = x [M, K] · Ŵᵀ with Ŵ = s·(q − z) from the packed layout.
 
-    `out` [M, N] (x's dtype) receives y when K is not split; `workspace` [SPLIT_K, M, N]
-    fp32 holds the split-K partials. Both are allocated when not given. qweight may be
-    tile-major (tiles.py).
+    `out` [M, N] (x's dtype) receives y; `workspace` [SPLIT_K, M, N] fp32 holds the split-K
+    partials, added up by the kernel's last program per block (split_k_buffers; with
+    QTOOL_FUSED_SPLIT_K=0 by two more kernels, and `out` is used only when K is not split).
+    Both are allocated when not given. qweight may be tile-major (tiles.py).
     """
     from qtool_kernels.tiles import fit_block_k, packed_geometry
 
@@ -186,19 +193,19 @@ def skinny_matmul(
     else:
         assert GROUP % BK == 0, "a tile must not straddle two groups"
         gpb = 1
-    out, stride_os = split_k_output(x, M, N, SK, out, workspace)
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
+    out, stride_os, y, counters, fused = split_k_buffers(x, M, N, SK, grid[0] * grid[2], out, workspace)
     compiled = _skinny_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else scales, out,
+        x, qweight, scales, zeros, bias if bias is not None else scales, out, y, counters,
         M, N, K, Wn, G,
-        x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), stride_os, out.stride(-2),
+        x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), stride_os, out.stride(-2), y.stride(0),
         BITS=bits, GROUP=GROUP, GPB=gpb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         SPLIT_K=SK, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
-        EVEN=(N % BN == 0) and (K % BK == 0), TILE_N=TN, TILE_W=TW, **cfg,
+        EVEN=(N % BN == 0) and (K % BK == 0), TILE_N=TN, TILE_W=TW, FUSED=fused, **cfg,
     )
     if config is None and resident is None:
         occupancy.record(sig, compiled)
-    return split_k_result(out, SK, bias, x.dtype)
+    return y if fused else split_k_result(out, SK, bias, x.dtype)
 
 
 def split_k_output(x: Tensor, M: int, N: int, SK: int, out: Tensor | None, workspace: Tensor | None
@@ -215,6 +222,27 @@ def split_k_output(x: Tensor, M: int, N: int, SK: int, out: Tensor | None, works
         out = torch.empty(SK, M, N, dtype=torch.float32, device=x.device)
     assert out.shape == (SK, M, N) and out.dtype == torch.float32 and out.is_contiguous()
     return out, out.stride(0)
+
+
+def split_k_buffers(x: Tensor, M: int, N: int, SK: int, n_blocks: int, out: Tensor | None,
+                    workspace: Tensor | None) -> tuple[Tensor, int, Tensor, Tensor, bool]:
+    """(buffer the kernel stores to, its split stride, y, ticket counters, fused). With K split
+    and fused_split_k(), the kernel's last program per output block (n_blocks of them) adds
+    the partials into y (`out`, or a new [M, N] in x's dtype) using zeroed counters from
+    tickets.py; otherwise y and the counters are the store buffer itself (unused by the
+    kernel) and `split_k_result` finishes."""
+    fused = SK > 1 and fused_split_k()
+    y = out
+    if fused:
+        if y is None:
+            y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        assert y.shape == (M, N) and y.dtype == x.dtype and y.stride(1) == 1
+        counters = tickets(x.device, n_blocks)
+        out = None
+    buf, stride_os = split_k_output(x, M, N, SK, out, workspace)
+    if not fused:
+        y = counters = buf
+    return buf, stride_os, y, counters, fused
 
 
 def split_k_result(out: Tensor, SK: int, bias: Tensor | None, dtype: torch.dtype) -> Tensor:

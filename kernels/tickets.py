@@ -15,7 +15,11 @@ reused outside it).
 
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 REGIONS = 16
@@ -44,3 +48,31 @@ def tickets(device: torch.device, n: int) -> Tensor:
             return torch.zeros(n, dtype=torch.int32, device=device)
         region = _region[key] = taken
     return arena[region * PER_REGION: region * PER_REGION + n]
+
+
+def fused_split_k() -> bool:
+    """Whether split-K kernels reduce their partials in their last program (default) rather
+    than in two more kernels (sum, cast); QTOOL_FUSED_SPLIT_K=0 restores the latter, for A/B
+    runs. Read on every call."""
+    return os.environ.get("QTOOL_FUSED_SPLIT_K", "1") != "0"
+
+
+@triton.jit
+def reduce_if_last(parts, stride_os, ys, mask, cnt_ptr, b_ptrs, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Called by every program after storing its fp32 partials: `parts` points at split 0's
+    partials of this program's output tile, `ys` at y (same shape), `b_ptrs` at the bias
+    broadcast to it. The program that takes the last ticket of `cnt_ptr` adds the SPLIT_K
+    partials in split order (the same sum whichever program is last), then the bias, stores
+    y in its dtype and puts the counter back to 0."""
+    # every thread's partials are stored before the ticket is taken; the ticket's release
+    # makes them visible GPU-wide and the last ticket's acquire sees all SPLIT_K of them
+    tl.debug_barrier()
+    ticket = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+    if ticket == SPLIT_K - 1:
+        y = tl.load(parts, mask=mask, other=0.0, cache_modifier=".cg")
+        for k in range(1, SPLIT_K):  # .cg: from L2, where the other SMs' partials are
+            y += tl.load(parts + k * stride_os, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            y += tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ys, y.to(ys.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")

@@ -45,7 +45,7 @@ def cases(bits: int) -> list[tuple[str, object, dict, dict]]:
     for tn in (0, 64):
         out.append((f"skinny/tile{tn}", _skinny_kernel,
                     dict(BITS=bits, GROUP=128, GPB=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, HAS_BIAS=False,
-                         IS_BF16=False, EVEN=True, TILE_N=tn, TILE_W=tw if tn else 0),
+                         IS_BF16=False, EVEN=True, TILE_N=tn, TILE_W=tw if tn else 0, FUSED=True),
                     {"num_warps": 4, "num_stages": 3}))
         out.append((f"dequant/tile{tn}", _dequant_kernel,
                     dict(BITS=bits, GROUP=128, GPB=1, BLOCK_N=32, BLOCK_K=128, IS_BF16=True, TILE_N=tn,
@@ -101,7 +101,7 @@ def main(bits: int) -> None:
         try:
             sass = compile_sass(fn, const, opts)
             res[name] = dict(Counter(m.group(0) for m in re.finditer(r"\bLDG(STS)?\.E(\.\w+)*", sass)))
-            if name.startswith("gemv"):  # the split-K tickets: the ops that order partials and ticket
+            if name.startswith(("gemv", "skinny")):  # the split-K tickets: the ops that order partials and ticket
                 ops = (r"\bBAR\.SYNC|\bMEMBAR\.\w+\.GPU|\bATOMG\.E\.(ADD|EXCH)|\bCCTL\.IVALL"
                        r"|\bLDG\.E(\.\w+)?\.STRONG\.GPU")
                 res[name]["ordering"] = " ".join(m.group(0) for m in re.finditer(ops, sass))
