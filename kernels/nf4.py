@@ -41,7 +41,8 @@ from qtool_kernels import occupancy
 from qtool_kernels._unpack import _halves, _tree8
 from qtool_kernels.linear import _interpreting
 from qtool_kernels.occupancy import split_k_one_wave
-from qtool_kernels.skinny import _num_sms, split_k_output, split_k_result
+from qtool_kernels.skinny import _num_sms, split_k_buffers, split_k_result
+from qtool_kernels.tickets import store_nm_tile
 from torch import Tensor
 
 from qtool.quant.nf4 import BLOCK_SIZES, DQ_BLOCK, NF4_LEVELS
@@ -189,16 +190,16 @@ def _decode_words(cw, t0, t1, t2, t3, t4, t5, t6, t7, IS_BF16: tl.constexpr):
 @triton.jit
 def _nf4_skinny_kernel(
     # pointers
-    x_ptr, c_ptr, a_ptr, aq_ptr, as_ptr, am_ptr, lut_ptr, map_ptr, tab_ptr, b_ptr, out_ptr,
+    x_ptr, c_ptr, a_ptr, aq_ptr, as_ptr, am_ptr, lut_ptr, map_ptr, tab_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr,
     # sizes
     M, N, K, stride_cn, BPR,
     # strides (elements)
-    stride_xm, stride_os, stride_om,
+    stride_xm, stride_os, stride_om, stride_ym,
     # meta
     BLOCK: tl.constexpr, DQ: tl.constexpr, DQB: tl.constexpr, ALIGNED: tl.constexpr, GPB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr,
-    LUT_REGS: tl.constexpr,
+    LUT_REGS: tl.constexpr, FUSED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -280,14 +281,8 @@ def _nf4_skinny_kernel(
             w = tl.load(lut_ptr + code) * am.to(DT)
             acc = tl.dot(w, tl.trans(xt), acc)
 
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
-    out_mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptrs, acc, mask=out_mask)  # fp32 partials, summed by the wrapper
+    store_nm_tile(out_ptr, y_ptr, cnt_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, pid_n, pid_k, pid_m,
+                  stride_os, stride_om, stride_ym, SPLIT_K, HAS_BIAS, FUSED)
 
 
 def is_aligned(K: int, block_size: int) -> bool:
@@ -331,8 +326,9 @@ def nf4_skinny_matmul(
 ) -> Tensor:
     """y [M, N] = x [M, K] · Ŵᵀ (+ bias), decoding the NF4 codes and constants in the kernel.
 
-    `out` [M, N] (x's dtype) receives y when K is not split; `workspace` [SPLIT_K, M, N]
-    fp32 holds the split-K partials. Both are allocated when not given.
+    `out` [M, N] (x's dtype) receives y; `workspace` [SPLIT_K, M, N] fp32 holds the split-K
+    partials, added up by the kernel's last program per block (skinny.split_k_buffers).
+    Both are allocated when not given.
     `lut_in_registers`: decode with the PTX register table (default: on the GPU, when b
     divides K and the codes can be read as aligned int32 words); False forces the
     table load (the interpreter's path), for tests.
@@ -362,22 +358,23 @@ def nf4_skinny_matmul(
             gpb = BK // w.block_size
     else:
         gpb = 1  # unused: the unaligned path scales per element
-    out, stride_os = split_k_output(x, M, N, SK, out, workspace)
+    grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
+    out, stride_os, y, counters, fused = split_k_buffers(x, M, N, SK, grid[0] * grid[2], out, workspace)
     codes, stride_cn = (w.codes.view(torch.int32), K // 8) if regs else (w.codes, K // 2)
     lut, dq_map, tab = _tables(x.device, x.dtype)
     a, aq, a_s, a_m = w.pointers()
-    grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
     compiled = _nf4_skinny_kernel[grid](
-        x, codes, a, aq, a_s, a_m, lut, dq_map, tab, bias if bias is not None else lut, out,
+        x, codes, a, aq, a_s, a_m, lut, dq_map, tab, bias if bias is not None else lut, out, y, counters,
         M, N, K, stride_cn, K // w.block_size,
-        x.stride(0), stride_os, out.stride(-2),
+        x.stride(0), stride_os, out.stride(-2), y.stride(0),
         BLOCK=w.block_size, DQ=w.double_quant, DQB=DQ_BLOCK, ALIGNED=aligned, GPB=gpb,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK, HAS_BIAS=bias is not None,
-        IS_BF16=x.dtype == torch.bfloat16, EVEN=(N % BN == 0) and (K % BK == 0), LUT_REGS=regs, **cfg,
+        IS_BF16=x.dtype == torch.bfloat16, EVEN=(N % BN == 0) and (K % BK == 0), LUT_REGS=regs, FUSED=fused,
+        **cfg,
     )
     if config is None and resident is None:
         occupancy.record(sig, compiled)
-    return split_k_result(out, SK, bias, x.dtype)
+    return y if fused else split_k_result(out, SK, bias, x.dtype)
 
 
 @triton.jit

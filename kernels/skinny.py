@@ -26,7 +26,7 @@ import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import code_offset, unpack_tile
 from qtool_kernels.occupancy import split_k_one_wave
-from qtool_kernels.tickets import fused_split_k, reduce_if_last, tickets
+from qtool_kernels.tickets import fused_split_k, store_nm_tile, tickets
 from torch import Tensor
 
 PER_CHANNEL = 1 << 30  # GROUP constexpr meaning "one group spans all of K"
@@ -93,19 +93,8 @@ def _skinny_kernel(
             w = tl.reshape((v3 - zo[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
             acc = tl.dot(w, tl.trans(xt), acc)
 
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
-    out_mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptrs, acc, mask=out_mask)  # fp32 partials: the last program or the wrapper adds them
-        if FUSED:
-            reduce_if_last(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], stride_os,
-                           y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out_mask,
-                           cnt_ptr + pid_m * tl.num_programs(0) + pid_n, b_ptr + offs_n[:, None] + offs_m[None, :] * 0,
-                           SPLIT_K, HAS_BIAS)
+    store_nm_tile(out_ptr, y_ptr, cnt_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, pid_n, pid_k, pid_m,
+                  stride_os, stride_om, stride_ym, SPLIT_K, HAS_BIAS, FUSED)
 
 
 def group_constexpr(group_size: int | None) -> int:

@@ -76,3 +76,25 @@ def reduce_if_last(parts, stride_os, ys, mask, cnt_ptr, b_ptrs, SPLIT_K: tl.cons
             y += tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(ys, y.to(ys.dtype.element_ty), mask=mask)
         tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def store_nm_tile(out_ptr, y_ptr, cnt_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, pid_n, pid_k, pid_m,
+                  stride_os, stride_om, stride_ym,
+                  SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr):
+    """The epilogue of a program whose fp32 tile `acc` is [BLOCK_N, BLOCK_M] (rows of W ×
+    rows of x, the skinny kernels' Cᵀ): SPLIT_K = 1 stores y = acc (+ bias) at out_ptr;
+    otherwise the fp32 partial goes to out_ptr [SPLIT_K, M, N] and, with FUSED, the last
+    program of the block finishes y at y_ptr (reduce_if_last)."""
+    tile = offs_m[None, :] * stride_om + offs_n[:, None]
+    mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + pid_k * stride_os + tile, acc, mask=mask)  # fp32 partials
+        if FUSED:
+            reduce_if_last(out_ptr + tile, stride_os, y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], mask,
+                           cnt_ptr + pid_m * tl.num_programs(0) + pid_n, b_ptr + offs_n[:, None] + offs_m[None, :] * 0,
+                           SPLIT_K, HAS_BIAS)

@@ -21,6 +21,8 @@ from triton.compiler import ASTSource
 PTRS = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "out_ptr": "*fp16",
         "y_ptr": "*fp16", "cnt_ptr": "*i32"}
 PARTIALS = {"out_ptr": "*fp32"}  # what a split-K GEMV writes
+# the SASS ops that order a split-K launch's partials, tickets and final reads (tickets.py)
+ORDERING_OPS = r"\bBAR\.SYNC|\bMEMBAR\.\w+\.GPU|\bATOMG\.E\.(ADD|EXCH)|\bCCTL\.IVALL|\bLDG\.E(\.\w+)?\.STRONG\.GPU"
 # arguments that are multiples of 16 at run time on real shapes (Triton specialises those)
 DIV16 = {"N", "K", "Wn", "G", "stride_xm", "stride_qn", "stride_os", "stride_om", "stride_qb", "stride_qt",
          "stride_sb", "stride_zb", "stride_on"}
@@ -92,6 +94,24 @@ def occupancy() -> None:
                     "resident": resident_programs(c.regs, c.num_warps, c.shared),
                     "programs": got[-1].grid[0] * got[-1].grid[1] * got[-1].grid[2],
                     "splits": [la.kwargs["SPLIT_K"] for la in got]}
+    # NF4 skinny (M = 16): its split-K is finished by the last program as well
+    import qtool_kernels as qk
+    from qtool_kernels import nf4
+
+    from qtool.bench.kernels import random_nf4_layer
+
+    nf4._num_sms = lambda device: 132
+    w = qk.NF4Weight.of(random_nf4_layer(8192, 8192, 64, device="cpu"))
+    x = torch.zeros(16, 8192, dtype=torch.float16)
+    with offline.captured(nf4._nf4_skinny_kernel, arch=90) as got:
+        qk.nf4_skinny_matmul(x, w)
+        qk.nf4_skinny_matmul(x, w)
+    c = offline.compile_launch(got[-1])
+    res["nf4 8192x8192 skinny"] = {
+        "regs": c.regs, "spill": c.spill_bytes, "resident": resident_programs(c.regs, c.num_warps, c.shared),
+        "programs": got[-1].grid[0] * got[-1].grid[1] * got[-1].grid[2],
+        "splits": [la.kwargs["SPLIT_K"] for la in got], "fused": got[-1].kwargs["FUSED"],
+        "ordering": " ".join(m.group(0) for m in re.finditer(ORDERING_OPS, c.sass))}
     print(json.dumps(res))
 
 
@@ -102,9 +122,7 @@ def main(bits: int) -> None:
             sass = compile_sass(fn, const, opts)
             res[name] = dict(Counter(m.group(0) for m in re.finditer(r"\bLDG(STS)?\.E(\.\w+)*", sass)))
             if name.startswith(("gemv", "skinny")):  # the split-K tickets: the ops that order partials and ticket
-                ops = (r"\bBAR\.SYNC|\bMEMBAR\.\w+\.GPU|\bATOMG\.E\.(ADD|EXCH)|\bCCTL\.IVALL"
-                       r"|\bLDG\.E(\.\w+)?\.STRONG\.GPU")
-                res[name]["ordering"] = " ".join(m.group(0) for m in re.finditer(ops, sass))
+                res[name]["ordering"] = " ".join(m.group(0) for m in re.finditer(ORDERING_OPS, sass))
         except Exception as e:  # reported per case, so one failure does not hide the others
             cause = e
             while cause.__cause__ or cause.__context__:

@@ -14,6 +14,12 @@ import sys
 import pytest
 
 HERE = pathlib.Path(__file__).parent
+# a split-K launch finished by its last program (tickets.py): every thread's partial stored
+# (barrier), a GPU-scope release fence before the ticket, L1 invalidated after it (acquire),
+# a barrier, the partials read from L2 (strong loads), the counter put back to 0
+_STRONG = r"LDG\.E(\.\w+)?\.STRONG\.GPU"
+TICKET_ORDER = (rf"BAR\.SYNC MEMBAR\.\w+\.GPU ATOMG\.E\.ADD CCTL\.IVALL( BAR\.SYNC)+ {_STRONG}( {_STRONG}| BAR\.SYNC)* "
+                r"ATOMG\.E\.EXCH")
 
 
 def _nvdisasm() -> bool:
@@ -37,13 +43,8 @@ def test_kernels_compile_for_sm90(bits: int) -> None:
     errors = {k: v["error"] for k, v in res.items() if "error" in v}
     assert not errors, errors
     for kernel in ("gemv", "gemv_groups", "skinny/tile0", "skinny/tile64"):
-        # the last-ticket split-K reduction: every thread's partial stored (barrier), then a
-        # GPU-scope release fence before the ticket, L1 invalidated after it (acquire), a
-        # barrier, the partials read from L2 (strong loads), the counter put back to 0
         order = res[kernel]["ordering"]
-        strong = r"LDG\.E(\.\w+)?\.STRONG\.GPU"
-        assert re.search(rf"BAR\.SYNC MEMBAR\.\w+\.GPU ATOMG\.E\.ADD CCTL\.IVALL( BAR\.SYNC)+ {strong}"
-                         rf"( {strong}| BAR\.SYNC)* ATOMG\.E\.EXCH", order), (kernel, order)
+        assert re.search(TICKET_ORDER, order), (kernel, order)
     for kernel in ("skinny", "dequant"):
         assert res[f"{kernel}/tile64"] == res[f"{kernel}/tile0"], (kernel, res)
     # the codes are read 64 or 128 bits at a time wherever a row's words are contiguous (W2/W4)
@@ -63,7 +64,10 @@ def test_gemv_grid_fits_one_wave() -> None:
                        env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(res) == 18
+    assert len(res) == 19
+    nf4 = res.pop("nf4 8192x8192 skinny")
+    assert nf4["fused"] and nf4["spill"] == 0 and re.search(TICKET_ORDER, nf4["ordering"]), nf4
+    assert nf4["programs"] <= 132 * min(8, nf4["resident"]), nf4
     for name, v in res.items():
         slots = 132 * min(8, v["resident"])  # programs_per_sm (8) caps the slots
         assert v["spill"] == 0, (name, v)
