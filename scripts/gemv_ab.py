@@ -104,56 +104,27 @@ def bench_class(shape: str, bits: int, g: int, t16: float, copy_bw: float, n_sm:
 def sass_counts() -> dict:
     """SASS instructions per code in the K loop of both kernels, compiled for sm_90 here (no
     GPU): W4 g128 and W2 g64 at their default tiles for 70B.down (loop = the longest
-    backward-branch span; codes per trip = tiles per trip × tile codes / threads)."""
-    import re
-    from collections import Counter
-
-    import triton
-    from qtool_kernels.gemv import _gemv_kernel, default_gemv_config, default_h2_config
-    from qtool_kernels.gemv_h2 import _gemv_h2_kernel
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    def compile_sass(fn, types: dict, const: dict, opts: dict) -> str:
-        sig = dict(types, **{k: "constexpr" for k in const})
-        attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types.values()) if t.startswith("*")}
-        src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["sass"]
-
-    def loop(sass: str) -> Counter:
-        lines = [li for li in sass.splitlines() if li.strip()]
-        labels: dict = {}
-        best = (0, 0)
-        for i, line in enumerate(lines):
-            if m := re.match(r"^\s*(\w+):", line):
-                labels[m.group(1)] = i
-            m = re.search(r"BRA (\w+);", line)
-            if m and m.group(1) in labels and i - labels[m.group(1)] > best[1] - best[0]:
-                best = (labels[m.group(1)], i)
-        body = [li.split("\t", 1)[1].strip() for li in lines[best[0] + 1:best[1] + 1] if "\t" in li]
-        return Counter(re.sub(r"^@!?U?P\w+ ", "", o).split()[0].split(".")[0] for o in body)
+    backward-branch span; codes per trip = tiles per trip × tile codes / threads). The
+    launches are captured from gemv_matmul / gemv_h2_matmul themselves (kernels/offline.py)."""
+    import qtool_kernels.gemv as gemv
+    from qtool_kernels import offline
+    from qtool_kernels.gemv_h2 import _gemv_h2_kernel, gemv_h2_matmul
 
     N, K = SHAPES["70B.down"]
+    gemv._num_sms = lambda device: 132
+    x = torch.zeros(1, K, dtype=torch.float16)
     out = {}
-    i32 = "i32"
     for bits, g in CLASSES:
-        c = default_gemv_config(1, N, K, bits, g, 132, {"SPAN_GROUPS": False, "BLOCK_N": 64, "BLOCK_K": 128,
-                                                                "num_warps": 4})  # v3: _gemv_kernel, 64 × 128
-        old = loop(compile_sass(_gemv_kernel, {
-            "x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "out_ptr": "*fp32",
-            **dict.fromkeys(["M", "N", "K", "Wn", "zero", "stride_xm", "stride_qn", "stride_sn", "stride_zn",
-                             "stride_os", "stride_om"], i32)},
-            {"BITS": bits, "GROUP": g, "BLOCK_M": 1, "BLOCK_N": c["BLOCK_N"], "BLOCK_K": c["BLOCK_K"],
-             "SPLIT_K": c["SPLIT_K"], "HAS_BIAS": False, "EVEN_N": True, "EVEN_K": True},
-            {"num_warps": c["num_warps"], "num_stages": c["num_stages"], "enable_fp_fusion": True}))
+        q = torch.zeros(N, K * bits // 32, dtype=torch.int32)
+        s, z = torch.ones(N, K // g, dtype=torch.float16), torch.zeros(N, K // g, dtype=torch.uint8)
+        v3 = {"SPAN_GROUPS": False, "BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4}  # v3: _gemv_kernel, 64 × 128
+        c = gemv.default_gemv_config(1, N, K, bits, g, 132, v3)
+        h = gemv.default_h2_config(N, K, bits, g, 132)
+        with offline.captured(gemv._gemv_kernel, _gemv_h2_kernel) as got:
+            gemv.gemv_matmul(x, q, s, z, bits, g, config=c)
+            gemv_h2_matmul(x, q, s, z, bits, g, config=h)
+        old, new = (offline.k_loop(offline.compile_launch(la).sass) for la in got)
         old_codes = c["BLOCK_N"] * c["BLOCK_K"] / (32 * c["num_warps"])
-        h = default_h2_config(N, K, bits, g, 132)
-        new = loop(compile_sass(_gemv_h2_kernel, {
-            "x_ptr": "*i32", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "out_ptr": "*fp32",
-            **dict.fromkeys(["N", "K8", "Wn4", "zero", "stride_q4", "stride_sn", "stride_zn", "stride_os"], i32)},
-            {"BITS": bits, "GROUP": g, "BLOCK_N": h["BLOCK_N"], "BLOCK_K": h["BLOCK_K"], "SPLIT_K": h["SPLIT_K"],
-             "HAS_BIAS": False, "EVEN_N": True, "EVEN_K": True, "PER_CHANNEL": False, "EMULATE": False},
-            {"num_warps": h["num_warps"], "num_stages": 1}))
         new_codes = 2 * h["BLOCK_N"] * h["BLOCK_K"] / (32 * h["num_warps"])  # two tiles per trip
         key = f"W{bits} g{g}"
         out[key] = {"fp32": {"per_code": sum(old.values()) / old_codes, "ops": dict(old.most_common())},

@@ -54,3 +54,30 @@ def random_nf4(N: int, K: int, block_size: int = 64, double_quant: bool = True, 
     W = torch.randn(N, K, generator=gen, device=gen.device if gen is not None else "cpu") * 0.02
     b = torch.randn(N, generator=gen, device=W.device) if bias else None
     return NF4Linear.from_weight(W.to(device), block_size, double_quant, None if b is None else b.to(device))
+
+
+def check_fused_split_k(run, split_k: int, M: int, N: int, bias: Tensor | None, n_blocks: int,
+                        monkeypatch) -> Tensor:
+    """Split-K finished by the last program (tickets.py): `run(**kw)` launches the kernel with
+    `workspace=` or `out=`. Unfused into a poisoned workspace first, then fused with counters
+    held here; y must equal, bit for bit, the partials added in split order (split 0 first)
+    plus the bias, rounded once, land in the poisoned `out`, and leave the counters at 0."""
+    import qtool_kernels.skinny as skinny  # split_k_buffers draws the counters there
+
+    monkeypatch.setenv("QTOOL_FUSED_SPLIT_K", "0")
+    ws = torch.full((split_k, M, N), float("nan"))
+    run(workspace=ws)
+    expected = ws[0].clone()
+    for k in range(1, split_k):
+        expected += ws[k]
+    if bias is not None:
+        expected += bias.float()
+    monkeypatch.setenv("QTOOL_FUSED_SPLIT_K", "1")
+    counters = torch.zeros(n_blocks, dtype=torch.int32)
+    monkeypatch.setattr(skinny, "tickets", lambda device, n: counters[:n])
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    y = run(out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.equal(y, expected.half())
+    assert not counters.any()
+    return y

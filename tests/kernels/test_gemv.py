@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import qtool_kernels as qk
 import torch
-from kernel_testutil import TOL, fresh_generator, random_packed, rel_err
+from kernel_testutil import TOL, check_fused_split_k, fresh_generator, random_packed, rel_err
 from qtool_kernels.gemv import default_gemv_config
 
 SMALL = {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1}
@@ -138,28 +138,12 @@ def test_gemv_fused_split_k(M: int, block_m: int, split_k: int, bias: bool, monk
     The interpreter runs the programs one after another, so this checks the arithmetic, not
     who is last under concurrency: that is the GPU test below and the sm_90 SASS ordering
     test (test_compile_sm90.py)."""
-    import qtool_kernels.skinny as skinny  # split_k_buffers, which draws the counters, lives there
-
     N, K, bits = 80, 1024, 4  # 80 rows: the last 32-row block is partial
     qweight, scales, zeros, x = _inputs(N, K, M, bits, 128)
     b = torch.randn(N).half() if bias else None
     cfg = _cfg(128, SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=32)
-    monkeypatch.setenv("QTOOL_FUSED_SPLIT_K", "0")
-    ws = torch.full((split_k, M, N), float("nan"))
-    qk.gemv_matmul(x, qweight, scales, zeros, bits, 128, b, config=cfg, workspace=ws)
-    expected = ws[0].clone()
-    for k in range(1, split_k):
-        expected += ws[k]
-    if b is not None:
-        expected += b.float()
-    monkeypatch.setenv("QTOOL_FUSED_SPLIT_K", "1")
-    counters = torch.zeros(3 * -(-M // block_m), dtype=torch.int32)
-    monkeypatch.setattr(skinny, "tickets", lambda device, n: counters[:n])
-    out = torch.full((M, N), float("nan"), dtype=torch.float16)
-    y = qk.gemv_matmul(x, qweight, scales, zeros, bits, 128, b, config=cfg, out=out)
-    assert y.data_ptr() == out.data_ptr()
-    assert torch.equal(y, expected.half())
-    assert not counters.any()
+    y = check_fused_split_k(lambda **kw: qk.gemv_matmul(x, qweight, scales, zeros, bits, 128, b, config=cfg, **kw),
+                            split_k, M, N, b, 3 * -(-M // block_m), monkeypatch)
     assert rel_err(y, qk.reference_gemv(x, qweight, scales, zeros, bits, 128, b)) < TOL[torch.float16]
 
 

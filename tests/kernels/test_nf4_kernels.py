@@ -14,7 +14,7 @@ import os
 import pytest
 import qtool_kernels as qk
 import torch
-from kernel_testutil import TOL, fresh_generator, random_nf4, rel_err
+from kernel_testutil import TOL, check_fused_split_k, fresh_generator, random_nf4, rel_err
 
 from qtool.nn import kernel_dispatch
 from qtool.quant import nf4
@@ -170,26 +170,13 @@ def test_nf4_skinny_blocks_per_tile_interpreter(block_size: int, block_k: int, g
 def test_nf4_skinny_fused_split_k(gen, monkeypatch: pytest.MonkeyPatch) -> None:
     """Split-K finished by the last program of each block: bit for bit the fp32 sum of the
     unfused path's partials in split order + bias, one rounding; counters left at 0."""
-    import qtool_kernels.skinny as skinny
-
     N, K, M, split_k = 48, 512, 3, 3
     w = qk.NF4Weight.of(random_nf4(N, K, 64, True, gen=gen))
     x = _x(M, K, torch.float16, gen)
     b = torch.randn(N, generator=gen).half()
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": split_k, "num_warps": 4}
-    monkeypatch.setenv("QTOOL_FUSED_SPLIT_K", "0")
-    ws = torch.full((split_k, M, N), float("nan"))
-    qk.nf4_skinny_matmul(x, w, b, config=cfg, workspace=ws)
-    expected = ws[0].clone()
-    for k in range(1, split_k):
-        expected += ws[k]
-    expected += b.float()
-    monkeypatch.setenv("QTOOL_FUSED_SPLIT_K", "1")
-    counters = torch.zeros(2, dtype=torch.int32)
-    monkeypatch.setattr(skinny, "tickets", lambda device, n: counters[:n])
-    y = qk.nf4_skinny_matmul(x, w, b, config=cfg, out=torch.full((M, N), float("nan"), dtype=torch.float16))
-    assert torch.equal(y, expected.half())
-    assert not counters.any()
+    y = check_fused_split_k(lambda **kw: qk.nf4_skinny_matmul(x, w, b, config=cfg, **kw), split_k, M, N, b, 2,
+                            monkeypatch)
     assert rel_err(y, qk.nf4_linear_ref(x, w, b)) < TOL[torch.float16]
 
 

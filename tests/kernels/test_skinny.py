@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import qtool_kernels as qk
 import torch
-from kernel_testutil import TOL, random_packed, rel_err
+from kernel_testutil import TOL, check_fused_split_k, random_packed, rel_err
 
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4}
 
@@ -53,29 +53,13 @@ def test_skinny_fused_split_k(M: int, split_k: int, bias: bool, monkeypatch: pyt
     """The last program of each output block adds the partials in split order: bit for bit the
     fp32 sum of the unfused path's partials (split 0 first) + bias, one rounding; the ticket
     counters end at 0; M = 17 leaves the second 16-row block mostly empty (masked)."""
-    import qtool_kernels.skinny as skinny
-
     N, K, bits = 80, 1024, 4
     qweight, scales, zeros = random_packed(N, K, bits, 128)
     x = torch.randn(M, K).half()
     b = torch.randn(N).half() if bias else None
     cfg = dict(SMALL, SPLIT_K=split_k)
-    monkeypatch.setenv("QTOOL_FUSED_SPLIT_K", "0")
-    ws = torch.full((split_k, M, N), float("nan"))
-    qk.skinny_matmul(x, qweight, scales, zeros, bits, 128, b, config=cfg, workspace=ws)
-    expected = ws[0].clone()
-    for k in range(1, split_k):
-        expected += ws[k]
-    if b is not None:
-        expected += b.float()
-    monkeypatch.setenv("QTOOL_FUSED_SPLIT_K", "1")
-    counters = torch.zeros(3 * -(-M // 16), dtype=torch.int32)
-    monkeypatch.setattr(skinny, "tickets", lambda device, n: counters[:n])
-    out = torch.full((M, N), float("nan"), dtype=torch.float16)
-    y = qk.skinny_matmul(x, qweight, scales, zeros, bits, 128, b, config=cfg, out=out)
-    assert y.data_ptr() == out.data_ptr()
-    assert torch.equal(y, expected.half())
-    assert not counters.any()
+    y = check_fused_split_k(lambda **kw: qk.skinny_matmul(x, qweight, scales, zeros, bits, 128, b, config=cfg, **kw),
+                            split_k, M, N, b, 3 * -(-M // 16), monkeypatch)
     assert rel_err(y, qk.reference_skinny(x, qweight, scales, zeros, bits, 128, b)) < TOL[torch.float16]
 
 
