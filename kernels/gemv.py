@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import code3, load3, load3_at
-from qtool_kernels.occupancy import split_k_one_wave
+from qtool_kernels.occupancy import slots, split_k_one_wave
 from qtool_kernels.skinny import (
     PER_CHANNEL,
     _num_sms,
@@ -396,10 +396,7 @@ def _split_k(n_tiles: int, k_tiles: int, t: dict, n_sm: int, resident: int | Non
     against 77.9 µs for the same tile and grid when 8 fitted per SM (docs/kernels.md §v7)."""
     if t.get("SPLIT_K"):
         return t["SPLIT_K"]
-    per_sm = t.get("programs_per_sm", 8)
-    if resident:
-        per_sm = min(per_sm, resident)
-    return split_k_one_wave(n_tiles, k_tiles, per_sm * n_sm, cap)
+    return split_k_one_wave(n_tiles, k_tiles, slots(n_sm, t.get("programs_per_sm", 8), resident), cap)
 
 
 def tile_major_tile(bits: int, group_size: int | None, N: int, K: int) -> tuple[int, int] | None:

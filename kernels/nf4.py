@@ -40,7 +40,7 @@ import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import _halves, _tree8
 from qtool_kernels.linear import _interpreting
-from qtool_kernels.occupancy import split_k_one_wave
+from qtool_kernels.occupancy import slots, split_k_one_wave
 from qtool_kernels.skinny import _num_sms, split_k_buffers, split_k_result
 from qtool_kernels.tickets import store_nm_tile
 from torch import Tensor
@@ -310,7 +310,7 @@ def nf4_config(M: int, N: int, K: int, block_size: int, n_sm: int, resident: int
         block_k, block_n = 64, 64
     n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     k_tiles = triton.cdiv(K, block_k)
-    split_k = split_k_one_wave(n_tiles, k_tiles, min(8, resident or 8) * n_sm, 8)
+    split_k = split_k_one_wave(n_tiles, k_tiles, slots(n_sm, 8, resident), 8)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
             "num_warps": 4, "num_stages": 3}
 

@@ -37,6 +37,12 @@ def resident_programs(regs: int, num_warps: int, shared: int = 0, sm: SMLimits =
     return max(0, min(by_regs, sm.warps // num_warps, sm.programs, by_shared))
 
 
+def slots(n_sm: int, programs_per_sm: int, resident: int | None) -> int:
+    """Programs one wave may hold: `programs_per_sm` (a tuned cap) per SM, fewer when the
+    compiled kernel fits fewer (`resident`, unknown before its first launch)."""
+    return n_sm * (min(programs_per_sm, resident) if resident else programs_per_sm)
+
+
 def split_k_one_wave(n_tiles: int, k_tiles: int, slots: int, cap: int, min_tiles: int = 4) -> int:
     """The largest split-K (≤ cap, ≥ min_tiles K tiles per program) whose grid of n_tiles ×
     split programs fits in one wave of `slots` resident programs; 1 when the row blocks alone

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import code_offset, unpack_tile
-from qtool_kernels.occupancy import split_k_one_wave
+from qtool_kernels.occupancy import slots, split_k_one_wave
 from qtool_kernels.tickets import fused_split_k, store_nm_tile, tickets
 from torch import Tensor
 
@@ -132,8 +132,8 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
         block_k = 128  # per-element dequantization with a wide x tile: keep shared memory small
     n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     k_tiles = triton.cdiv(K, block_k)
-    per_sm = min(t.get("programs_per_sm", 8), resident or 8)
-    split_k = t.get("SPLIT_K") or split_k_one_wave(n_tiles, k_tiles, per_sm * n_sm, 8)
+    wave = slots(n_sm, t.get("programs_per_sm", 8), resident)
+    split_k = t.get("SPLIT_K") or split_k_one_wave(n_tiles, k_tiles, wave, 8)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
             "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3)}
 
