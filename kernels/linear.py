@@ -78,16 +78,38 @@ def forward_packed(
     max_m: the largest M for a fused kernel (default skinny_max_m()); within it, M ≤
     gemv_max_m() takes the GEMV and the rest the skinny kernel. Tile-major scales and zeros
     [N / BN, G, BN] (tiles.groups_tile_major, inside `tile_major_layout`) are read by the GEMV
-    as they are and put back in row order (N·G elements) for the other kernels."""
+    and the skinny kernel as they are and put back in row order (N·G elements) for dequant."""
     M, K = x2d.shape
     if M <= (skinny_max_m() if max_m is None else max_m) and M <= gemv_max_m():
         return gemv_matmul(x2d, qweight, scales, zeros, bits, group_size, bias)
-    if scales.dim() == 3:
-        scales, zeros = groups_row_major(scales), groups_row_major(zeros)
     if M <= (skinny_max_m() if max_m is None else max_m):
         return skinny_matmul(x2d, qweight, scales, zeros, bits, group_size, bias)
+    if scales.dim() == 3:
+        scales, zeros = groups_row_major(scales), groups_row_major(zeros)
     W = dequantize_packed(qweight, scales, zeros, bits, group_size, K, x2d.dtype)
     return F.linear(x2d, W, None if bias is None else bias.to(x2d.dtype))
+
+
+@torch.library.custom_op("qtool::forward_packed", mutates_args=())
+def _forward_packed_op(x2d: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+                       group_size: int | None, bias: Tensor | None) -> Tensor:
+    # One opaque op for torch.compile: dynamo would otherwise trace the launch wrappers'
+    # host-side logic (configs, occupancy records, ticket arenas) and break the graph there.
+    return forward_packed(x2d, qweight, scales, zeros, bits, group_size, bias)
+
+
+@_forward_packed_op.register_fake
+def _(x2d, qweight, scales, zeros, bits, group_size, bias):
+    from qtool_kernels.tiles import packed_geometry
+
+    return x2d.new_empty(x2d.shape[0], packed_geometry(qweight)[0])
+
+
+def _forward_no_grad(x2d: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+                     group_size: int | None, bias: Tensor | None) -> Tensor:
+    """forward_packed, as one custom op while torch.compile traces (eager calls skip the op's dispatch)."""
+    fn = _forward_packed_op if torch.compiler.is_compiling() else forward_packed
+    return fn(x2d, qweight, scales, zeros, bits, group_size, bias)
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -138,7 +160,7 @@ def quant_linear(layer: QuantLinear, x: Tensor) -> Tensor | None:
         scales = layer.effective_scales()
         if delta is not None:
             scales = scales.detach()
-        y = forward_packed(x2d, layer.qweight, scales, layer.zeros, layer.bits, layer.group_size, layer.bias)
+        y = _forward_no_grad(x2d, layer.qweight, scales, layer.zeros, layer.bits, layer.group_size, layer.bias)
     else:
         y = _QuantMatmul.apply(
             x2d, delta if train_delta else None, layer.qweight,

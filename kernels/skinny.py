@@ -39,12 +39,13 @@ def _skinny_kernel(
     # sizes
     M, N, K, Wn, G,
     # strides (elements)
-    stride_xm, stride_qn, stride_sn, stride_zn, stride_os, stride_om, stride_ym,
+    stride_xm, stride_qn, stride_sb, stride_sg, stride_sn, stride_zb, stride_zg, stride_zn,
+    stride_os, stride_om, stride_ym,
     # meta
     BITS: tl.constexpr, GROUP: tl.constexpr, GPB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr,
-    TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0, FUSED: tl.constexpr = False,
+    TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0, FUSED: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -61,6 +62,10 @@ def _skinny_kernel(
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_start = pid_k * per_split
     t_end = tl.minimum(t_start + per_split, k_tiles)
+    # scales/zeros (n, g) at (n // SCALE_BLOCK)·stride_b + g·stride_g + (n % SCALE_BLOCK)·stride_n:
+    # row-major [N, G] (SCALE_BLOCK = 1) or tile-major [N / SCALE_BLOCK, G, SCALE_BLOCK]
+    s_row = s_ptr + (offs_n // SCALE_BLOCK) * stride_sb + (offs_n % SCALE_BLOCK) * stride_sn
+    z_row = z_ptr + (offs_n // SCALE_BLOCK) * stride_zb + (offs_n % SCALE_BLOCK) * stride_zn
 
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for t in range(t_start, t_end):
@@ -78,16 +83,16 @@ def _skinny_kernel(
             # One group per tile: subtract o + z exactly in fp16/bf16 (integers), apply the
             # fp32 scale to the tile's partial sums.
             g = k0 // GROUP
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
-            zo = (tl.load(z_ptr + offs_n * stride_zn + g, mask=n_mask, other=0).to(tl.float32) + OFF).to(DT)
+            s = tl.load(s_row + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
+            zo = (tl.load(z_row + g * stride_zg, mask=n_mask, other=0).to(tl.float32) + OFF).to(DT)
             p = tl.dot(v - zo[:, None], tl.trans(xt))  # [BN, BM] Σ (q − z) x
             acc += s[:, None] * p
         else:
             # Several groups per tile: dequantize per element (one rounding to fp16/bf16).
             gi = k0 // GROUP + tl.arange(0, GPB)
             sz_mask = n_mask[:, None] & (gi[None, :] < G)
-            s = tl.load(s_ptr + offs_n[:, None] * stride_sn + gi[None, :], mask=sz_mask, other=0.0).to(DT)
-            z = tl.load(z_ptr + offs_n[:, None] * stride_zn + gi[None, :], mask=sz_mask, other=0)
+            s = tl.load(s_row[:, None] + gi[None, :] * stride_sg, mask=sz_mask, other=0.0).to(DT)
+            z = tl.load(z_row[:, None] + gi[None, :] * stride_zg, mask=sz_mask, other=0)
             zo = (z.to(tl.float32) + OFF).to(DT)
             v3 = tl.reshape(v, [BLOCK_N, GPB, GS])
             w = tl.reshape((v3 - zo[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
@@ -158,7 +163,8 @@ def skinny_matmul(
 ) -> Tensor:
     """y [M, N] = x [M, K] · Ŵᵀ with Ŵ = s·(q − z) from the packed layout.
 
-    `out` [M, N] (x's dtype) receives y; `workspace` [SPLIT_K, M, N] fp32 holds the split-K
+    scales, zeros: [N, G], or tile-major [N / B, G, B] (tiles.groups_tile_major, any B that
+    is a power of two). `out` [M, N] (x's dtype) receives y; `workspace` [SPLIT_K, M, N] fp32 holds the split-K
     partials, added up by the kernel's last program per block (split_k_buffers; with
     QTOOL_FUSED_SPLIT_K=0 by two more kernels, and `out` is used only when K is not split).
     Both are allocated when not given. qweight may be tile-major (tiles.py).
@@ -170,7 +176,13 @@ def skinny_matmul(
     G = scales.shape[1]
     assert x.dtype in (torch.float16, torch.bfloat16), x.dtype
     assert x.stride(1) == 1 and qweight.stride(-1) == 1 and (TN == 0 or qweight.is_contiguous())
-    assert scales.stride(1) == 1 and zeros.stride(1) == 1
+    if scales.dim() == 3:  # tile-major [N / B, G, B]
+        assert zeros.shape == scales.shape and scales.shape[2] & (scales.shape[2] - 1) == 0
+        SB = scales.shape[2]
+        s_strides, z_strides = scales.stride(), zeros.stride()
+    else:
+        assert scales.stride(1) == 1 and zeros.stride(1) == 1
+        SB, s_strides, z_strides = 1, (scales.stride(0), 1, 0), (zeros.stride(0), 1, 0)
     sig = ("skinny", x.dtype, tuple(qweight.shape), bits, group_size, bias is not None, M)  # what the split depends on
     resident = occupancy.recorded(sig)
     cfg = dict(config or default_config(M, N, K, bits, group_size, _num_sms(x.device), resident))
@@ -187,10 +199,10 @@ def skinny_matmul(
     compiled = _skinny_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, y, counters,
         M, N, K, Wn, G,
-        x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), stride_os, out.stride(-2), y.stride(0),
+        x.stride(0), qweight.stride(0), *s_strides, *z_strides, stride_os, out.stride(-2), y.stride(0),
         BITS=bits, GROUP=GROUP, GPB=gpb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         SPLIT_K=SK, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
-        EVEN=(N % BN == 0) and (K % BK == 0), TILE_N=TN, TILE_W=TW, FUSED=fused, **cfg,
+        EVEN=(N % BN == 0) and (K % BK == 0), TILE_N=TN, TILE_W=TW, FUSED=fused, SCALE_BLOCK=SB, **cfg,
     )
     if config is None and resident is None:
         occupancy.record(sig, compiled)

@@ -144,6 +144,18 @@ def _time_decode(model: TinyLlama, batch: int, new_tokens: int, max_len: int) ->
     return sorted(times)[len(times) // 2]
 
 
+def compile_blocks(model: TinyLlama) -> None:
+    """Compile Block.forward once for all blocks (torch.compile, whole graph): the norms,
+    rotary, cache writes, attention glue and SwiGLU fuse into a few kernels around the
+    linears. Parameters are graph inputs, so the 32 blocks share one compiled graph per
+    batch size and Linear type; QuantLinear enters it as one custom op (qtool::forward_packed)."""
+    import functools
+
+    fn = torch.compile(Block.forward, fullgraph=True, dynamic=False)
+    for blk in model.blocks:
+        blk.forward = functools.partial(fn, blk)
+
+
 def _quantize_blocks(model: TinyLlama, bits: int, group_size: int | None) -> None:
     from qtool.nn.qlinear import QuantLinear
     from qtool.quant.grid import QuantSpec, rtn
@@ -159,10 +171,11 @@ def _quantize_blocks(model: TinyLlama, bits: int, group_size: int | None) -> Non
 
 
 def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, ...], new_tokens: int,
-        layers: int = 32, max_len: int = 512, tile_major: bool = True) -> dict:
+        layers: int = 32, max_len: int = 512, tile_major: bool = True, compile: bool = False) -> dict:
     """fp16 vs quantized decode step time per batch size; tile_major: the codes stored
     tile-major for the quantized run (qtool.nn.qlinear.tile_major_layout, as `qtool eval`'s
-    generation does), else in the checkpoint's row-major layout."""
+    generation does), else in the checkpoint's row-major layout; compile: both models'
+    blocks under torch.compile (compile_blocks), then the same CUDA graph."""
     import contextlib
 
     from qtool.errors import QtoolError
@@ -179,13 +192,17 @@ def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, 
     for p in model.parameters():  # Llama-like weight scale keeps activations finite
         if p.dim() > 1:
             p.data.normal_(0, 0.02)
+    if compile:
+        compile_blocks(model)
     fp16 = {b: _time_decode(model, b, new_tokens, max_len) for b in batches}
     _quantize_blocks(model, bits, group_size)
+    if compile:
+        compile_blocks(model)
     with tile_major_layout(model) if tile_major else contextlib.nullcontext(0) as n_tiled:
         quant = {b: _time_decode(model, b, new_tokens, max_len) for b in batches}
     rows = [{"batch": b, "fp16_ms": fp16[b] * 1e3, "quant_ms": quant[b] * 1e3, "fp16_tok_s": b / fp16[b],
              "quant_tok_s": b / quant[b], "speedup": fp16[b] / quant[b]} for b in batches]
     return {"model": model_name, "layers": layers, "gpu": torch.cuda.get_device_name(), "bits": bits,
             "group_size": group_size, "tile_major_layers": n_tiled, "new_tokens": new_tokens, "kv_len": max_len,
-            "torch": torch.__version__,
+            "compiled": compile, "torch": torch.__version__,
             "rows": rows}

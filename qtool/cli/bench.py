@@ -67,6 +67,8 @@ def decode(
     layers: Annotated[int, typer.Option(help="Decoder layers of the synthetic model (32 = full 7B).")] = 32,
     row_major: Annotated[bool, typer.Option("--row-major", help="Keep the checkpoint's row-major codes "
                                             "(default: tile-major while decoding).")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder blocks of both "
+                                          "models before the CUDA graph is captured.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Greedy decode tokens/s, quantized vs fp16, static KV cache and CUDA graphs."""
@@ -74,7 +76,8 @@ def decode(
     from qtool.bench.report import decode_table
 
     g = _csv(group_size)[0]
-    report = db.run(model, bits, g, _csv(batch), new_tokens, layers, tile_major=not row_major)
+    report = db.run(model, bits, g, _csv(batch), new_tokens, layers, tile_major=not row_major,
+                   compile=compile)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:

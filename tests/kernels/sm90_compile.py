@@ -47,7 +47,8 @@ def cases(bits: int) -> list[tuple[str, object, dict, dict]]:
     for tn in (0, 64):
         out.append((f"skinny/tile{tn}", _skinny_kernel,
                     dict(BITS=bits, GROUP=128, GPB=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, HAS_BIAS=False,
-                         IS_BF16=False, EVEN=True, TILE_N=tn, TILE_W=tw if tn else 0, FUSED=True),
+                         IS_BF16=False, EVEN=True, TILE_N=tn, TILE_W=tw if tn else 0, FUSED=True,
+                         SCALE_BLOCK=tn or 1),
                     {"num_warps": 4, "num_stages": 3}))
         out.append((f"dequant/tile{tn}", _dequant_kernel,
                     dict(BITS=bits, GROUP=128, GPB=1, BLOCK_N=32, BLOCK_K=128, IS_BF16=True, TILE_N=tn,

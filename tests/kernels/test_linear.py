@@ -87,3 +87,61 @@ def test_dispatch_gpu(bits, group_size, M, dtype) -> None:
         y_torch = layer(x)
     assert rel_err(y, _reference(layer, x)) < TOL[dtype]
     assert rel_err(y_torch, _reference(layer, x)) < TOL[dtype]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run (CPU)")
+def test_forward_packed_op_schema() -> None:
+    """The custom op torch.compile sees: schema, fake (meta) shape and the eager result agree."""
+    from qtool_kernels.linear import _forward_packed_op
+    from qtool_kernels.tiles import groups_tile_major, tile_major
+
+    layer = _layer(128, 640, 4, 64, "cpu", bias=True)
+    x = torch.randn(3, 640).half()
+    args = (x, layer.qweight, layer.scales.half(), layer.zeros, 4, 64, layer.bias.half())
+    torch.library.opcheck(_forward_packed_op, args, test_utils=("test_schema", "test_faketensor"))
+    # tile-major codes and scales: N comes from the 4-d codes, not the scales' first dim
+    tiled = (x[:1], tile_major(layer.qweight, 64, 128, 4), groups_tile_major(layer.scales.half(), 64),
+             groups_tile_major(layer.zeros, 64), 4, 64, None)
+    torch.library.opcheck(_forward_packed_op, tiled, test_utils=("test_faketensor",))
+    assert torch.equal(_forward_packed_op(*tiled), qk.forward_packed(*tiled))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run (CPU)")
+def test_compiles_as_one_graph(monkeypatch) -> None:
+    """A decoder block with QuantLinears compiles whole (fullgraph: no break at the kernels),
+    each linear as one qtool::forward_packed node, and matches eager bit for bit."""
+    from qtool.bench.decode import Block, LlamaShape, _quantize_blocks
+    from qtool.nn import kernel_dispatch
+
+    # on the CPU QuantLinear.forward takes its torch path; route it to the kernels' entry
+    # (kernel_dispatch.quant_linear, as on CUDA) so that is what dynamo traces
+    monkeypatch.setattr(QuantLinear, "forward", lambda self, x: kernel_dispatch.quant_linear(self, x))
+
+    c = LlamaShape(hidden=128, intermediate=256, heads=4, kv_heads=4, layers=1, vocab=64)
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([Block(c).half()])
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    _quantize_blocks(model, 4, 64)
+    blk = model.blocks[0]
+    T, pos = 16, torch.tensor([5])
+    hd = 32
+    ang = pos.float()[:, None] / (10000 ** (torch.arange(0, hd, 2) / hd))[None, :]
+    emb = torch.cat((ang, ang), -1)
+    args = (torch.randn(1, 1, 128).half(), pos, emb.cos().half(), emb.sin().half())
+    mask = torch.arange(T)[None, :] <= pos[:, None]
+    caches = [torch.randn(1, 4, T, hd).half() for _ in range(2)]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        ref = blk(*args, *[t.clone() for t in caches], mask)
+        out = torch.compile(Block.forward, fullgraph=True, dynamic=False, backend=backend)(
+            blk, *args, *[t.clone() for t in caches], mask)
+    assert len(graphs) == 1
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.qtool.forward_packed.default) == 7
+    assert torch.equal(out, ref)

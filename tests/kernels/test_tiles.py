@@ -31,14 +31,17 @@ def test_dequant_tile_major(bits: int, group_size: int | None, bn: int, bk: int)
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize(("group_size", "bn", "bk", "M"), [(128, 64, 128, 5), (64, 32, 256, 16), (None, 64, 128, 2)])
-def test_skinny_tile_major(bits: int, group_size: int | None, bn: int, bk: int, M: int) -> None:
-    N, K = 64, 512
+@pytest.mark.parametrize("tiled_scales", [False, True])
+def test_skinny_tile_major(bits: int, group_size: int | None, bn: int, bk: int, M: int, tiled_scales: bool) -> None:
+    N, K = 128, 512
     qweight, qt, scales, zeros, gen = _tiled(N, K, bits, group_size, bn, bk)
     x = torch.randn(M, K, generator=gen).half()
-    # a config whose K tile (256) is wider than a 128-code layout tile: the wrapper narrows it
+    # a config whose K tile (256) is wider than a 128-code layout tile: the wrapper narrows it;
+    # its 32-row blocks are not the scales' blocks (bn rows), so both index maps are exercised
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256 if group_size != 128 else 128, "SPLIT_K": 2,
            "num_warps": 4, "num_stages": 1}
-    y = qk.skinny_matmul(x, qt, scales, zeros, bits, group_size, config=cfg)
+    s, z = (groups_tile_major(scales, bn), groups_tile_major(zeros, bn)) if tiled_scales else (scales, zeros)
+    y = qk.skinny_matmul(x, qt, s, z, bits, group_size, config=cfg)
     ref = qk.reference_skinny(x, qweight, scales, zeros, bits, group_size)
     assert rel_err(y, ref) < TOL[torch.float16]
 
