@@ -391,12 +391,17 @@ def _split_k(n_tiles: int, k_tiles: int, t: dict, n_sm: int, resident: int | Non
     the most K slices whose grid fits in one wave of the SMs' slots (occupancy.split_k_one_wave).
     Nothing is software-pipelined, so latency is hidden by programs in flight: the slots are
     `programs_per_sm` (default 8) per SM, or fewer when the compiled kernel's registers fit
-    fewer (`resident`, known after its first launch). A doubling rule once made 1,024 programs
-    for 70B.down on 924 slots (71 registers: 7 per SM), a second wave 11 % full: 93.9 µs,
-    against 77.9 µs for the same tile and grid when 8 fitted per SM (docs/kernels.md §v7)."""
+    fewer (`resident`, known after its first launch), with ≥ `min_k_tiles` (default 4) K tiles
+    per slice. A doubling rule once made 1,024 programs for 70B.down on 924 slots (71
+    registers: 7 per SM), a second wave 11 % full: 93.9 µs, against 77.9 µs for the same tile
+    and grid when 8 fitted per SM (docs/kernels.md §v7). The tile-major classes cap at 16 per
+    SM, so residency decides, and allow 2 tiles per slice: capped at 8 and 4, W3 g128 (16
+    resident) ran 70B.down in half a wave (94.4 µs; split 16: 85.9) and 7B.qkvo stopped at
+    split 8 (9.6 µs; split 16: 8.6; §v8)."""
     if t.get("SPLIT_K"):
         return t["SPLIT_K"]
-    return split_k_one_wave(n_tiles, k_tiles, slots(n_sm, t.get("programs_per_sm", 8), resident), cap)
+    return split_k_one_wave(n_tiles, k_tiles, slots(n_sm, t.get("programs_per_sm", 8), resident), cap,
+                            t.get("min_k_tiles", 4))
 
 
 def tile_major_tile(bits: int, group_size: int | None, N: int, K: int) -> tuple[int, int] | None:

@@ -183,7 +183,7 @@ def skinny_matmul(
     else:
         assert scales.stride(1) == 1 and zeros.stride(1) == 1
         SB, s_strides, z_strides = 1, (scales.stride(0), 1, 0), (zeros.stride(0), 1, 0)
-    sig = ("skinny", x.dtype, tuple(qweight.shape), bits, group_size, bias is not None, M)  # what the split depends on
+    sig = ("skinny", x.dtype, tuple(qweight.shape), bits, group_size, scales.dim(), bias is not None, M)
     resident = occupancy.recorded(sig)
     cfg = dict(config or default_config(M, N, K, bits, group_size, _num_sms(x.device), resident))
     BM, BN, BK, SK = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")

@@ -260,6 +260,122 @@ def waves(quick: bool) -> None:
             torch.cuda.empty_cache()
 
 
+def _time_tile_layers(N: int, K: int, bits: int, g: int | None, configs: dict, M: int = 1) -> tuple[dict, float]:
+    """{label: seconds} of forward_packed (M rows) on rotated layers inside tile_major_layout
+    (what decode runs), one config per label (None: the shipped default); and the weight bytes."""
+    import qtool_kernels as qk
+
+    from qtool.bench.timing import time_rotated
+    from qtool.nn.qlinear import tile_major_layout
+
+    Ls, nb = _rotated_layers(N, K, bits, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    out = {}
+    with tile_major_layout(torch.nn.ModuleList(Ls)):
+        fn = qk.gemv_matmul if M == 1 else qk.skinny_matmul
+        for label, cfg in configs.items():
+            calls = [lambda L=L, cfg=cfg: fn(x, L.qweight, L.scales, L.zeros, bits, g, config=cfg) for L in Ls]
+            try:
+                out[label] = time_rotated(calls, rep_ms=40)
+            except Exception as e:  # a config the compiler rejects
+                print(f"  {label}: skipped ({type(e).__name__}: {str(e)[:80]})", flush=True)
+    del Ls
+    torch.cuda.empty_cache()
+    return out, nb
+
+
+DECODE_SHAPES = {"70B.down": (8192, 28672), "7B.down": (4096, 11008), "7B.up": (11008, 4096), "7B.qkvo": (4096, 4096)}
+
+
+def split(quick: bool) -> None:
+    """Session 8: the M = 1 tile-major GEMV's time against its split-K (programs in the grid),
+    tile-major scales, fused split-K: is one wave of resident programs the right grid?"""
+    import qtool_kernels as qk
+    import qtool_kernels.gemv as gemv
+    import triton
+    from qtool_kernels import occupancy
+
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth
+
+    bw = copy_bandwidth()
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"copy={bw / 1e9:.0f} GB/s sms={n_sm}", flush=True)
+    for name, (N, K) in DECODE_SHAPES.items():
+        t16 = bench_fp16(N, K, 1, torch.float16)
+        for bits, g in [(4, 128), (3, 128), (2, 64), (4, None)]:
+            tile = qk.tile_major_tile(bits, g, N, K)
+            if tile is None:
+                continue
+            fixed = {"BLOCK_N": tile[0], "BLOCK_K": tile[1], "SPAN_GROUPS": g is not None and tile[1] > g}
+            base = gemv.default_gemv_config(1, N, K, bits, g, n_sm, fixed, tiled=True)
+            k_tiles = K // tile[1]
+            cfgs = {"shipped": None}
+            cfgs.update({f"split {s}": dict(base, SPLIT_K=s) for s in (1, 2, 4, 8, 16, 32, 64) if k_tiles // s >= 2})
+            times, nb = _time_tile_layers(N, K, bits, g, cfgs)
+            res = [v for k, v in occupancy._RESIDENT.items() if k[0] == "gemv" and k[2][0] == N // tile[0]]
+            for label, t in times.items():
+                print(f"{name} W{bits} g{g or 'ch'} {label:9s}: {t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 "
+                      f"{t16 * 1e6:.1f}, {nb / t / bw * 100:3.0f}% copy) n_blocks={N // tile[0]} "
+                      f"resident/SM={res[-1] if res else '?'}", flush=True)
+
+
+def skinny(quick: bool) -> None:
+    """Session 8: M = 16 skinny kernel, row-major vs tile-major (scales tile-major or copied per
+    call, as before this session), stages and split-K around the shipped default."""
+    import qtool_kernels as qk
+    import qtool_kernels.skinny as sk
+    import triton
+    from qtool_kernels import occupancy
+    from qtool_kernels.tiles import groups_row_major
+
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth, time_rotated
+    from qtool.nn.qlinear import tile_major_layout
+
+    bw = copy_bandwidth()
+    n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"copy={bw / 1e9:.0f} GB/s sms={n_sm}", flush=True)
+    M = 16
+    for name, (N, K) in DECODE_SHAPES.items():
+        t16 = bench_fp16(N, K, M, torch.float16)
+        for bits, g in [(4, 128)] if quick else [(4, 128), (3, 128), (2, 64)]:
+            Ls, nb = _rotated_layers(N, K, bits, g)
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            row = time_rotated([lambda L=L, x=x, b=bits, g=g: qk.skinny_matmul(x, L.qweight, L.scales, L.zeros, b, g)
+                                for L in Ls], rep_ms=40)
+            sig = ("skinny", x.dtype, tuple(Ls[0].qweight.shape), bits, g, 2, False, M)
+            shipped = sk.default_config(M, N, K, bits, g, n_sm, occupancy.recorded(sig))
+            print(f"{name} M{M} W{bits} g{g or 'ch'} row shipped {shipped}: {row * 1e6:6.1f} us "
+                  f"({t16 / row:.2f}x fp16 {t16 * 1e6:.1f}, {nb / row / bw * 100:3.0f}% copy)", flush=True)
+            del Ls
+            torch.cuda.empty_cache()
+            tile = qk.tile_major_tile(bits, g, N, K)
+            if tile is None:
+                continue
+            cfgs = {"tile shipped": None}
+            base = dict(shipped, BLOCK_N=tile[0])
+            for st in (2, 3, 4):
+                for mul in (1, 2, 4):
+                    if K // base["BLOCK_K"] // (base["SPLIT_K"] * mul) >= 2:
+                        cfgs[f"tile st{st} split{base['SPLIT_K'] * mul}"] = dict(base, num_stages=st,
+                                                                                SPLIT_K=base["SPLIT_K"] * mul)
+            times, _ = _time_tile_layers(N, K, bits, g, cfgs, M=M)
+            Ls, _ = _rotated_layers(N, K, bits, g)
+            with tile_major_layout(torch.nn.ModuleList(Ls)):  # before this session: scales copied per call
+                times["tile, scales copied per call"] = time_rotated(
+                    [lambda L=L, x=x, b=bits, g=g: qk.skinny_matmul(
+                        x, L.qweight, groups_row_major(L.scales), groups_row_major(L.zeros), b, g) for L in Ls],
+                    rep_ms=40)
+            del Ls
+            torch.cuda.empty_cache()
+            for label, t in times.items():
+                print(f"{name} M{M} W{bits} g{g or 'ch'} {label:28s}: {t * 1e6:6.1f} us ({t16 / t:.2f}x, "
+                      f"{nb / t / bw * 100:3.0f}% copy)", flush=True)
+
+
 def main(mode: str) -> None:
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -287,8 +403,8 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("layout", "pc", "tiled", "refactor", "waves"):
-        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves [--quick]")
+    if len(sys.argv) < 2 or sys.argv[1] not in ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny"):
+        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves|split|skinny [--quick]")
     if not torch.cuda.is_available():
         sys.exit("gemv_probe.py needs a CUDA GPU")
     if sys.argv[1] == "tiled":
@@ -297,5 +413,7 @@ if __name__ == "__main__":
         refactor()
     elif sys.argv[1] == "waves":
         waves("--quick" in sys.argv)
+    elif sys.argv[1] in ("split", "skinny"):
+        globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
         main(sys.argv[1])

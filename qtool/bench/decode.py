@@ -171,7 +171,7 @@ def _quantize_blocks(model: TinyLlama, bits: int, group_size: int | None) -> Non
 
 
 def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, ...], new_tokens: int,
-        layers: int = 32, max_len: int = 512, tile_major: bool = True, compile: bool = False) -> dict:
+        layers: int = 32, max_len: int = 512, tile_major: bool = True, compile: bool = True) -> dict:
     """fp16 vs quantized decode step time per batch size; tile_major: the codes stored
     tile-major for the quantized run (qtool.nn.qlinear.tile_major_layout, as `qtool eval`'s
     generation does), else in the checkpoint's row-major layout; compile: both models'
@@ -192,14 +192,23 @@ def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, 
     for p in model.parameters():  # Llama-like weight scale keeps activations finite
         if p.dim() > 1:
             p.data.normal_(0, 0.02)
+    def timed(b: int) -> float:
+        try:
+            return _time_decode(model, b, new_tokens, max_len)
+        except Exception as e:  # compiling is lazy: inductor's failures surface at the first step
+            if not compile:
+                raise
+            raise QtoolError(f"torch.compile of the decoder blocks failed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else ''}); rerun with --no-compile") from e
+
     if compile:
         compile_blocks(model)
-    fp16 = {b: _time_decode(model, b, new_tokens, max_len) for b in batches}
+    fp16 = {b: timed(b) for b in batches}
     _quantize_blocks(model, bits, group_size)
     if compile:
         compile_blocks(model)
     with tile_major_layout(model) if tile_major else contextlib.nullcontext(0) as n_tiled:
-        quant = {b: _time_decode(model, b, new_tokens, max_len) for b in batches}
+        quant = {b: timed(b) for b in batches}
     rows = [{"batch": b, "fp16_ms": fp16[b] * 1e3, "quant_ms": quant[b] * 1e3, "fp16_tok_s": b / fp16[b],
              "quant_tok_s": b / quant[b], "speedup": fp16[b] / quant[b]} for b in batches]
     return {"model": model_name, "layers": layers, "gpu": torch.cuda.get_device_name(), "bits": bits,

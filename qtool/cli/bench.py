@@ -67,11 +67,11 @@ def decode(
     layers: Annotated[int, typer.Option(help="Decoder layers of the synthetic model (32 = full 7B).")] = 32,
     row_major: Annotated[bool, typer.Option("--row-major", help="Keep the checkpoint's row-major codes "
                                             "(default: tile-major while decoding).")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder blocks of both "
-                                          "models before the CUDA graph is captured.")] = False,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decoder blocks of "
+                                          "both models before the CUDA graph is captured.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
-    """Greedy decode tokens/s, quantized vs fp16, static KV cache and CUDA graphs."""
+    """Greedy decode tokens/s, quantized vs fp16, static KV cache, torch.compile and CUDA graphs."""
     from qtool.bench import decode as db
     from qtool.bench.report import decode_table
 
