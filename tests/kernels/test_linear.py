@@ -145,3 +145,33 @@ def test_compiles_as_one_graph(monkeypatch) -> None:
     ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.qtool.forward_packed.default) == 7
     assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 16])  # the GEMV and the skinny kernel inside the compiled graph
+def test_compiled_block_gpu(batch: int) -> None:
+    """Inductor-compiled decoder block (what `qtool bench decode` times) vs eager, tile-major
+    QuantLinears: the same kernels run inside the graph; only inductor's fused glue differs."""
+    from qtool.bench.decode import Block, LlamaShape, _quantize_blocks
+    from qtool.nn.qlinear import tile_major_layout
+
+    c = LlamaShape(hidden=1024, intermediate=2816, heads=8, kv_heads=8, layers=1, vocab=64)
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([Block(c).half().cuda()])
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    _quantize_blocks(model, 4, 128)
+    blk = model.blocks[0]
+    T, pos, hd = 64, torch.tensor([9], device="cuda"), 128
+    ang = pos.float()[:, None] / (10000 ** (torch.arange(0, hd, 2, device="cuda") / hd))[None, :]
+    emb = torch.cat((ang, ang), -1)
+    args = (torch.randn(batch, 1, 1024, device="cuda").half(), pos, emb.cos().half(), emb.sin().half())
+    mask = torch.arange(T, device="cuda")[None, :] <= pos[:, None]
+    caches = [torch.randn(batch, 8, T, hd, device="cuda").half() for _ in range(2)]
+    with torch.no_grad(), tile_major_layout(model) as n:
+        assert n == 7
+        ref = blk(*args, *[t.clone() for t in caches], mask)
+        out = torch.compile(Block.forward, fullgraph=True, dynamic=False)(blk, *args, *[t.clone() for t in caches],
+                                                                          mask)
+    assert rel_err(out, ref) < TOL[torch.float16]
