@@ -396,7 +396,7 @@ def _split_k(n_tiles: int, k_tiles: int, t: dict, n_sm: int, resident: int | Non
     registers: 7 per SM), a second wave 11 % full: 93.9 µs, against 77.9 µs for the same tile
     and grid when 8 fitted per SM (docs/kernels.md §v7). The tile-major classes cap at 16 per
     SM, so residency decides, and allow 2 tiles per slice: capped at 8 and 4, W3 g128 (16
-    resident) ran 70B.down in half a wave (94.4 µs; split 16: 85.9) and 7B.qkvo stopped at
+    resident) ran 70B.down in half a wave (94.4 µs; split 16: 85.9) and 7B.qo stopped at
     split 8 (9.6 µs; split 16: 8.6; §v8)."""
     if t.get("SPLIT_K"):
         return t["SPLIT_K"]

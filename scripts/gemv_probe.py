@@ -284,7 +284,7 @@ def _time_tile_layers(N: int, K: int, bits: int, g: int | None, configs: dict, M
     return out, nb
 
 
-DECODE_SHAPES = {"70B.down": (8192, 28672), "7B.down": (4096, 11008), "7B.up": (11008, 4096), "7B.qkvo": (4096, 4096)}
+DECODE_SHAPES = {"70B.down": (8192, 28672), "7B.down": (4096, 11008), "7B.up": (11008, 4096), "7B.qo": (4096, 4096)}
 
 
 def split(quick: bool) -> None:
