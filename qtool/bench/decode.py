@@ -192,12 +192,13 @@ def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, 
     for p in model.parameters():  # Llama-like weight scale keeps activations finite
         if p.dim() > 1:
             p.data.normal_(0, 0.02)
+
     def timed(b: int) -> float:
+        from torch._dynamo.exc import TorchDynamoException
+
         try:
             return _time_decode(model, b, new_tokens, max_len)
-        except Exception as e:  # compiling is lazy: inductor's failures surface at the first step
-            if not compile:
-                raise
+        except TorchDynamoException as e:  # compiling is lazy: its failures surface at the first step
             raise QtoolError(f"torch.compile of the decoder blocks failed ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:120] if str(e) else ''}); rerun with --no-compile") from e
 
