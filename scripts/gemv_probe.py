@@ -19,6 +19,12 @@
                                          row (BLOCK_K up to 1024 codes) and few rows per program
                                          in the stored layout (this sweep set the pc tiles).
 
+  python scripts/gemv_probe.py rows      session 9: rows per thread. The shipped tile-major path (tile_major_layout,
+                                         default config, one-wave split from the compiled kernel's residency) with
+                                         the class's "gemv_tiled" entry replaced by each candidate tile/warps: fewer
+                                         warps or more rows per program give each thread more rows, so one x load
+                                         and conversion serves more codes (SASS: 5.2 -> 4.1 instructions per code).
+
 Timing as in qtool bench kernels (rotated weights, CUDA graph, median), fp16 x, random codes.
 """
 
@@ -376,6 +382,65 @@ def skinny(quick: bool) -> None:
                       f"{nb / t / bw * 100:3.0f}% copy)", flush=True)
 
 
+ROWS_SHAPES = {**DECODE_SHAPES, "70B.qo": (8192, 8192), "70B.up": (28672, 8192)}
+ROWS_CANDIDATES = {  # (BLOCK_N, BLOCK_K, num_warps, programs_per_sm, SPAN_GROUPS)
+    (4, 128): [(64, 128, 2, 32, False), (128, 128, 4, 16, False), (128, 128, 2, 16, False),
+               (64, 128, 1, 32, False), (256, 128, 4, 8, False)],
+    (4, None): [(64, 128, 2, 32, False), (128, 128, 4, 16, False), (128, 128, 2, 16, False), (64, 128, 1, 32, False)],
+    (4, 64): [(64, 128, 2, 32, True), (128, 128, 4, 16, True), (128, 128, 2, 16, True)],
+    (2, 64): [(64, 128, 2, 32, True), (128, 128, 4, 16, True), (64, 256, 2, 32, True), (128, 128, 2, 16, True)],
+    (3, 128): [(64, 128, 2, 32, False), (128, 128, 4, 16, False)],
+}
+
+
+def rows(quick: bool) -> None:
+    """Session 9: candidate "gemv_tiled" entries against the shipped one, through the path decode
+    runs (tile_major_layout + default config + residency-sized split)."""
+    import copy
+
+    import qtool_kernels.gemv as gemv
+    import triton
+    from qtool_kernels import occupancy
+
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth
+
+    bw = copy_bandwidth()
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"copy={bw / 1e9:.0f} GB/s", flush=True)
+    shipped = gemv._tuned
+    shapes = {k: ROWS_SHAPES[k] for k in ("70B.down", "7B.qo")} if quick else ROWS_SHAPES
+    try:
+        for name, (N, K) in shapes.items():
+            t16 = bench_fp16(N, K, 1, torch.float16)
+            for (bits, g), cands in ROWS_CANDIDATES.items():
+                if (bits, g) != (4, 128) and name not in ("70B.down", "7B.down"):
+                    continue  # W4 g128 (the targets' class) on every shape, the others on two
+                key = f"{bits}:{g or 'pc'}:1"
+                for cand in [None, *cands]:
+                    tuned = copy.deepcopy(shipped())
+                    if cand is not None:
+                        bn, bk, nw, pps, span = cand
+                        tuned["gemv_tiled"][key] = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 2,
+                                                    "programs_per_sm": pps, "SPAN_GROUPS": span, "min_k_tiles": 2}
+                    gemv._tuned = lambda t=tuned: t
+                    occupancy._RESIDENT.clear()
+                    if gemv.tile_major_tile(bits, g, N, K) is None:
+                        continue
+                    e = tuned["gemv_tiled"][key]
+                    label = f"{e['BLOCK_N']}x{e['BLOCK_K']} w{e['num_warps']} pps{e['programs_per_sm']}"
+                    # the first timing's launches record the residency; the second's grids are sized by it
+                    times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None})
+                    res = [v for k, v in occupancy._RESIDENT.items() if k[0] == "gemv"]
+                    if "t" in times:
+                        t = times["t"]
+                        print(f"{name} W{bits} g{g or 'ch'} {label:22s}{' shipped' if cand is None else '        '}: "
+                              f"{t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 {t16 * 1e6:.1f}, "
+                              f"{nb / t / bw * 100:3.0f}% copy) resident/SM={res[-1] if res else '?'}", flush=True)
+    finally:
+        gemv._tuned = shipped
+
+
 def main(mode: str) -> None:
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -403,8 +468,9 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny"):
-        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves|split|skinny [--quick]")
+    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows")
+    if len(sys.argv) < 2 or sys.argv[1] not in modes:
+        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves|split|skinny|rows [--quick]")
     if not torch.cuda.is_available():
         sys.exit("gemv_probe.py needs a CUDA GPU")
     if sys.argv[1] == "tiled":
@@ -413,7 +479,7 @@ if __name__ == "__main__":
         refactor()
     elif sys.argv[1] == "waves":
         waves("--quick" in sys.argv)
-    elif sys.argv[1] in ("split", "skinny"):
+    elif sys.argv[1] in ("split", "skinny", "rows"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
         main(sys.argv[1])

@@ -63,13 +63,34 @@ class Block(nn.Module):
         self.down_proj = nn.Linear(c.intermediate, d, bias=False)
         self.ln1, self.ln2 = RMSNorm(d), RMSNorm(d)
 
+    def fuse(self) -> None:
+        """q/k/v into one `qkv_proj` and gate/up into one `gate_up_proj` (gpt-fast's wqkv): the
+        weights concatenated along the output dimension, so a decode step reads the same bytes
+        in 4 GEMVs per layer instead of 7, each with its launch, prologue and split-K tail
+        paid once. Exact: every output row is the same dot product as before. Called before
+        quantization, the fused Linear quantizes into the same rows (RTN is per row/group)."""
+        def cat(*mods: nn.Linear) -> nn.Linear:
+            w = torch.cat([m.weight.data for m in mods])
+            fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+            fused.weight.data.copy_(w)
+            return fused
+
+        self.qkv_proj = cat(self.q_proj, self.k_proj, self.v_proj)
+        self.gate_up_proj = cat(self.gate_proj, self.up_proj)
+        del self.q_proj, self.k_proj, self.v_proj, self.gate_proj, self.up_proj
+
     def forward(self, x: Tensor, pos: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                 mask: Tensor) -> Tensor:
         B = x.shape[0]
         h = self.ln1(x)
-        q = self.q_proj(h).view(B, 1, self.heads, self.hd).transpose(1, 2)
-        k = self.k_proj(h).view(B, 1, self.kv_heads, self.hd).transpose(1, 2)
-        v = self.v_proj(h).view(B, 1, self.kv_heads, self.hd).transpose(1, 2)
+        if hasattr(self, "qkv_proj"):
+            nq, nkv = self.heads * self.hd, self.kv_heads * self.hd
+            q, k, v = self.qkv_proj(h).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        q = q.reshape(B, 1, self.heads, self.hd).transpose(1, 2)
+        k = k.reshape(B, 1, self.kv_heads, self.hd).transpose(1, 2)
+        v = v.reshape(B, 1, self.kv_heads, self.hd).transpose(1, 2)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
@@ -77,7 +98,11 @@ class Block(nn.Module):
                                            enable_gqa=self.kv_heads != self.heads)
         x = x + self.o_proj(a.transpose(1, 2).reshape(B, 1, -1))
         h = self.ln2(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(h), self.up_proj(h)
+        return x + self.down_proj(F.silu(gate) * up)
 
 
 class TinyLlama(nn.Module):
@@ -107,8 +132,10 @@ class TinyLlama(nn.Module):
         return self.lm_head(self.norm(x))[:, 0].argmax(-1)
 
 
-def _time_decode(model: TinyLlama, batch: int, new_tokens: int, max_len: int) -> float:
-    """Seconds per decode step (one token for each of `batch` sequences), graph-replayed."""
+def captured_step(model: TinyLlama, batch: int, max_len: int) -> tuple[torch.cuda.CUDAGraph, Tensor, list]:
+    """One greedy decode step of `batch` sequences captured in a CUDA graph (after two warm-up
+    steps on a side stream): (graph, pos, caches). Each replay feeds the step its own output
+    token and advances pos; the caller sets pos before replaying and keeps caches alive."""
     c = model.c
     dtype = model.embed.weight.dtype
     hd = c.hidden // c.heads
@@ -129,17 +156,23 @@ def _time_decode(model: TinyLlama, batch: int, new_tokens: int, max_len: int) ->
             nxt = model.step(tok, pos, caches)
             tok.copy_(nxt)
             pos.add_(1)
-        times = []
-        for _ in range(3):
-            pos.fill_(max_len // 2 - new_tokens)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            for _ in range(new_tokens):
-                graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3 / new_tokens)
+    return graph, pos, caches
+
+
+def _time_decode(model: TinyLlama, batch: int, new_tokens: int, max_len: int) -> float:
+    """Seconds per decode step (one token for each of `batch` sequences), graph-replayed."""
+    graph, pos, caches = captured_step(model, batch, max_len)
+    times = []
+    for _ in range(3):
+        pos.fill_(max_len // 2 - new_tokens)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(new_tokens):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3 / new_tokens)
     del graph, caches
     return sorted(times)[len(times) // 2]
 
@@ -170,12 +203,30 @@ def _quantize_blocks(model: TinyLlama, bits: int, group_size: int | None) -> Non
     torch.cuda.empty_cache()
 
 
+def synthetic_model(model_name: str, layers: int, fuse: bool) -> TinyLlama:
+    """The named synthetic model in fp16 on CUDA, random weights at a Llama-like scale (which
+    keeps activations finite), projections fused if asked (Block.fuse)."""
+    shape = LlamaShape(**{**SYNTHETIC[model_name].__dict__, "layers": layers})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = TinyLlama(shape).half()
+    for p in model.parameters():
+        if p.dim() > 1:
+            p.data.normal_(0, 0.02)
+    if fuse:
+        for blk in model.blocks:
+            blk.fuse()
+    return model
+
+
 def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, ...], new_tokens: int,
-        layers: int = 32, max_len: int = 512, tile_major: bool = True, compile: bool = True) -> dict:
+        layers: int = 32, max_len: int = 512, tile_major: bool = True, compile: bool = True,
+        fuse: bool = True) -> dict:
     """fp16 vs quantized decode step time per batch size; tile_major: the codes stored
     tile-major for the quantized run (qtool.nn.qlinear.tile_major_layout, as `qtool eval`'s
     generation does), else in the checkpoint's row-major layout; compile: both models'
-    blocks under torch.compile (compile_blocks), then the same CUDA graph."""
+    blocks under torch.compile (compile_blocks), then the same CUDA graph; fuse: both
+    models' q/k/v and gate/up projections concatenated (Block.fuse), before quantizing."""
     import contextlib
 
     from qtool.errors import QtoolError
@@ -185,13 +236,7 @@ def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, 
         raise QtoolError("`qtool bench decode` needs a CUDA GPU")
     if model_name not in SYNTHETIC:
         raise QtoolError(f"only {list(SYNTHETIC)} is supported so far (a HF model is not yet)")
-    shape = LlamaShape(**{**SYNTHETIC[model_name].__dict__, "layers": layers})
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = TinyLlama(shape).half()
-    for p in model.parameters():  # Llama-like weight scale keeps activations finite
-        if p.dim() > 1:
-            p.data.normal_(0, 0.02)
+    model = synthetic_model(model_name, layers, fuse)
 
     def timed(b: int) -> float:
         from torch._dynamo.exc import TorchDynamoException
@@ -214,5 +259,5 @@ def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, 
              "quant_tok_s": b / quant[b], "speedup": fp16[b] / quant[b]} for b in batches]
     return {"model": model_name, "layers": layers, "gpu": torch.cuda.get_device_name(), "bits": bits,
             "group_size": group_size, "tile_major_layers": n_tiled, "new_tokens": new_tokens, "kv_len": max_len,
-            "compiled": compile, "torch": torch.__version__,
+            "compiled": compile, "fused": fuse, "torch": torch.__version__,
             "rows": rows}

@@ -69,6 +69,8 @@ def decode(
                                             "(default: tile-major while decoding).")] = False,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the decoder blocks of "
                                           "both models before the CUDA graph is captured.")] = True,
+    fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Concatenate q/k/v and gate/up into one "
+                                       "projection each, in both models.")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Greedy decode tokens/s, quantized vs fp16, static KV cache, torch.compile and CUDA graphs."""
@@ -77,7 +79,7 @@ def decode(
 
     g = _csv(group_size)[0]
     report = db.run(model, bits, g, _csv(batch), new_tokens, layers, tile_major=not row_major,
-                   compile=compile)
+                   compile=compile, fuse=fuse)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:

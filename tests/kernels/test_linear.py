@@ -107,7 +107,8 @@ def test_forward_packed_op_schema() -> None:
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run (CPU)")
-def test_compiles_as_one_graph(monkeypatch) -> None:
+@pytest.mark.parametrize("fuse", [False, True])  # 7 projections, or qkv + o + gate_up + down
+def test_compiles_as_one_graph(monkeypatch, fuse: bool) -> None:
     """A decoder block with QuantLinears compiles whole (fullgraph: no break at the kernels),
     each linear as one qtool::forward_packed node, and matches eager bit for bit."""
     from qtool.bench.decode import Block, LlamaShape, _quantize_blocks
@@ -122,6 +123,8 @@ def test_compiles_as_one_graph(monkeypatch) -> None:
     model.blocks = torch.nn.ModuleList([Block(c).half()])
     for p in model.parameters():
         p.data.normal_(0, 0.05)
+    if fuse:
+        model.blocks[0].fuse()
     _quantize_blocks(model, 4, 64)
     blk = model.blocks[0]
     T, pos = 16, torch.tensor([5])
@@ -143,14 +146,15 @@ def test_compiles_as_one_graph(monkeypatch) -> None:
             blk, *args, *[t.clone() for t in caches], mask)
     assert len(graphs) == 1
     ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert ops.count(torch.ops.qtool.forward_packed.default) == 7
+    assert ops.count(torch.ops.qtool.forward_packed.default) == (4 if fuse else 7)
     assert torch.equal(out, ref)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batch", [1, 16])  # the GEMV and the skinny kernel inside the compiled graph
-def test_compiled_block_gpu(batch: int) -> None:
+@pytest.mark.parametrize("fuse", [False, True])
+def test_compiled_block_gpu(batch: int, fuse: bool) -> None:
     """Inductor-compiled decoder block (what `qtool bench decode` times) vs eager, tile-major
     QuantLinears: the same kernels run inside the graph; only inductor's fused glue differs."""
     from qtool.bench.decode import Block, LlamaShape, _quantize_blocks
@@ -161,6 +165,8 @@ def test_compiled_block_gpu(batch: int) -> None:
     model.blocks = torch.nn.ModuleList([Block(c).half().cuda()])
     for p in model.parameters():
         p.data.normal_(0, 0.02)
+    if fuse:
+        model.blocks[0].fuse()
     _quantize_blocks(model, 4, 128)
     blk = model.blocks[0]
     T, pos, hd = 64, torch.tensor([9], device="cuda"), 128
@@ -170,7 +176,7 @@ def test_compiled_block_gpu(batch: int) -> None:
     mask = torch.arange(T, device="cuda")[None, :] <= pos[:, None]
     caches = [torch.randn(batch, 8, T, hd, device="cuda").half() for _ in range(2)]
     with torch.no_grad(), tile_major_layout(model) as n:
-        assert n == 7
+        assert n == (4 if fuse else 7)
         ref = blk(*args, *[t.clone() for t in caches], mask)
         out = torch.compile(Block.forward, fullgraph=True, dynamic=False)(blk, *args, *[t.clone() for t in caches],
                                                                           mask)
