@@ -179,6 +179,34 @@ def _store_rows(out_ptr, stride_os, stride_om, pid_k, row0, y_ptr, stride_ym, cn
                        SPLIT_K, HAS_BIAS)
 
 
+@triton.jit
+def _tile_loads(qw_blk, s_blk, z_blk, t, r, wi, n_mask, Wn, stride_qt, stride_qn, stride_sg, stride_zg,
+                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, WPT: tl.constexpr,
+                MASKED: tl.constexpr):
+    """K tile t of the row block: its words (w0; 3 bits: the three words of each 32-code block,
+    w0, w1, w2; otherwise w1 = w2 = w0) and, when grouped, its group's fp32 scales and uint8
+    zeros ([BLOCK_N]; per channel: the zeros of n_mask's shape, unused)."""
+    qw_tile = qw_blk + t * stride_qt
+    if BITS == 3:
+        w0, w1, w2 = load3(qw_tile, r, stride_qn, 0, wi * 3, n_mask, Wn - t * WPT, MASKED)
+    else:
+        ptrs = qw_tile + r[:, None] * stride_qn + wi[None, :]
+        if MASKED:
+            w0 = tl.load(ptrs, mask=n_mask[:, None] & (wi[None, :] < Wn - t * WPT), other=0)
+        else:
+            w0 = tl.load(ptrs)
+        w1 = w0
+        w2 = w0
+    if GROUP != _PER_CHANNEL:
+        g = (t * BLOCK_K) // GROUP
+        s = tl.load(s_blk + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_blk + g * stride_zg, mask=n_mask, other=0)
+    else:
+        s = tl.zeros(n_mask.shape, dtype=tl.float32)
+        z = tl.zeros(n_mask.shape, dtype=tl.uint8)
+    return w0, w1, w2, s, z
+
+
 @triton.jit(do_not_specialize=["zero"])  # a runtime 0 (see _field): never a compile-time constant
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr,
@@ -188,6 +216,7 @@ def _gemv_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FUSED: tl.constexpr,
+    STAGES: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -226,33 +255,30 @@ def _gemv_kernel(
     a1 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
     a2 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
     a3 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
-    for t in range(t_start, t_end):
+    # STAGES > 1: Triton's pipeliner copies the words (cp.async, shared memory) STAGES − 1 tiles
+    # ahead of the arithmetic, so each program keeps tiles in flight while it computes; at 1
+    # the loop is as written (a program waits on each tile's words).
+    for t in tl.range(t_start, t_end, num_stages=STAGES):
         k0 = t * BLOCK_K
+        w0, w1, w2, s_t, z_t = _tile_loads(qw_blk, s_blk, z_blk, t, r, wi, n_mask, Wn, stride_qt, stride_qn,
+                                           stride_sg, stride_zg, BITS, GROUP, BLOCK_K, WPT, MASKED)
         if GROUPED:
-            g = k0 // GROUP
-            s = tl.load(s_blk + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
-            zf = tl.load(z_blk + g * stride_zg, mask=n_mask, other=0).to(tl.float32)[:, None]
+            s = s_t
             # broadcast before the per-position constants are formed from it: one layout
             # conversion of z instead of one per constant
-            zf = tl.broadcast_to(zf, [BLOCK_N, NW])
+            zf = tl.broadcast_to(z_t.to(tl.float32)[:, None], [BLOCK_N, NW])
             a0 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
             a1 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
             a2 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
             a3 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
         xk = k0 + wi * CPW  # x index of each word's (block's) first code
-        qw_tile = qw_blk + t * stride_qt
         if BITS == 3:
-            w0, w1, w2 = load3(qw_tile, r, stride_qn, 0, wi * 3, n_mask, Wn - t * WPT, MASKED)
             zc = zf + 8388608.0
             for j in tl.static_range(32):
                 a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,
                                            x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
         else:
-            ptrs = qw_tile + r[:, None] * stride_qn + wi[None, :]
-            if MASKED:
-                w = tl.load(ptrs, mask=n_mask[:, None] & (wi[None, :] < Wn - t * WPT), other=0)
-            else:
-                w = tl.load(ptrs)
+            w = w0
             wh = w >> 16  # masked afterwards, so the arithmetic shift's sign bits never show
             for j in tl.static_range(CPW):
                 a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS), xk + j, xk + j < K,
@@ -286,6 +312,7 @@ def _gemv_groups_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FUSED: tl.constexpr,
+    STAGES: tl.constexpr = 1,
 ):
     """_gemv_kernel for K tiles that cover NG ≥ 2 whole groups: longer runs per row per load.
 
@@ -321,7 +348,7 @@ def _gemv_groups_kernel(
     acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for t in range(t_start, t_end):
+    for t in tl.range(t_start, t_end, num_stages=STAGES):  # as in _gemv_kernel
         k0 = t * BLOCK_K
         # groups past K (a partial last tile) are clamped: their words hold code 0 and meet x = 0
         g = tl.minimum(k0 // GROUP + gi, G - 1)[None, :]
@@ -450,7 +477,8 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     k_tiles = triton.cdiv(K, block_k)
     split_k = _split_k(n_tiles, k_tiles, t, n_sm, resident, 16)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
-            "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 2)}
+            "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 2),
+            "STAGES": t.get("STAGES", 1)}
 
 
 def gemv_matmul(
@@ -505,6 +533,7 @@ def gemv_matmul(
     assert Wn * 32 >= K * bits, "qweight holds fewer codes than K"
     cfg.pop("H2", None)
     cfg.pop("SPAN_GROUPS", None)
+    stages = int(cfg.pop("STAGES", 1))
     BM = cfg.pop("BLOCK_M", min(M, MAX_BLOCK_M))
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     GROUP = group_constexpr(group_size)
@@ -527,6 +556,7 @@ def gemv_matmul(
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
     out, stride_os, y, counters, fused = split_k_buffers(x, M, N, SK, grid[0] * grid[2], out, workspace)
     kernel = _gemv_groups_kernel if BK > GROUP else _gemv_kernel
+    extra = {"STAGES": stages} if stages > 1 else {}
     compiled = kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, y, counters,
         M, N, K, Wn, *((G,) if BK > GROUP else ()), 0,
@@ -534,7 +564,7 @@ def gemv_matmul(
         BITS=bits, GROUP=GROUP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0, FUSED=fused,
         enable_fp_fusion=True,  # the products must fuse into the row sums (FFMA), whatever the default
-        **cfg,
+        **extra, **cfg,
     )
     if config is None and resident is None:
         occupancy.record(sig, compiled)

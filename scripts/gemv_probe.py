@@ -19,11 +19,10 @@
                                          row (BLOCK_K up to 1024 codes) and few rows per program
                                          in the stored layout (this sweep set the pc tiles).
 
-  python scripts/gemv_probe.py rows      session 9: rows per thread. The shipped tile-major path (tile_major_layout,
-                                         default config, one-wave split from the compiled kernel's residency) with
-                                         the class's "gemv_tiled" entry replaced by each candidate tile/warps: fewer
-                                         warps or more rows per program give each thread more rows, so one x load
-                                         and conversion serves more codes (SASS: 5.2 -> 4.1 instructions per code).
+  python scripts/gemv_probe.py rows      session 9: candidate "gemv_tiled" entries through the shipped
+                                         tile-major path (tile_major_layout, default config, split sized by
+                                         the compiled kernel's residency): rows per thread (fewer warps or
+                                         more rows per program), then the pipelined K loop (STAGES).
 
 Timing as in qtool bench kernels (rotated weights, CUDA graph, median), fp16 x, random codes.
 """
@@ -383,13 +382,13 @@ def skinny(quick: bool) -> None:
 
 
 ROWS_SHAPES = {**DECODE_SHAPES, "70B.qo": (8192, 8192), "70B.up": (28672, 8192)}
-ROWS_CANDIDATES = {  # (BLOCK_N, BLOCK_K, num_warps, programs_per_sm, SPAN_GROUPS)
-    (4, 128): [(64, 128, 2, 32, False), (128, 128, 4, 16, False), (128, 128, 2, 16, False),
-               (64, 128, 1, 32, False), (256, 128, 4, 8, False)],
-    (4, None): [(64, 128, 2, 32, False), (128, 128, 4, 16, False), (128, 128, 2, 16, False), (64, 128, 1, 32, False)],
-    (4, 64): [(64, 128, 2, 32, True), (128, 128, 4, 16, True), (128, 128, 2, 16, True)],
-    (2, 64): [(64, 128, 2, 32, True), (128, 128, 4, 16, True), (64, 256, 2, 32, True), (128, 128, 2, 16, True)],
-    (3, 128): [(64, 128, 2, 32, False), (128, 128, 4, 16, False)],
+ROWS_CANDIDATES = {  # (BLOCK_N, BLOCK_K, num_warps, programs_per_sm, SPAN_GROUPS, STAGES)
+    (4, 128): [(64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3), (64, 128, 4, 16, False, 4),
+               (64, 128, 2, 32, False, 3), (32, 128, 4, 16, False, 3)],
+    (4, None): [(64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3), (64, 128, 2, 32, False, 3)],
+    (4, 64): [(64, 128, 2, 32, True, 1), (64, 128, 2, 32, True, 3), (64, 128, 4, 16, True, 3)],
+    (2, 64): [(64, 128, 2, 32, True, 1), (64, 128, 2, 32, True, 3), (32, 256, 4, 16, True, 3)],
+    (3, 128): [(64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3)],
 }
 
 
@@ -420,21 +419,23 @@ def rows(quick: bool) -> None:
                 for cand in [None, *cands]:
                     tuned = copy.deepcopy(shipped())
                     if cand is not None:
-                        bn, bk, nw, pps, span = cand
+                        bn, bk, nw, pps, span, st = cand
                         tuned["gemv_tiled"][key] = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 2,
-                                                    "programs_per_sm": pps, "SPAN_GROUPS": span, "min_k_tiles": 2}
+                                                    "programs_per_sm": pps, "SPAN_GROUPS": span, "min_k_tiles": 2,
+                                                    "STAGES": st}
                     gemv._tuned = lambda t=tuned: t
                     occupancy._RESIDENT.clear()
                     if gemv.tile_major_tile(bits, g, N, K) is None:
                         continue
                     e = tuned["gemv_tiled"][key]
-                    label = f"{e['BLOCK_N']}x{e['BLOCK_K']} w{e['num_warps']} pps{e['programs_per_sm']}"
+                    label = (f"{e['BLOCK_N']}x{e['BLOCK_K']} w{e['num_warps']} pps{e['programs_per_sm']} "
+                             f"st{e.get('STAGES', 1)}")
                     # the first timing's launches record the residency; the second's grids are sized by it
                     times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None})
                     res = [v for k, v in occupancy._RESIDENT.items() if k[0] == "gemv"]
                     if "t" in times:
                         t = times["t"]
-                        print(f"{name} W{bits} g{g or 'ch'} {label:22s}{' shipped' if cand is None else '        '}: "
+                        print(f"{name} W{bits} g{g or 'ch'} {label:26s}{' shipped' if cand is None else '        '}: "
                               f"{t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 {t16 * 1e6:.1f}, "
                               f"{nb / t / bw * 100:3.0f}% copy) resident/SM={res[-1] if res else '?'}", flush=True)
     finally:

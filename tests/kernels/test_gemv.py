@@ -92,6 +92,25 @@ def test_gemv_tile_major(bits: int, group_size: int | None, block_n: int, block_
     assert rel_err(y2, ref) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize(("group_size", "block_k"), [(128, 128), (32, 128), (None, 128)])  # 32: groups kernel
+@pytest.mark.parametrize("tiled", [False, True])
+def test_gemv_pipelined(bits: int, group_size: int | None, block_k: int, tiled: bool) -> None:
+    """STAGES = 3 (Triton's pipeliner over the K loop) computes the same product; odd K with
+    a short last group, a partial N tile (row-major) and split K with uneven slices."""
+    from qtool_kernels.tiles import groups_tile_major, tile_major
+
+    N, K, split = (64, 512, 3) if tiled else (80, 576, 2)
+    qweight, scales, zeros, x = _inputs(N, K, 1, bits, group_size)
+    q, s, z = qweight, scales, zeros
+    if tiled:
+        q, s, z = tile_major(qweight, 32, block_k, bits), groups_tile_major(scales, 32), groups_tile_major(zeros, 32)
+    cfg = dict(SMALL, BLOCK_K=block_k, SPLIT_K=split, STAGES=3)
+    y = qk.gemv_matmul(x, q, s, z, bits, group_size, config=cfg)
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size)
+    assert rel_err(y, ref) < TOL[torch.float16]
+
+
 def test_tile_major_rejects_partial_tiles() -> None:
     from qtool_kernels.tiles import tile_major
 
@@ -242,6 +261,29 @@ def test_gemv_gpu_configs(dtype, cfg) -> None:
     y = qk.gemv_matmul(x, qweight, scales.float(), zeros, 4, 128, bias, config=cfg)
     ref = qk.reference_gemv(x, qweight, scales.float(), zeros, 4, 128, bias)
     assert rel_err(y, ref) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize(("group_size", "block_k"), [(128, 128), (64, 128), (None, 128)])  # 64: groups kernel
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stages", [2, 3])
+def test_gemv_pipelined_gpu(bits, group_size, block_k, dtype, stages) -> None:
+    """The cp.async-pipelined K loop (STAGES > 1) on tile-major weights, fused split-K with
+    uneven slices, and on row-major weights with a partial N tile and a short last group."""
+    from qtool_kernels.tiles import groups_tile_major, tile_major
+
+    for N, K, tiled in ((4096, 4096, True), (1000, 1000, False)):
+        qweight, scales, zeros, x = _inputs(N, K, 1, bits, group_size, device="cuda", dtype=dtype)
+        q, s, z = qweight, scales, zeros
+        if tiled:
+            q = tile_major(qweight, 64, block_k, bits)
+            s, z = groups_tile_major(scales, 64), groups_tile_major(zeros, 64)
+        cfg = {"BLOCK_N": 64, "BLOCK_K": block_k, "SPLIT_K": 5, "num_warps": 4, "num_stages": 2, "STAGES": stages}
+        y = qk.gemv_matmul(x, q, s, z, bits, group_size, config=cfg)
+        ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size)
+        assert rel_err(y, ref) < TOL[dtype], (N, K, tiled)
 
 
 @pytest.mark.gpu
