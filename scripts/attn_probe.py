@@ -46,7 +46,7 @@ def main() -> None:
         kv_bytes = 2 * k.numel() * 2
         for name, be in [("default", None), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                          ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("math", SDPBackend.MATH)]:
-            def fn(be=be):
+            def fn(be=be, q=q, k=k, v=v, mask=mask):
                 if be is None:
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 with sdpa_kernel([be]):
