@@ -461,12 +461,18 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     channel), then per bit-width, with what scripts/gemv_ab.py measured; "SPAN_GROUPS" comes
     from there only: BLOCK_K may then cover several whole groups (_gemv_groups_kernel: longer
     runs per row). tiled=True (tile-major weights) reads the "gemv_tiled" section instead
-    (scripts/gemv_probe.py tiled). `overrides` (the same keys) apply last.
+    (scripts/gemv_probe.py tiled). A class's "large" entry applies to layers of at least its
+    "min_codes" codes (N·K): warps, slots and STAGES only, never the tile, which the layout
+    fixes (tile_major_tile). STAGES > 1 pipelines the K loop (cp.async, Triton's pipeliner).
+    `overrides` (the same keys) apply last.
     """
     block_m = min(M, MAX_BLOCK_M)
     gemv = _tuned().get("gemv_tiled" if tiled else "gemv", {})
     t = dict(gemv.get(str(bits), {}))
     t.update(gemv.get(f"{bits}:{group_size or 'pc'}:{block_m}", {}))
+    large = t.pop("large", None)
+    if large and N * K >= large["min_codes"]:
+        t.update({k: v for k, v in large.items() if k != "min_codes"})
     t.update(overrides or {})
     block_n = t.get("BLOCK_N", 64)
     want_k = t.get("BLOCK_K", 128)

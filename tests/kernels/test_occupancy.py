@@ -66,3 +66,14 @@ def test_record_residency() -> None:
         assert occupancy.recorded(key) == 7
     finally:
         occupancy._RESIDENT.pop(key, None)
+
+
+def test_gemv_tiled_large_layers() -> None:
+    """The tuned "large" entry (W4 g128, layers of >= 2^27 codes: 2 warps, pipelined K loop)
+    applies by size; the tile, fixed by the tile-major layout, stays the same."""
+    big = gemv.default_gemv_config(1, 8192, 28672, 4, 128, 132, tiled=True)
+    small = gemv.default_gemv_config(1, 4096, 4096, 4, 128, 132, tiled=True)
+    assert (big["num_warps"], big["STAGES"]) == (2, 3)
+    assert (small["num_warps"], small["STAGES"]) == (4, 1)
+    assert (big["BLOCK_N"], big["BLOCK_K"]) == (small["BLOCK_N"], small["BLOCK_K"])
+    assert gemv.tile_major_tile(4, 128, 8192, 28672) == gemv.tile_major_tile(4, 128, 4096, 4096)
