@@ -72,7 +72,7 @@ def main() -> None:
         try:
             out = flex(q, k, v, score_mod=score_mod)
             err = ((out.float() - ref).norm() / ref.norm()).item()
-            t = timed(lambda q=q, k=k, v=v: flex(q, k, v, score_mod=score_mod))
+            t = timed(lambda q=q, k=k, v=v, f=flex, sm=score_mod: f(q, k, v, score_mod=sm))
             print(f"B={B} flex     : {t * 1e6:7.1f} us  ({kv_bytes / t / 1e9:5.0f} GB/s of KV)  rel err {err:.1e}",
                   flush=True)
         except Exception as e:
