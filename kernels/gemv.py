@@ -562,7 +562,7 @@ def gemv_matmul(
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
     out, stride_os, y, counters, fused = split_k_buffers(x, M, N, SK, grid[0] * grid[2], out, workspace)
     kernel = _gemv_groups_kernel if BK > GROUP else _gemv_kernel
-    extra = {"STAGES": stages} if stages > 1 else {}
+    extra = {"STAGES": stages}
     compiled = kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, y, counters,
         M, N, K, Wn, *((G,) if BK > GROUP else ()), 0,

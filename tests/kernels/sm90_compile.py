@@ -54,12 +54,17 @@ def cases(bits: int) -> list[tuple[str, object, dict, dict]]:
                     dict(BITS=bits, GROUP=128, GPB=1, BLOCK_N=32, BLOCK_K=128, IS_BF16=True, TILE_N=tn,
                          TILE_W=tw if tn else 0), {"num_warps": 4}))
     out.append(("gemv", _gemv_kernel, dict(BITS=bits, GROUP=128, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8,
-                                            HAS_BIAS=False, EVEN_N=True, EVEN_K=True, FUSED=True),
+                                            HAS_BIAS=False, EVEN_N=True, EVEN_K=True, FUSED=True, STAGES=1),
                 {"num_warps": 4, "num_stages": 2}))
     out.append(("gemv_groups", _gemv_groups_kernel, dict(BITS=bits, GROUP=64, BLOCK_M=1, BLOCK_N=32, BLOCK_K=256,
                                                           SPLIT_K=8, HAS_BIAS=False, EVEN_N=True, EVEN_K=True,
-                                                          FUSED=True),
+                                                          FUSED=True, STAGES=1),
                 {"num_warps": 4, "num_stages": 2}))
+    # the pipelined K loop (tuned for W2/W4 g64 and large W4 g128 layers): cp.async copies
+    out.append(("gemv_groups/st3", _gemv_groups_kernel, dict(BITS=bits, GROUP=64, BLOCK_M=1, BLOCK_N=64,
+                                                              BLOCK_K=128, SPLIT_K=8, HAS_BIAS=False, EVEN_N=True,
+                                                              EVEN_K=True, FUSED=True, STAGES=3),
+                {"num_warps": 2, "num_stages": 2}))
     return out
 
 

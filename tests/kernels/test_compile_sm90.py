@@ -42,9 +42,10 @@ def test_kernels_compile_for_sm90(bits: int) -> None:
     res = json.loads(r.stdout.strip().splitlines()[-1])
     errors = {k: v["error"] for k, v in res.items() if "error" in v}
     assert not errors, errors
-    for kernel in ("gemv", "gemv_groups", "skinny/tile0", "skinny/tile64"):
+    for kernel in ("gemv", "gemv_groups", "gemv_groups/st3", "skinny/tile0", "skinny/tile64"):
         order = res[kernel]["ordering"]
         assert re.search(TICKET_ORDER, order), (kernel, order)
+    assert any(op.startswith("LDGSTS") for op in res["gemv_groups/st3"]), res["gemv_groups/st3"]  # pipelined
     for kernel in ("skinny", "dequant"):
         assert res[f"{kernel}/tile64"] == res[f"{kernel}/tile0"], (kernel, res)
     # the codes are read 64 or 128 bits at a time wherever a row's words are contiguous (W2/W4)
