@@ -22,7 +22,7 @@ def kind(name: str) -> str:
         return "qtool GEMV/skinny"
     if "split_k" in n:
         return "qtool split-K sum"
-    if "gemm" in n or "gemv" in n or "cutlass" in n or "xmma" in n or "cublas" in n:
+    if any(s in n for s in ("gemm", "gemv", "cutlass", "xmma", "cublas", "nvjet")):  # nvjet: cuBLAS on sm_90
         return "cuBLAS"
     if "flash" in n or "attention" in n or "fmha" in n or "sdpa" in n:
         return "attention"
