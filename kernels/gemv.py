@@ -562,15 +562,14 @@ def gemv_matmul(
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
     out, stride_os, y, counters, fused = split_k_buffers(x, M, N, SK, grid[0] * grid[2], out, workspace)
     kernel = _gemv_groups_kernel if BK > GROUP else _gemv_kernel
-    extra = {"STAGES": stages}
     compiled = kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, y, counters,
         M, N, K, Wn, *((G,) if BK > GROUP else ()), 0,
         x.stride(0), *q_strides, *s_strides, *z_strides, stride_os, out.stride(-2), y.stride(0),
         BITS=bits, GROUP=GROUP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
-        HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0, FUSED=fused,
+        HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0, FUSED=fused, STAGES=stages,
         enable_fp_fusion=True,  # the products must fuse into the row sums (FFMA), whatever the default
-        **extra, **cfg,
+        **cfg,
     )
     if config is None and resident is None:
         occupancy.record(sig, compiled)
