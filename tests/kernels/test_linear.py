@@ -106,12 +106,27 @@ def test_forward_packed_op_schema() -> None:
     assert torch.equal(_forward_packed_op(*tiled), qk.forward_packed(*tiled))
 
 
+def _quantized_block(c, std: float, group_size: int, fuse: bool, device: str) -> tuple[torch.nn.Module, object]:
+    """(model holding one fp16 decoder block of shape c, the block) with random weights of
+    std `std`, projections fused if asked, every Linear quantized W4 RTN."""
+    from qtool.bench.decode import Block, _quantize_blocks
+
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([Block(c).half().to(device)])
+    for p in model.parameters():
+        p.data.normal_(0, std)
+    if fuse:
+        model.blocks[0].fuse()
+    _quantize_blocks(model, 4, group_size)
+    return model, model.blocks[0]
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run (CPU)")
 @pytest.mark.parametrize("fuse", [False, True])  # 7 projections, or qkv + o + gate_up + down
 def test_compiles_as_one_graph(monkeypatch, fuse: bool) -> None:
     """A decoder block with QuantLinears compiles whole (fullgraph: no break at the kernels),
     each linear as one qtool::forward_packed node, and matches eager bit for bit."""
-    from qtool.bench.decode import Block, LlamaShape, _quantize_blocks
+    from qtool.bench.decode import Block, LlamaShape
     from qtool.nn import kernel_dispatch
 
     # on the CPU QuantLinear.forward takes its torch path; route it to the kernels' entry
@@ -119,14 +134,7 @@ def test_compiles_as_one_graph(monkeypatch, fuse: bool) -> None:
     monkeypatch.setattr(QuantLinear, "forward", lambda self, x: kernel_dispatch.quant_linear(self, x))
 
     c = LlamaShape(hidden=128, intermediate=256, heads=4, kv_heads=4, layers=1, vocab=64)
-    model = torch.nn.Module()
-    model.blocks = torch.nn.ModuleList([Block(c).half()])
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
-    if fuse:
-        model.blocks[0].fuse()
-    _quantize_blocks(model, 4, 64)
-    blk = model.blocks[0]
+    _, blk = _quantized_block(c, 0.05, 64, fuse, "cpu")
     T, pos = 16, torch.tensor([5])
     hd = 32
     ang = pos.float()[:, None] / (10000 ** (torch.arange(0, hd, 2) / hd))[None, :]
@@ -157,18 +165,11 @@ def test_compiles_as_one_graph(monkeypatch, fuse: bool) -> None:
 def test_compiled_block_gpu(batch: int, fuse: bool) -> None:
     """Inductor-compiled decoder block (what `qtool bench decode` times) vs eager, tile-major
     QuantLinears: the same kernels run inside the graph; only inductor's fused glue differs."""
-    from qtool.bench.decode import Block, LlamaShape, _quantize_blocks
+    from qtool.bench.decode import Block, LlamaShape
     from qtool.nn.qlinear import tile_major_layout
 
     c = LlamaShape(hidden=1024, intermediate=2816, heads=8, kv_heads=8, layers=1, vocab=64)
-    model = torch.nn.Module()
-    model.blocks = torch.nn.ModuleList([Block(c).half().cuda()])
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    if fuse:
-        model.blocks[0].fuse()
-    _quantize_blocks(model, 4, 128)
-    blk = model.blocks[0]
+    model, blk = _quantized_block(c, 0.02, 128, fuse, "cuda")
     T, pos, hd = 64, torch.tensor([9], device="cuda"), 128
     ang = pos.float()[:, None] / (10000 ** (torch.arange(0, hd, 2, device="cuda") / hd))[None, :]
     emb = torch.cat((ang, ang), -1)
