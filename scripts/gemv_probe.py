@@ -383,12 +383,21 @@ def skinny(quick: bool) -> None:
 
 ROWS_SHAPES = {**DECODE_SHAPES, "70B.qo": (8192, 8192), "70B.up": (28672, 8192)}
 ROWS_CANDIDATES = {  # (BLOCK_N, BLOCK_K, num_warps, programs_per_sm, SPAN_GROUPS, STAGES)
-    (4, 128): [(64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3), (64, 128, 4, 16, False, 4),
+    # call A (docs/bench-logs/session9/A_rows.txt): more rows per thread, no pipelining
+    (4, 128): [(64, 128, 2, 32, False, 1), (128, 128, 4, 16, False, 1), (128, 128, 2, 16, False, 1),
+               (64, 128, 1, 32, False, 1), (256, 128, 4, 8, False, 1),
+               # call B (B_rows_stages.txt): the pipelined K loop
+               (64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3), (64, 128, 4, 16, False, 4),
                (64, 128, 2, 32, False, 3), (32, 128, 4, 16, False, 3)],
-    (4, None): [(64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3), (64, 128, 2, 32, False, 3)],
-    (4, 64): [(64, 128, 2, 32, True, 1), (64, 128, 2, 32, True, 3), (64, 128, 4, 16, True, 3)],
-    (2, 64): [(64, 128, 2, 32, True, 1), (64, 128, 2, 32, True, 3), (32, 256, 4, 16, True, 3)],
-    (3, 128): [(64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3)],
+    (4, None): [(64, 128, 2, 32, False, 1), (128, 128, 4, 16, False, 1), (128, 128, 2, 16, False, 1),
+                (64, 128, 1, 32, False, 1),
+                (64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3), (64, 128, 2, 32, False, 3)],
+    (4, 64): [(64, 128, 2, 32, True, 1), (128, 128, 4, 16, True, 1), (128, 128, 2, 16, True, 1),
+              (64, 128, 2, 32, True, 3), (64, 128, 4, 16, True, 3)],
+    (2, 64): [(64, 128, 2, 32, True, 1), (128, 128, 4, 16, True, 1), (64, 256, 2, 32, True, 1),
+              (128, 128, 2, 16, True, 1), (64, 128, 2, 32, True, 3), (32, 256, 4, 16, True, 3)],
+    (3, 128): [(64, 128, 2, 32, False, 1), (128, 128, 4, 16, False, 1),
+               (64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3)],
 }
 
 
