@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 from qtool_kernels import occupancy
-from qtool_kernels._unpack import code3, load3, load3_at
+from qtool_kernels._unpack import load3, load3_at
 from qtool_kernels.occupancy import slots, split_k_one_wave
 from qtool_kernels.skinny import (
     PER_CHANNEL,
@@ -69,6 +69,7 @@ __all__ = ["default_gemv_config", "default_h2_config", "gemv_matmul", "gemv_path
 MAX_BLOCK_M = 4  # rows of x per program; more rows re-unpack the weights in another program
 
 _PER_CHANNEL = tl.constexpr(PER_CHANNEL)  # a jit function reads globals only as constexpr
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 reference_gemv = reference_skinny  # the same product: float64 x · Ŵᵀ (+ bias)
 
 
@@ -97,9 +98,45 @@ def _qz(w, wh, zf, zero, S: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _one3(w0, w1, w2, zc, J: tl.constexpr):
-    """q − z of 3-bit code J (0…31) of the 32-code blocks in words w0, w1, w2; zc = 2^23 + z."""
-    return (code3(w0, w1, w2, J) | 0x4B000000).to(tl.float32, bitcast=True) - zc
+def _aligned3(w0, w1, w2):
+    """The words of 3-bit blocks shifted so that each one's codes sit at bits 0, 3, …, 27
+    (word 1's codes start at bit 1, word 2's at bit 2), and again 12 bits lower: every code
+    but the two straddling ones (10, 21) is then a field at T ∈ {0, 3, …, 18} of one of six
+    words, so `_qz3` takes one AND-OR per code and the 2^(23−T) + z constants are 7 per row
+    (a field at every bit offset would need a shift per code, or 21 constants)."""
+    u1 = w1 >> 1  # arithmetic shifts: the fields are masked, the copied sign bits never show
+    u2 = w2 >> 2
+    return w0, w0 >> 12, u1, u1 >> 12, u2, u2 >> 12
+
+
+@triton.jit
+def _qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, J: tl.constexpr):
+    """q − z (fp32, exact) of 3-bit code J (0…31) of the blocks in words w0, w1, w2 (u…: _aligned3)."""
+    if J == 10:  # bits 30, 31 of w0 and bit 0 of w1
+        v = (((w0 >> 30) & 3) | ((w1 & 1) << 2) | 0x4B000000).to(tl.float32, bitcast=True)
+        T: tl.constexpr = 0
+    elif J == 21:  # bit 31 of w1 and bits 0, 1 of w2
+        v = (((w1 >> 31) & 1) | ((w2 & 3) << 1) | 0x4B000000).to(tl.float32, bitcast=True)
+        T: tl.constexpr = 0
+    else:
+        A: tl.constexpr = (3 * J) // 32
+        S: tl.constexpr = 3 * J - 33 * A  # bit of the code in the aligned word
+        if A == 0:
+            lo = u0
+            hi = u0h
+        elif A == 1:
+            lo = u1
+            hi = u1h
+        else:
+            lo = u2
+            hi = u2h
+        if S <= 18:
+            T: tl.constexpr = S
+            v = _field(lo, zero, T, 3)
+        else:
+            T: tl.constexpr = S - 12
+            v = _field(hi, zero, T, 3)
+    return v - (zf + (1 << (23 - T)))
 
 
 @triton.jit
@@ -115,16 +152,54 @@ def _x(xr, offs, kmask, MASK_K: tl.constexpr):
 
 
 @triton.jit
-def _fma_rows(v, offs, kmask, x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M: tl.constexpr, MASK_K: tl.constexpr):
-    """a_m += v · x_m[offs] for the BLOCK_M rows of x (row pointers x0…x3): each code is
-    unpacked once for all rows."""
-    a0 = tl.fma(v, _x(x0, offs, kmask, MASK_K), a0)
+def _x2(xr, offs, K, MASK_K: tl.constexpr, X_PAIRS: tl.constexpr):
+    """x at offs and offs + 1 (offs even) as two fp32 [1, len]. X_PAIRS (x 4-byte aligned, K
+    even): one 32-bit load for both, halving the x loads, which at one row per thread and
+    3 bits are a third of the K loop; the halves convert as `_x` does (fp16: HADD2.F32 reads
+    either half of the register; bf16: a shift or a mask)."""
+    if X_PAIRS:
+        xw = xr.to(tl.pointer_type(tl.int32))
+        if MASK_K:
+            p = tl.load(xw + offs // 2, mask=offs < K, other=0)
+        else:
+            p = tl.load(xw + offs // 2)
+        if xr.dtype.element_ty == tl.bfloat16:
+            lo = (p << 16).to(tl.float32, bitcast=True)
+            hi = (p & -65536).to(tl.float32, bitcast=True)
+        elif _INTERPRET:  # no PTX on the CPU: the same conversion in Triton ops
+            lo = p.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            # written as Triton ops, ptxas moves the high half down with a PRMT before its
+            # conversion (+0.5 instructions per code at 3 bits); a cvt of each half of the
+            # register is one HADD2.F32 each
+            lo, hi = tl.inline_asm_elementwise(
+                "{.reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h;}",
+                "=r,=r,r", [p], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        return lo[None, :], hi[None, :]
+    else:
+        return _x(xr, offs, offs < K, MASK_K), _x(xr, offs + 1, offs + 1 < K, MASK_K)
+
+
+@triton.jit
+def _fma2(v, vb, xr, offs, K, a, MASK_K: tl.constexpr, X_PAIRS: tl.constexpr):
+    xa, xb = _x2(xr, offs, K, MASK_K, X_PAIRS)
+    return tl.fma(vb, xb, tl.fma(v, xa, a))
+
+
+@triton.jit
+def _fma_rows(v, vb, offs, K, x0, x1, x2, x3, a0, a1, a2, a3,
+              BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, X_PAIRS: tl.constexpr):
+    """a_m += v · x_m[offs] + vb · x_m[offs + 1] for the BLOCK_M rows of x (row pointers
+    x0…x3; offs even; past K, x reads as 0 when MASK_K): each code is unpacked once for
+    all rows."""
+    a0 = _fma2(v, vb, x0, offs, K, a0, MASK_K, X_PAIRS)
     if BLOCK_M > 1:
-        a1 = tl.fma(v, _x(x1, offs, kmask, MASK_K), a1)
+        a1 = _fma2(v, vb, x1, offs, K, a1, MASK_K, X_PAIRS)
     if BLOCK_M > 2:
-        a2 = tl.fma(v, _x(x2, offs, kmask, MASK_K), a2)
+        a2 = _fma2(v, vb, x2, offs, K, a2, MASK_K, X_PAIRS)
     if BLOCK_M > 3:
-        a3 = tl.fma(v, _x(x3, offs, kmask, MASK_K), a3)
+        a3 = _fma2(v, vb, x3, offs, K, a3, MASK_K, X_PAIRS)
     return a0, a1, a2, a3
 
 
@@ -216,7 +291,7 @@ def _gemv_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FUSED: tl.constexpr,
-    STAGES: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1, X_PAIRS: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -273,16 +348,19 @@ def _gemv_kernel(
             a3 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
         xk = k0 + wi * CPW  # x index of each word's (block's) first code
         if BITS == 3:
-            zc = zf + 8388608.0
-            for j in tl.static_range(32):
-                a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,
-                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
+            u0, u0h, u1, u1h, u2, u2h = _aligned3(w0, w1, w2)
+            for j in tl.static_range(0, 32, 2):
+                a0, a1, a2, a3 = _fma_rows(_qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, j),
+                                           _qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, j + 1),
+                                           xk + j, K, x0, x1, x2, x3, a0, a1, a2, a3,
+                                           BLOCK_M, MASK_K, X_PAIRS)
         else:
             w = w0
             wh = w >> 16  # masked afterwards, so the arithmetic shift's sign bits never show
-            for j in tl.static_range(CPW):
-                a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS), xk + j, xk + j < K,
-                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
+            for j in tl.static_range(0, CPW, 2):
+                a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS),
+                                           _qz(w, wh, zf, zero, (j + 1) * BITS, BITS), xk + j, K,
+                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K, X_PAIRS)
         if GROUPED:
             acc0 = _flush(acc0, a0, s, True)
             if BLOCK_M > 1:
@@ -312,7 +390,7 @@ def _gemv_groups_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FUSED: tl.constexpr,
-    STAGES: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1, X_PAIRS: tl.constexpr = False,
 ):
     """_gemv_kernel for K tiles that cover NG ≥ 2 whole groups: longer runs per row per load.
 
@@ -364,10 +442,12 @@ def _gemv_groups_kernel(
         if BITS == 3:
             blk = (widx * 3)[None, :, :]
             w0, w1, w2 = load3_at(qw_tile + rows + blk, n_mask[:, None, None] & (blk < Wn - t * WPT), MASKED)
-            zc = zf + 8388608.0
-            for j in tl.static_range(32):
-                a0, a1, a2, a3 = _fma_rows(_one3(w0, w1, w2, zc, j), xk + j, xk + j < K,
-                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
+            u0, u0h, u1, u1h, u2, u2h = _aligned3(w0, w1, w2)
+            for j in tl.static_range(0, 32, 2):
+                a0, a1, a2, a3 = _fma_rows(_qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, j),
+                                           _qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, j + 1),
+                                           xk + j, K, x0, x1, x2, x3, a0, a1, a2, a3,
+                                           BLOCK_M, MASK_K, X_PAIRS)
         else:
             wk = widx[None, :, :]
             if MASKED:
@@ -375,9 +455,10 @@ def _gemv_groups_kernel(
             else:
                 w = tl.load(qw_tile + rows + wk)
             wh = w >> 16
-            for j in tl.static_range(CPW):
-                a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS), xk + j, xk + j < K,
-                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K)
+            for j in tl.static_range(0, CPW, 2):
+                a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS),
+                                           _qz(w, wh, zf, zero, (j + 1) * BITS, BITS), xk + j, K,
+                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K, X_PAIRS)
         acc0 += tl.sum(tl.sum(a0, axis=2) * s, axis=1)
         if BLOCK_M > 1:
             acc1 += tl.sum(tl.sum(a1, axis=2) * s, axis=1)
@@ -484,7 +565,7 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     split_k = _split_k(n_tiles, k_tiles, t, n_sm, resident, 16)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
             "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 2),
-            "STAGES": t.get("STAGES", 1)}
+            "STAGES": t.get("STAGES", 1), "X_PAIRS": t.get("X_PAIRS", t.get("STAGES", 1) == 1)}
 
 
 def gemv_matmul(
@@ -540,6 +621,9 @@ def gemv_matmul(
     cfg.pop("H2", None)
     cfg.pop("SPAN_GROUPS", None)
     stages = int(cfg.pop("STAGES", 1))
+    # x read in pairs (_x2): measured with the plain K loop; with STAGES > 1 the pipeliner would
+    # also stage the x words through shared memory (more instructions in the sm_90 SASS)
+    x_pairs = bool(cfg.pop("X_PAIRS", stages == 1))
     BM = cfg.pop("BLOCK_M", min(M, MAX_BLOCK_M))
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     GROUP = group_constexpr(group_size)
@@ -568,12 +652,19 @@ def gemv_matmul(
         x.stride(0), *q_strides, *s_strides, *z_strides, stride_os, out.stride(-2), y.stride(0),
         BITS=bits, GROUP=GROUP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0, FUSED=fused, STAGES=stages,
+        X_PAIRS=x_pairs and _x_pairs(x),
         enable_fp_fusion=True,  # the products must fuse into the row sums (FFMA), whatever the default
         **cfg,
     )
     if config is None and resident is None:
         occupancy.record(sig, compiled)
     return y if fused else split_k_result(out, SK, bias, x.dtype)
+
+
+def _x_pairs(x: Tensor) -> bool:
+    """Whether the kernels may read x two elements per 32-bit load: every row starts 4-byte
+    aligned and K is even (a pair never reaches past the row)."""
+    return x.shape[1] % 2 == 0 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
 
 
 def h2_eligible(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -> bool:

@@ -23,6 +23,8 @@
                                          tile-major path (tile_major_layout, default config, split sized by
                                          the compiled kernel's residency): rows per thread (fewer warps or
                                          more rows per program), then the pipelined K loop (STAGES).
+  python scripts/gemv_probe.py skinny16  session 10: candidate skinny tiles at M = 16 through the same path
+                                         (mma.sync with ≤ 2 warps vs wgmma with 4/8, BLOCK_N, stages).
 
 Timing as in qtool bench kernels (rotated weights, CUDA graph, median), fp16 x, random codes.
 """
@@ -451,6 +453,77 @@ def rows(quick: bool) -> None:
         gemv._tuned = shipped
 
 
+SKINNY16_CANDIDATES = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages, programs_per_sm); 2 warps or fewer:
+    # Triton lowers tl.dot to mma.sync (MMAv2) with the unpacked tile fed from registers; 4 and 8 warps:
+    # wgmma, the tile through shared memory (counted in the sm_90 SASS, docs/kernels.md §v10)
+    (64, 128, 4, 3, 8), (64, 128, 4, 4, 8), (128, 128, 4, 3, 8), (128, 128, 8, 3, 8), (64, 64, 4, 3, 8),
+    (64, 128, 2, 3, 16), (64, 128, 2, 4, 16), (32, 128, 2, 3, 16), (32, 128, 2, 4, 16), (64, 64, 2, 3, 16),
+    (32, 128, 1, 3, 32), (16, 128, 1, 3, 32), (32, 64, 1, 3, 32),
+]
+
+
+def skinny16(quick: bool) -> None:
+    """Session 10: candidate skinny tiles (tuned_skinny.json's per-bits entry) at M = 16 through the
+    path decode runs (tile_major_layout, default config, split sized by the compiled residency)."""
+    import qtool_kernels.skinny as sk
+    import triton
+    from qtool_kernels import occupancy
+
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth
+
+    bw = copy_bandwidth()
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"copy={bw / 1e9:.0f} GB/s", flush=True)
+    shipped = sk._tuned
+    M = 16
+    shapes = ("70B.down", "7B.qo") if quick else ("70B.down", "7B.down", "7B.qo")
+    try:
+        for name in shapes:
+            N, K = DECODE_SHAPES[name]
+            t16 = bench_fp16(N, K, M, torch.float16)
+            for bits, g in [(4, 128), (2, 64)]:
+                for cand in [None, *SKINNY16_CANDIDATES]:
+                    tuned = dict(shipped())
+                    if cand is not None:
+                        bn, bk, nw, ns, pps = cand
+                        tuned[str(bits)] = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns,
+                                            "programs_per_sm": pps}
+                    sk._tuned = lambda t=tuned: t
+                    occupancy._RESIDENT.clear()
+                    e = tuned.get(str(bits), {})
+                    label = (f"{e.get('BLOCK_N', 64)}x{e.get('BLOCK_K', 128)} w{e.get('num_warps', 4)} "
+                             f"st{e.get('num_stages', 3)} pps{e.get('programs_per_sm', 8)}")
+                    times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None}, M=M)
+                    res = [v for k, v in occupancy._RESIDENT.items() if k[0] == "skinny"]
+                    err = _skinny_error(N, K, bits, g, M)
+                    if "t" in times:
+                        t = times["t"]
+                        print(f"{name} M{M} W{bits} g{g} {label:24s}{' shipped' if cand is None else '        '}: "
+                              f"{t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 {t16 * 1e6:.1f}, "
+                              f"{nb / t / bw * 100:3.0f}% copy) resident/SM={res[-1] if res else '?'} err={err:.1e}",
+                              flush=True)
+    finally:
+        sk._tuned = shipped
+
+
+def _skinny_error(N: int, K: int, bits: int, g: int | None, M: int) -> float:
+    """‖y − ref‖/‖ref‖ of the skinny kernel (current tuned entry) on one tile-major layer against
+    the float64 reference: a candidate tile must compute the same product before its time counts."""
+    import qtool_kernels as qk
+    from qtool_kernels.skinny import reference_skinny
+
+    from qtool.bench.kernels import random_packed_layer
+    from qtool.nn.qlinear import tile_major_layout
+
+    L = random_packed_layer(N, K, bits, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    with tile_major_layout(torch.nn.ModuleList([L])):
+        y = qk.skinny_matmul(x, L.qweight, L.scales, L.zeros, bits, g).double()
+        ref = reference_skinny(x, L.qweight, L.scales, L.zeros, bits, g)
+    return float((y - ref).norm() / ref.norm())
+
+
 def main(mode: str) -> None:
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -478,9 +551,9 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows")
+    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows", "skinny16")
     if len(sys.argv) < 2 or sys.argv[1] not in modes:
-        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves|split|skinny|rows [--quick]")
+        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves|split|skinny|rows|skinny16 [--quick]")
     if not torch.cuda.is_available():
         sys.exit("gemv_probe.py needs a CUDA GPU")
     if sys.argv[1] == "tiled":
@@ -489,7 +562,7 @@ if __name__ == "__main__":
         refactor()
     elif sys.argv[1] == "waves":
         waves("--quick" in sys.argv)
-    elif sys.argv[1] in ("split", "skinny", "rows"):
+    elif sys.argv[1] in ("split", "skinny", "rows", "skinny16"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
         main(sys.argv[1])

@@ -140,6 +140,36 @@ def test_gemv_k_not_multiple_of_32(bits: int) -> None:
     assert rel_err(y, ref) < TOL[torch.float16]
 
 
+def _x_views(M: int, K: int, dtype: torch.dtype, device: str = "cpu") -> dict:
+    """x [M, K] (K even) as a contiguous tensor, as a view whose rows start 2 bytes off a 4-byte
+    boundary, and as one with an odd row stride: only the first may be read two elements per
+    32-bit load."""
+    gen, seed = fresh_generator()
+    print(f"seed={seed}")
+    even = torch.randn(M, K + 4, generator=gen).to(dtype).to(device)  # row stride K + 4: even
+    odd = torch.randn(M, K + 1, generator=gen).to(dtype).to(device)
+    return {"aligned": even[:, :K].contiguous(), "offset": even[:, 1:K + 1], "odd stride": odd[:, :K]}
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize(("group_size", "block_k"), [(128, 128), (32, 128)])  # 32: the groups kernel
+def test_gemv_x_pairs(bits: int, group_size: int, block_k: int) -> None:
+    """x read two elements per 32-bit load (X_PAIRS) gives bit for bit the per-element result
+    (the same fp32 products in the same order), and is used only where the rows allow it."""
+    from qtool_kernels.gemv import _x_pairs
+
+    N, K, M = 48, 576, 2
+    qweight, scales, zeros, _ = _inputs(N, K, M, bits, group_size)
+    cfg = dict(SMALL, BLOCK_K=block_k, SPLIT_K=2)
+    views = _x_views(M, K, torch.float16)
+    assert [_x_pairs(v) for v in views.values()] == [True, False, False]
+    for name, x in views.items():
+        y = qk.gemv_matmul(x, qweight, scales, zeros, bits, group_size, config=dict(cfg, X_PAIRS=True))
+        y1 = qk.gemv_matmul(x, qweight, scales, zeros, bits, group_size, config=dict(cfg, X_PAIRS=False))
+        assert torch.equal(y, y1), name
+        assert rel_err(y, qk.reference_gemv(x, qweight, scales, zeros, bits, group_size)) < TOL[torch.float16], name
+
+
 def test_gemv_split_k_partials_all_written() -> None:
     N, K, bits = 64, 1024, 4
     qweight, scales, zeros, x = _inputs(N, K, 1, bits, 128)
@@ -284,6 +314,26 @@ def test_gemv_pipelined_gpu(bits, group_size, block_k, dtype, stages) -> None:
         y = qk.gemv_matmul(x, q, s, z, bits, group_size, config=cfg)
         ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size)
         assert rel_err(y, ref) < TOL[dtype], (N, K, tiled)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gemv_x_pairs_gpu(bits: int, dtype: torch.dtype) -> None:
+    """On the GPU the pair loads convert each half with PTX (fp16) or bit operations (bf16):
+    bit for bit the per-element kernel, on tile-major weights and on misaligned views of x."""
+    from qtool_kernels.tiles import groups_tile_major, tile_major
+
+    N, K, M = 1024, 4096, 1
+    qweight, scales, zeros, _ = _inputs(N, K, M, bits, 128, device="cuda", dtype=dtype)
+    q, s, z = tile_major(qweight, 64, 128, bits), groups_tile_major(scales, 64), groups_tile_major(zeros, 64)
+    cfg = {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "num_warps": 4, "num_stages": 2}
+    for name, x in _x_views(M, K, dtype, "cuda").items():
+        y = qk.gemv_matmul(x, q, s, z, bits, 128, config=dict(cfg, X_PAIRS=True))
+        y1 = qk.gemv_matmul(x, q, s, z, bits, 128, config=dict(cfg, X_PAIRS=False))
+        assert torch.equal(y, y1), name
+        assert rel_err(y, qk.reference_gemv(x, qweight, scales, zeros, bits, 128)) < TOL[dtype], name
 
 
 @pytest.mark.gpu
