@@ -565,7 +565,7 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     split_k = _split_k(n_tiles, k_tiles, t, n_sm, resident, 16)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
             "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 2),
-            "STAGES": t.get("STAGES", 1), "X_PAIRS": t.get("X_PAIRS", t.get("STAGES", 1) == 1)}
+            "STAGES": t.get("STAGES", 1), "X_PAIRS": t.get("X_PAIRS", True)}
 
 
 def gemv_matmul(
@@ -621,9 +621,9 @@ def gemv_matmul(
     cfg.pop("H2", None)
     cfg.pop("SPAN_GROUPS", None)
     stages = int(cfg.pop("STAGES", 1))
-    # x read in pairs (_x2): measured with the plain K loop; with STAGES > 1 the pipeliner would
-    # also stage the x words through shared memory (more instructions in the sm_90 SASS)
-    x_pairs = bool(cfg.pop("X_PAIRS", stages == 1))
+    # x read in pairs (_x2) unless a tuned entry measured it slower (W4 g128 "large": with
+    # STAGES 3 the pipeliner also stages the x words through shared memory; §v10)
+    x_pairs = bool(cfg.pop("X_PAIRS", True))
     BM = cfg.pop("BLOCK_M", min(M, MAX_BLOCK_M))
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     GROUP = group_constexpr(group_size)

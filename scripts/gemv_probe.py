@@ -25,6 +25,7 @@
                                          more rows per program), then the pipelined K loop (STAGES).
   python scripts/gemv_probe.py skinny16  session 10: candidate skinny tiles at M = 16 through the same path
                                          (mma.sync with ≤ 2 warps vs wgmma with 4/8, BLOCK_N, stages).
+  python scripts/gemv_probe.py pairs     session 10: x read in pairs (X_PAIRS) on and off, per shipped class.
 
 Timing as in qtool bench kernels (rotated weights, CUDA graph, median), fp16 x, random codes.
 """
@@ -524,6 +525,52 @@ def _skinny_error(N: int, K: int, bits: int, g: int | None, M: int) -> float:
     return float((y - ref).norm() / ref.norm())
 
 
+def pairs(quick: bool) -> None:
+    """Session 10: x read two elements per 32-bit load (X_PAIRS) against one per load, per class,
+    through the shipped tile-major path (each tuned entry with X_PAIRS flipped, same run)."""
+    import copy
+
+    import qtool_kernels.gemv as gemv
+    import triton
+    from qtool_kernels import occupancy
+
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth
+
+    bw = copy_bandwidth()
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"copy={bw / 1e9:.0f} GB/s", flush=True)
+    shipped = gemv._tuned
+    shapes = ("70B.down", "7B.qo") if quick else ("70B.down", "7B.down", "7B.up", "7B.qo")
+    try:
+        for name in shapes:
+            N, K = DECODE_SHAPES[name]
+            t16 = bench_fp16(N, K, 1, torch.float16)
+            for bits, g in [(4, 128), (3, 128), (2, 64), (4, None), (3, 64), (4, 64)]:
+                key = f"{bits}:{g or 'pc'}:1"
+                if gemv.tile_major_tile(bits, g, N, K) is None:
+                    continue
+                for flip in (False, True):
+                    tuned = copy.deepcopy(shipped())
+                    e = tuned["gemv_tiled"][key]
+                    large = e.get("large") if N * K >= e.get("large", {}).get("min_codes", 1 << 62) else None
+                    stages = (large or {}).get("STAGES", e.get("STAGES", 1))
+                    on = (large or {}).get("X_PAIRS", e.get("X_PAIRS", True)) != flip
+                    e["X_PAIRS"] = on
+                    if large:
+                        large["X_PAIRS"] = on
+                    gemv._tuned = lambda t=tuned: t
+                    occupancy._RESIDENT.clear()
+                    times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None})
+                    if "t" in times:
+                        t = times["t"]
+                        print(f"{name} W{bits} g{g or 'ch'} STAGES {stages} X_PAIRS {on!s:5}"
+                              f"{'        ' if flip else ' shipped'}: {t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 "
+                              f"{t16 * 1e6:.1f}, {nb / t / bw * 100:3.0f}% copy)", flush=True)
+    finally:
+        gemv._tuned = shipped
+
+
 def main(mode: str) -> None:
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -551,9 +598,9 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows", "skinny16")
+    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows", "skinny16", "pairs")
     if len(sys.argv) < 2 or sys.argv[1] not in modes:
-        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves|split|skinny|rows|skinny16 [--quick]")
+        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves|split|skinny|rows|skinny16|pairs [--quick]")
     if not torch.cuda.is_available():
         sys.exit("gemv_probe.py needs a CUDA GPU")
     if sys.argv[1] == "tiled":
@@ -562,7 +609,7 @@ if __name__ == "__main__":
         refactor()
     elif sys.argv[1] == "waves":
         waves("--quick" in sys.argv)
-    elif sys.argv[1] in ("split", "skinny", "rows", "skinny16"):
+    elif sys.argv[1] in ("split", "skinny", "rows", "skinny16", "pairs"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
         main(sys.argv[1])
