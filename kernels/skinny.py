@@ -124,13 +124,19 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
     """Tile sizes for the skinny kernel.
 
     Defaults: 64 rows × 128 codes per tile, 4 warps, 3 pipeline stages (the v1 sweep's
-    winner at every decode shape); tuned_skinny.json (from the v2 sweep) overrides them per
-    bit-width. K is split into as many slices as fit in one wave of `programs_per_sm` (8)
-    programs per SM, or of `resident` (how many the compiled kernel fits: 5 at W4 for sm_90,
-    96 registers) when fewer, keeping at least 4 K tiles per program, so every SM has several
-    tiles of loads in flight and no second, partial wave (occupancy.split_k_one_wave).
+    winner at every decode shape); tuned_skinny.json overrides them per bit-width ("4") and
+    then per class ("skinny" → "bits:group", "pc" = per channel). With ≤ 2 warps Triton
+    lowers tl.dot to mma.sync fed from registers instead of wgmma through shared memory:
+    measured faster where a tile lies inside one group (W4 g128 at M = 16, 70B.down: 103.9 →
+    78.4 µs), slower where each element is dequantized (W2 g64: 80.9 → 114 µs; §v10).
+    K is split into as many slices as fit in one wave of `programs_per_sm` (8) programs per
+    SM, or of `resident` (how many the compiled kernel fits: 4 for the 64 × 128 W4 tile of 4
+    warps for sm_90, 114 registers) when fewer, keeping at least 4 K tiles per program, so
+    every SM has several tiles of loads in flight and no second, partial wave
+    (occupancy.split_k_one_wave).
     """
-    t = _tuned().get(str(bits), {})
+    t = dict(_tuned().get(str(bits), {}))
+    t.update(_tuned().get("skinny", {}).get(f"{bits}:{group_size or 'pc'}", {}))
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     block_n, block_k = t.get("BLOCK_N", 64), t.get("BLOCK_K", 128)
     if group_size is not None and group_size < block_k and block_m > 16:

@@ -463,9 +463,12 @@ SKINNY16_CANDIDATES = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages, programs_pe
 ]
 
 
-def skinny16(quick: bool) -> None:
-    """Session 10: candidate skinny tiles (tuned_skinny.json's per-bits entry) at M = 16 through the
-    path decode runs (tile_major_layout, default config, split sized by the compiled residency)."""
+def skinny16(quick: bool, more: bool = False) -> None:
+    """Session 10: candidate skinny tiles (tuned_skinny.json's "skinny" class entries) at M = 16 through
+    the path decode runs (tile_major_layout, default config, split sized by the compiled residency).
+    --more: the other classes, with the candidates that led on W4 g128."""
+    import copy
+
     import qtool_kernels.skinny as sk
     import triton
     from qtool_kernels import occupancy
@@ -479,20 +482,26 @@ def skinny16(quick: bool) -> None:
     shipped = sk._tuned
     M = 16
     shapes = ("70B.down", "7B.qo") if quick else ("70B.down", "7B.down", "7B.qo")
+    classes = [(4, 128), (2, 64)]
+    cands = SKINNY16_CANDIDATES
+    if more:  # the classes call B did not time, with its best candidates
+        shapes, classes = ("70B.down", "7B.down"), [(3, 128), (4, None), (4, 64), (3, 64), (2, 128)]
+        cands = [(64, 128, 4, 3, 8), (32, 128, 2, 3, 16), (16, 128, 1, 3, 32), (64, 128, 2, 3, 16)]
     try:
         for name in shapes:
             N, K = DECODE_SHAPES[name]
             t16 = bench_fp16(N, K, M, torch.float16)
-            for bits, g in [(4, 128), (2, 64)]:
-                for cand in [None, *SKINNY16_CANDIDATES]:
-                    tuned = dict(shipped())
+            for bits, g in classes:
+                key = f"{bits}:{g or 'pc'}"
+                for cand in [None, *cands]:
+                    tuned = copy.deepcopy(shipped())
                     if cand is not None:
                         bn, bk, nw, ns, pps = cand
-                        tuned[str(bits)] = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": ns,
-                                            "programs_per_sm": pps}
+                        tuned.setdefault("skinny", {})[key] = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw,
+                                                               "num_stages": ns, "programs_per_sm": pps}
                     sk._tuned = lambda t=tuned: t
                     occupancy._RESIDENT.clear()
-                    e = tuned.get(str(bits), {})
+                    e = dict(tuned.get(str(bits), {}), **tuned.get("skinny", {}).get(key, {}))
                     label = (f"{e.get('BLOCK_N', 64)}x{e.get('BLOCK_K', 128)} w{e.get('num_warps', 4)} "
                              f"st{e.get('num_stages', 3)} pps{e.get('programs_per_sm', 8)}")
                     times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None}, M=M)
@@ -521,7 +530,7 @@ def _skinny_error(N: int, K: int, bits: int, g: int | None, M: int) -> float:
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     with tile_major_layout(torch.nn.ModuleList([L])):
         y = qk.skinny_matmul(x, L.qweight, L.scales, L.zeros, bits, g).double()
-        ref = reference_skinny(x, L.qweight, L.scales, L.zeros, bits, g)
+    ref = reference_skinny(x, L.qweight, L.scales, L.zeros, bits, g)  # row-major again
     return float((y - ref).norm() / ref.norm())
 
 
@@ -609,7 +618,9 @@ if __name__ == "__main__":
         refactor()
     elif sys.argv[1] == "waves":
         waves("--quick" in sys.argv)
-    elif sys.argv[1] in ("split", "skinny", "rows", "skinny16", "pairs"):
+    elif sys.argv[1] == "skinny16":
+        skinny16("--quick" in sys.argv, "--more" in sys.argv)
+    elif sys.argv[1] in ("split", "skinny", "rows", "pairs"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
         main(sys.argv[1])

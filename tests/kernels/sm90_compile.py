@@ -100,6 +100,10 @@ def occupancy() -> None:
                     "resident": resident_programs(c.regs, c.num_warps, c.shared),
                     "programs": got[-1].grid[0] * got[-1].grid[1] * got[-1].grid[2],
                     "splits": [la.kwargs["SPLIT_K"] for la in got]}
+                if layout == "skinny":  # the tuned cap on programs per SM (the class's entry, else the bits')
+                    t = skinny._tuned()
+                    entry = t.get("skinny", {}).get(f"{bits}:{g}") or t.get(str(bits), {})
+                    res[f"W{bits} g{g} {N}x{K} {layout}"]["cap"] = entry.get("programs_per_sm", 8)
     # NF4 skinny (M = 16): its split-K is finished by the last program as well
     import qtool_kernels as qk
     from qtool_kernels import nf4

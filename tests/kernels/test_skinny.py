@@ -78,3 +78,33 @@ def test_skinny_gpu(bits, group_size, dtype, shape, M) -> None:
     y = qk.skinny_matmul(x, qweight, scales, zeros, bits, group_size, out=out)
     ref = qk.reference_skinny(x, qweight, scales, zeros, bits, group_size)
     assert rel_err(y, ref) < TOL[dtype]
+
+
+def _tuned_skinny_classes() -> list[tuple[int, int | None]]:
+    from qtool_kernels.skinny import _tuned
+
+    return [(int(b), None if g == "pc" else int(g)) for b, g in (k.split(":") for k in _tuned().get("skinny", {}))]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("bits", "group_size"), _tuned_skinny_classes())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_skinny_tuned_classes_gpu(bits: int, group_size: int | None, dtype: torch.dtype) -> None:
+    """Each class tuned_skinny.json gives its own skinny tile (2 warps: mma.sync instead of
+    wgmma) at M = 5 and 16, on row-major weights with a partial N tile and on tile-major ones
+    (what decode runs)."""
+    from qtool_kernels.tiles import groups_tile_major, tile_major
+
+    for N, K, tiled in ((1000, 1024, False), (4096, 4096, True)):
+        qweight, scales, zeros = random_packed(N, K, bits, group_size, device="cuda")
+        q, s, z = qweight, scales, zeros
+        if tiled:
+            q = tile_major(qweight, 64, 128, bits)
+            s, z = groups_tile_major(scales, 64), groups_tile_major(zeros, 64)
+        for M in (5, 16):
+            x = torch.randn(M, K, device="cuda").to(dtype)
+            out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+            y = qk.skinny_matmul(x, q, s, z, bits, group_size, out=out)
+            ref = qk.reference_skinny(x, qweight, scales, zeros, bits, group_size)
+            assert rel_err(y, ref) < TOL[dtype], (N, K, tiled, M)
