@@ -24,7 +24,8 @@
                                          the compiled kernel's residency): rows per thread (fewer warps or
                                          more rows per program), then the pipelined K loop (STAGES).
   python scripts/gemv_probe.py skinny16  session 10: candidate skinny tiles at M = 16 through the same path
-                                         (mma.sync with ≤ 2 warps vs wgmma with 4/8, BLOCK_N, stages).
+                                         (mma.sync with ≤ 2 warps vs wgmma with 4/8, BLOCK_N, stages);
+                                         --more: the other classes; --w4: more W4 g128 tiles.
   python scripts/gemv_probe.py pairs     session 10: x read in pairs (X_PAIRS) on and off, per shipped class.
 
 Timing as in qtool bench kernels (rotated weights, CUDA graph, median), fp16 x, random codes.
@@ -463,10 +464,10 @@ SKINNY16_CANDIDATES = [  # (BLOCK_N, BLOCK_K, num_warps, num_stages, programs_pe
 ]
 
 
-def skinny16(quick: bool, more: bool = False) -> None:
+def skinny16(quick: bool, more: bool = False, w4: bool = False) -> None:
     """Session 10: candidate skinny tiles (tuned_skinny.json's "skinny" class entries) at M = 16 through
     the path decode runs (tile_major_layout, default config, split sized by the compiled residency).
-    --more: the other classes, with the candidates that led on W4 g128."""
+    --more: the other classes, with the candidates that led on W4 g128; --w4: more W4 g128 tiles."""
     import copy
 
     import qtool_kernels.skinny as sk
@@ -487,6 +488,10 @@ def skinny16(quick: bool, more: bool = False) -> None:
     if more:  # the classes call B did not time, with its best candidates
         shapes, classes = ("70B.down", "7B.down"), [(3, 128), (4, None), (4, 64), (3, 64), (2, 128)]
         cands = [(64, 128, 4, 3, 8), (32, 128, 2, 3, 16), (16, 128, 1, 3, 32), (64, 128, 2, 3, 16)]
+    if w4:  # around the shipped W4 g128 tile: mma.sync with 4 warps (BLOCK_N 32 < wgmma's 64), K, stages
+        shapes, classes = ("70B.down", "70B.up", "7B.down", "7B.qo"), [(4, 128)]
+        cands = [(32, 128, 4, 3, 8), (32, 256, 2, 3, 16), (32, 128, 2, 2, 16), (16, 256, 1, 3, 32),
+                 (32, 128, 1, 3, 32), (16, 128, 2, 3, 16), (32, 64, 2, 4, 16), (32, 256, 4, 3, 8)]
     try:
         for name in shapes:
             N, K = DECODE_SHAPES[name]
@@ -619,7 +624,7 @@ if __name__ == "__main__":
     elif sys.argv[1] == "waves":
         waves("--quick" in sys.argv)
     elif sys.argv[1] == "skinny16":
-        skinny16("--quick" in sys.argv, "--more" in sys.argv)
+        skinny16("--quick" in sys.argv, "--more" in sys.argv, "--w4" in sys.argv)
     elif sys.argv[1] in ("split", "skinny", "rows", "pairs"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
