@@ -489,7 +489,7 @@ def skinny16(quick: bool, more: bool = False, w4: bool = False) -> None:
         shapes, classes = ("70B.down", "7B.down"), [(3, 128), (4, None), (4, 64), (3, 64), (2, 128)]
         cands = [(64, 128, 4, 3, 8), (32, 128, 2, 3, 16), (16, 128, 1, 3, 32), (64, 128, 2, 3, 16)]
     if w4:  # around the shipped W4 g128 tile: mma.sync with 4 warps (BLOCK_N 32 < wgmma's 64), K, stages
-        shapes, classes = ("70B.down", "70B.up", "7B.down", "7B.qo"), [(4, 128)]
+        shapes, classes = ("70B.down", "7B.down", "7B.qo"), [(4, 128)]
         cands = [(32, 128, 4, 3, 8), (32, 256, 2, 3, 16), (32, 128, 2, 2, 16), (16, 256, 1, 3, 32),
                  (32, 128, 1, 3, 32), (16, 128, 2, 3, 16), (32, 64, 2, 4, 16), (32, 256, 4, 3, 8)]
     try:
