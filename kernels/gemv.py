@@ -20,7 +20,9 @@ one subtraction of 2^(23−t) + z (exact: integers below 2^24) gives q − z, an
 multiplies it into the accumulator. Fields above mantissa bit 23−b are first brought down
 by one shift of the whole word (w >> 16: one shift per word, not per code). The
 constants 2^(23−t) + z cost one add per row and distinct t per tile. 3-bit codes (32 in
-3 words, at every bit offset) take one shift per code instead, all at t = 0.
+3 words, at every bit offset) are first aligned: the block's words shifted by 0, 1, 2 bits
+and each again by 12 put every code at bit 0, 3, …, 18 of one of six words (_aligned3), so a
+3-bit code costs one AND-OR too (codes 10 and 21 straddle two words: a few ops more).
 
 Tiles over several groups (_gemv_groups_kernel, when BLOCK_K > group): the same per-code
 work on a [BLOCK_N, groups, words per group] tile, so each program reads long runs of a few
@@ -32,7 +34,8 @@ Layout: the codes are never reassembled into a [BLOCK_N, BLOCK_K] tile. Code j o
 word is a [BLOCK_N, words] tensor in the words' own layout, and x is loaded per code
 position j as x[k0 + word·codes_per_word + j] ([1, words]: fewer elements than threads,
 so Triton issues the load in that same layout instead of shuffling x through shared
-memory). The accumulator is [BLOCK_N, words]: one FFMA chain per code, reduced over the
+memory); two positions share one 32-bit load of x when its rows are 4-byte aligned
+(X_PAIRS). The accumulator is [BLOCK_N, words]: one FFMA chain per code, reduced over the
 words (in-thread adds + a few shuffles) once per tile when grouped (the fp32 scale
 multiplies each tile's row sums: BLOCK_K divides the group size), once at the end per
 channel. Compiled for sm_90, W4 g128 M=1 (64 × 128 tile, 4 warps): 5.2 SASS instructions
