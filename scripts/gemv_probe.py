@@ -22,7 +22,8 @@
   python scripts/gemv_probe.py rows      session 9: candidate "gemv_tiled" entries through the shipped
                                          tile-major path (tile_major_layout, default config, split sized by
                                          the compiled kernel's residency): rows per thread (fewer warps or
-                                         more rows per program), then the pipelined K loop (STAGES).
+                                         more rows per program), then the pipelined K loop (STAGES);
+                                         --only=3:128,...: those classes.
   python scripts/gemv_probe.py skinny16  session 10: candidate skinny tiles at M = 16 through the same path
                                          (mma.sync with ≤ 2 warps vs wgmma with 4/8, BLOCK_N, stages);
                                          --more: the other classes; --w4: more W4 g128 tiles.
@@ -401,11 +402,13 @@ ROWS_CANDIDATES = {  # (BLOCK_N, BLOCK_K, num_warps, programs_per_sm, SPAN_GROUP
     (2, 64): [(64, 128, 2, 32, True, 1), (128, 128, 4, 16, True, 1), (64, 256, 2, 32, True, 1),
               (128, 128, 2, 16, True, 1), (64, 128, 2, 32, True, 3), (32, 256, 4, 16, True, 3)],
     (3, 128): [(64, 128, 2, 32, False, 1), (128, 128, 4, 16, False, 1),
-               (64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3)],
+               (64, 128, 4, 16, False, 2), (64, 128, 4, 16, False, 3),
+               # session 10 (aligned fields, x pairs): 2 rows per thread shares x between them
+               (128, 128, 2, 16, False, 1), (64, 256, 4, 16, False, 1)],
 }
 
 
-def rows(quick: bool) -> None:
+def rows(quick: bool, only: tuple[str, ...] = ()) -> None:
     """Session 9: candidate "gemv_tiled" entries against the shipped one, through the path decode
     runs (tile_major_layout + default config + residency-sized split)."""
     import copy
@@ -426,6 +429,8 @@ def rows(quick: bool) -> None:
         for name, (N, K) in shapes.items():
             t16 = bench_fp16(N, K, 1, torch.float16)
             for (bits, g), cands in ROWS_CANDIDATES.items():
+                if only and f"{bits}:{g or 'pc'}" not in only:
+                    continue
                 if (bits, g) != (4, 128) and name not in ("70B.down", "7B.down"):
                     continue  # W4 g128 (the targets' class) on every shape, the others on two
                 key = f"{bits}:{g or 'pc'}:1"
@@ -625,7 +630,10 @@ if __name__ == "__main__":
         waves("--quick" in sys.argv)
     elif sys.argv[1] == "skinny16":
         skinny16("--quick" in sys.argv, "--more" in sys.argv, "--w4" in sys.argv)
-    elif sys.argv[1] in ("split", "skinny", "rows", "pairs"):
+    elif sys.argv[1] == "rows":  # --only=3:128,4:pc: those classes
+        only = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")]
+        rows("--quick" in sys.argv, tuple(only[0].split(",")) if only else ())
+    elif sys.argv[1] in ("split", "skinny", "pairs"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
         main(sys.argv[1])
