@@ -518,10 +518,14 @@ def _split_k(n_tiles: int, k_tiles: int, t: dict, n_sm: int, resident: int | Non
 def tile_major_tile(bits: int, group_size: int | None, N: int, K: int) -> tuple[int, int] | None:
     """(BLOCK_N, BLOCK_K) to store this layer tile-major with (tiles.py), or None: no measured
     tile-major tile for the class ("gemv_tiled" in tuned_skinny.json, M = 1), or the shape
-    is not whole tiles (N % BLOCK_N, K % BLOCK_K)."""
+    is not whole tiles (N % BLOCK_N, K % BLOCK_K). A class's "large" entry may give layers of
+    ≥ min_codes codes their own tile (default_gemv_config reads the same entry)."""
     t = _tuned().get("gemv_tiled", {}).get(f"{bits}:{group_size or 'pc'}:1")
     if not t:
         return None
+    large = t.get("large")
+    if large and N * K >= large["min_codes"]:
+        t = dict(t, **large)
     bn, bk = t["BLOCK_N"], t["BLOCK_K"]
     if N % bn or K % bk:
         return None
@@ -546,8 +550,9 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     from there only: BLOCK_K may then cover several whole groups (_gemv_groups_kernel: longer
     runs per row). tiled=True (tile-major weights) reads the "gemv_tiled" section instead
     (scripts/gemv_probe.py tiled). A class's "large" entry applies to layers of at least its
-    "min_codes" codes (N·K): warps, slots and STAGES only, never the tile, which the layout
-    fixes (tile_major_tile). STAGES > 1 pipelines the K loop (cp.async, Triton's pipeliner).
+    "min_codes" codes (N·K); a tile it gives is the layout's too (tile_major_tile), which
+    fixes the tile of tile-major weights. STAGES > 1 pipelines the K loop (cp.async, Triton's
+    pipeliner).
     `overrides` (the same keys) apply last.
     """
     block_m = min(M, MAX_BLOCK_M)

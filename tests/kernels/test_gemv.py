@@ -390,3 +390,45 @@ def test_gemv_gpu_matches_skinny(dtype) -> None:
     a = qk.gemv_matmul(x, qweight, scales, zeros, 4, 128)
     b = qk.skinny_matmul(x, qweight, scales, zeros, 4, 128)
     assert rel_err(a, b.double()) < 2 * TOL[dtype]
+
+
+def _large_classes() -> list[tuple[int, int | None]]:
+    from qtool_kernels.skinny import _tuned
+
+    return [(int(b), None if g == "pc" else int(g)) for b, g, _ in
+            (k.split(":") for k, v in _tuned().get("gemv_tiled", {}).items() if "large" in v)]
+
+
+@pytest.mark.parametrize(("bits", "group_size"), _large_classes())
+def test_large_entry_sets_layout_and_kernel(bits: int, group_size: int | None) -> None:
+    """A class's "large" entry applies to layers of ≥ min_codes codes in both places that must
+    agree: the tile-major layout (tile_major_tile) and the kernel's config."""
+    from qtool_kernels.gemv import tile_major_tile
+    from qtool_kernels.skinny import _tuned
+
+    e = _tuned()["gemv_tiled"][f"{bits}:{group_size or 'pc'}:1"]
+    big, small = (8192, 28672), (4096, 4096)
+    assert big[0] * big[1] >= e["large"]["min_codes"] > small[0] * small[1]
+    for (N, K), want in ((big, e["large"]), (small, e)):
+        tile = tile_major_tile(bits, group_size, N, K)
+        assert tile == (want.get("BLOCK_N", e["BLOCK_N"]), want.get("BLOCK_K", e["BLOCK_K"]))
+        cfg = default_gemv_config(1, N, K, bits, group_size, 132, {"BLOCK_N": tile[0], "BLOCK_K": tile[1]}, tiled=True)
+        assert cfg["num_warps"] == want.get("num_warps", e["num_warps"])
+        assert cfg["STAGES"] == want.get("STAGES", e.get("STAGES", 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("bits", "group_size"), _large_classes())
+def test_gemv_large_layers_gpu(bits: int, group_size: int | None) -> None:
+    """Layers past a "large" entry's min_codes through the decode path (tile_major_layout +
+    default config), against float64."""
+    from qtool.bench.kernels import random_packed_layer
+    from qtool.nn.qlinear import tile_major_layout
+
+    N, K = 8192, 16384  # 2^27 codes
+    L = random_packed_layer(N, K, bits, group_size)
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    with tile_major_layout(torch.nn.ModuleList([L])):
+        y = qk.gemv_matmul(x, L.qweight, L.scales, L.zeros, bits, group_size)
+    assert rel_err(y, qk.reference_gemv(x, L.qweight, L.scales, L.zeros, bits, group_size)) < TOL[torch.float16]
