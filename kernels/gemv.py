@@ -207,6 +207,26 @@ def _fma_rows(v, vb, offs, K, x0, x1, x2, x3, a0, a1, a2, a3,
 
 
 @triton.jit
+def _fma_tile(w0, w1, w2, zf, zero, xk, K, x0, x1, x2, x3, a0, a1, a2, a3, BITS: tl.constexpr,
+              CPW: tl.constexpr, BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, X_PAIRS: tl.constexpr):
+    """a_m += Σ_j x_m[xk + j] · (q_j − z) over the CPW codes j of each word (3 bits: of each
+    block in w0, w1, w2; otherwise w0 alone), two code positions at a time (`_fma_rows`)."""
+    if BITS == 3:
+        u0, u0h, u1, u1h, u2, u2h = _aligned3(w0, w1, w2)
+        for j in tl.static_range(0, 32, 2):
+            a0, a1, a2, a3 = _fma_rows(_qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, j),
+                                       _qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, j + 1),
+                                       xk + j, K, x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K, X_PAIRS)
+    else:
+        wh = w0 >> 16  # masked afterwards, so the arithmetic shift's sign bits never show
+        for j in tl.static_range(0, CPW, 2):
+            a0, a1, a2, a3 = _fma_rows(_qz(w0, wh, zf, zero, j * BITS, BITS),
+                                       _qz(w0, wh, zf, zero, (j + 1) * BITS, BITS), xk + j, K,
+                                       x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K, X_PAIRS)
+    return a0, a1, a2, a3
+
+
+@triton.jit
 def _flush(acc, a, s, SCALED: tl.constexpr):
     # Σ over the tile's words (in-thread adds + a few shuffles), times the group's scale
     p = tl.sum(a, axis=1)
@@ -350,20 +370,8 @@ def _gemv_kernel(
             a2 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
             a3 = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
         xk = k0 + wi * CPW  # x index of each word's (block's) first code
-        if BITS == 3:
-            u0, u0h, u1, u1h, u2, u2h = _aligned3(w0, w1, w2)
-            for j in tl.static_range(0, 32, 2):
-                a0, a1, a2, a3 = _fma_rows(_qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, j),
-                                           _qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, j + 1),
-                                           xk + j, K, x0, x1, x2, x3, a0, a1, a2, a3,
-                                           BLOCK_M, MASK_K, X_PAIRS)
-        else:
-            w = w0
-            wh = w >> 16  # masked afterwards, so the arithmetic shift's sign bits never show
-            for j in tl.static_range(0, CPW, 2):
-                a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS),
-                                           _qz(w, wh, zf, zero, (j + 1) * BITS, BITS), xk + j, K,
-                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K, X_PAIRS)
+        a0, a1, a2, a3 = _fma_tile(w0, w1, w2, zf, zero, xk, K, x0, x1, x2, x3, a0, a1, a2, a3,
+                                   BITS, CPW, BLOCK_M, MASK_K, X_PAIRS)
         if GROUPED:
             acc0 = _flush(acc0, a0, s, True)
             if BLOCK_M > 1:
@@ -445,23 +453,16 @@ def _gemv_groups_kernel(
         if BITS == 3:
             blk = (widx * 3)[None, :, :]
             w0, w1, w2 = load3_at(qw_tile + rows + blk, n_mask[:, None, None] & (blk < Wn - t * WPT), MASKED)
-            u0, u0h, u1, u1h, u2, u2h = _aligned3(w0, w1, w2)
-            for j in tl.static_range(0, 32, 2):
-                a0, a1, a2, a3 = _fma_rows(_qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, j),
-                                           _qz3(w0, w1, w2, u0, u0h, u1, u1h, u2, u2h, zf, zero, j + 1),
-                                           xk + j, K, x0, x1, x2, x3, a0, a1, a2, a3,
-                                           BLOCK_M, MASK_K, X_PAIRS)
         else:
             wk = widx[None, :, :]
             if MASKED:
-                w = tl.load(qw_tile + rows + wk, mask=n_mask[:, None, None] & (wk < Wn - t * WPT), other=0)
+                w0 = tl.load(qw_tile + rows + wk, mask=n_mask[:, None, None] & (wk < Wn - t * WPT), other=0)
             else:
-                w = tl.load(qw_tile + rows + wk)
-            wh = w >> 16
-            for j in tl.static_range(0, CPW, 2):
-                a0, a1, a2, a3 = _fma_rows(_qz(w, wh, zf, zero, j * BITS, BITS),
-                                           _qz(w, wh, zf, zero, (j + 1) * BITS, BITS), xk + j, K,
-                                           x0, x1, x2, x3, a0, a1, a2, a3, BLOCK_M, MASK_K, X_PAIRS)
+                w0 = tl.load(qw_tile + rows + wk)
+            w1 = w0
+            w2 = w0
+        a0, a1, a2, a3 = _fma_tile(w0, w1, w2, zf, zero, xk, K, x0, x1, x2, x3, a0, a1, a2, a3,
+                                   BITS, CPW, BLOCK_M, MASK_K, X_PAIRS)
         acc0 += tl.sum(tl.sum(a0, axis=2) * s, axis=1)
         if BLOCK_M > 1:
             acc1 += tl.sum(tl.sum(a1, axis=2) * s, axis=1)
