@@ -603,7 +603,7 @@ def gemv_matmul(
     saying "H2": True (and holding default_h2_config's keys), M = 1 fp16 W4/W2 on CUDA takes
     the packed-half2 kernel (gemv_h2.py; `gemv_path` says which path runs).
     """
-    if qweight.dim() == 2 and gemv_path(x, qweight, bits, group_size, config) == "h2":
+    if gemv_path(x, qweight, bits, group_size, config) == "h2":
         from qtool_kernels.gemv_h2 import gemv_h2_matmul  # PTX: never imported by the interpreter
 
         return gemv_h2_matmul(x, qweight, scales, zeros, bits, group_size, bias, config, out, workspace)
@@ -678,58 +678,87 @@ def _x_pairs(x: Tensor) -> bool:
 
 def h2_eligible(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -> bool:
     """Whether the packed-half2 kernel (gemv_h2.py) covers this call: CUDA outside the
-    interpreter (PTX), M = 1, fp16, W4 (any group) or W2 (group ≥ 64 or per channel: a tile
-    is whole quads of words), K a multiple of 8 and rows of whole 16-byte quads (128-bit loads)."""
+    interpreter (PTX), M = 1, fp16, W4 or W2 with every quad of words (W4 32 codes, W2 64) in
+    one group, K a multiple of 8, quads 16-byte aligned (128-bit loads): row-major rows of
+    whole quads, or tile-major tiles of whole quads per row."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or not x.is_cuda:
         return False
     if x.dtype != torch.float16 or x.shape[0] != 1 or bits not in (2, 4):
         return False
     if group_size is not None and group_size % (128 // bits):
         return False
-    K, Wn = x.shape[1], qweight.shape[1]
-    return (K % 8 == 0 and Wn % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.stride(1) == 1
+    K = x.shape[1]
+    if qweight.dim() == 2:
+        aligned = qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0
+    else:
+        aligned = qweight.shape[3] % 4 == 0 and qweight.is_contiguous()
+    return (K % 8 == 0 and aligned and qweight.stride(-1) == 1
             and x.stride(1) == 1 and x.data_ptr() % 4 == 0)
+
+
+def _tiled_entry(bits: int, group_size: int | None, N: int, K: int) -> dict:
+    """The "gemv_tiled" entry of a class (M = 1) with its "large" part applied for this shape."""
+    t = dict(_tuned().get("gemv_tiled", {}).get(f"{bits}:{group_size or 'pc'}:1", {}))
+    large = t.pop("large", None)
+    if large and N * K >= large["min_codes"]:
+        t.update({k: v for k, v in large.items() if k != "min_codes"})
+    return t
 
 
 def gemv_path(x: Tensor, qweight: Tensor, bits: int, group_size: int | None, config: dict | None = None) -> str:
     """"h2" (packed half2, gemv_h2.py) or "fp32" (this file's kernel): what gemv_matmul runs.
 
-    The fp32 kernel is the default: on the H100 the half2 kernel measured slower (W4 g128
-    70B.down 93.6 µs vs 77.9 µs, W2 g64 126.5 vs 95.5; docs/kernels.md v4), so it is opt-in:
-    QTOOL_GEMV_H2=1 (read per call) or a config with "H2": True; a config decides by itself."""
+    A config decides by itself ("H2": True). Otherwise QTOOL_GEMV_H2=1 / 0 (read per call)
+    forces it on / off, and unset, tile-major weights follow their "gemv_tiled" entry's "H2"
+    (measured per class, docs/kernels.md §v11). Row-major codes default to the fp32 kernel:
+    there the half2 kernel measured slower (W4 g128 70B.down 93.6 µs vs 77.9 µs, §v4)."""
     if config is not None:
         want = bool(config.get("H2"))
     else:
-        want = os.environ.get("QTOOL_GEMV_H2", "0") == "1"
+        env = os.environ.get("QTOOL_GEMV_H2")
+        if env is not None:
+            want = env == "1"
+        elif qweight.dim() == 4:
+            N, Wn, _, _ = packed_geometry(qweight)
+            want = bool(_tiled_entry(bits, group_size, N, x.shape[1]).get("H2"))
+        else:
+            want = False
     return "h2" if want and h2_eligible(x, qweight, bits, group_size) else "fp32"
 
 
 def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: int,
-                      overrides: dict | None = None) -> dict:
-    """Tiles of the packed-half2 kernel (not yet timed on a GPU; scripts/gemv_ab.py times them).
+                      overrides: dict | None = None, tiled: bool = False, resident: int | None = None) -> dict:
+    """Tiles of the packed-half2 kernel.
 
-    BLOCK_K = the group (≤ 128 codes), per channel 4 quads of words (W4 128, W2 256 codes).
-    A thread holds `rows` rows × one quad (4 words) per tile: more rows share each thread's x
-    pairs (its PRMTs) and put more 128-bit loads in flight, at the cost of registers.
-    BLOCK_N = rows × (32 / quads per row) × num_warps. K is split until there are about
-    `programs_per_sm` programs per SM, keeping ≥ 4 K tiles per program. tuned_skinny.json's
-    "gemv_h2" section overrides per "bits:group" ("pc" = per channel), then per bit-width;
-    `overrides` (same keys: rows, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, programs_per_sm) last.
-    """
-    h2 = _tuned().get("gemv_h2", {})
-    t = dict(h2.get(str(bits), {}))
-    t.update(h2.get(f"{bits}:{group_size or 'pc'}", {}))
+    Row-major: BLOCK_K = the group (≤ 128 codes), per channel 4 quads of words (W4 128, W2
+    256 codes); a thread holds `rows` rows × one quad (4 words) per tile: more rows share each
+    thread's x pairs (its PRMTs) at the cost of registers; BLOCK_N = rows × (32 / quads per
+    row) × num_warps; tuned_skinny.json's "gemv_h2" section overrides per "bits:group" ("pc"
+    = per channel), then per bit-width. Tile-major (`tiled`): the class's "gemv_tiled" entry
+    (num_warps, STAGES, programs_per_sm, min_k_tiles), and `overrides` must give the layout's
+    BLOCK_N and BLOCK_K. K is split into as many slices as fit one wave (_split_k: `resident`
+    programs per SM once the compiled kernel is known). `overrides` apply last."""
+    if tiled:
+        t = _tiled_entry(bits, group_size, N, K)
+        t.pop("BLOCK_N", None)
+        t.pop("BLOCK_K", None)
+    else:
+        h2 = _tuned().get("gemv_h2", {})
+        t = dict(h2.get(str(bits), {}))
+        t.update(h2.get(f"{bits}:{group_size or 'pc'}", {}))
+        t.setdefault("programs_per_sm", 4)
     t.update(overrides or {})
     cpq = 128 // bits  # codes per quad of words
     bk = t.get("BLOCK_K", 4 * cpq if group_size is None else min(group_size, 128))
-    if group_size is not None:
+    if group_size is not None and not tiled:
         bk = min(bk, group_size)
     bk = max(cpq, bk - bk % cpq)
     nq = bk // cpq
     assert nq & (nq - 1) == 0, bk
     nw = t.get("num_warps", 4)
-    bn = t.get("BLOCK_N", t.get("rows", 4) * (32 // nq) * nw)
+    bn = t.get("BLOCK_N", t.get("rows", 4) * max(1, 32 // nq) * nw)
     n_tiles = triton.cdiv(N, bn)
     k_tiles = triton.cdiv(K, bk)
-    split_k = _split_k(n_tiles, k_tiles, {"programs_per_sm": 4, **t}, n_sm, None, 32)
-    return {"H2": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": nw, "num_stages": 1}
+    split_k = _split_k(n_tiles, k_tiles, t, n_sm, resident, 32)
+    return {"H2": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": nw, "num_stages": 1,
+            "STAGES": t.get("STAGES", 1)}

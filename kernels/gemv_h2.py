@@ -31,8 +31,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from qtool_kernels.gemv import _store_row, default_h2_config
-from qtool_kernels.skinny import _num_sms, split_k_output, split_k_result
+from qtool_kernels import occupancy
+from qtool_kernels.gemv import _store_rows, default_h2_config
+from qtool_kernels.skinny import _num_sms, split_k_buffers, split_k_result
+from qtool_kernels.tiles import packed_geometry
+from torch import Tensor
 
 # Every block writes its outputs last, from temporaries: without an early-clobber an output
 # may be given an input's register.
@@ -244,16 +247,14 @@ def _pair16(b):
 
 
 @triton.jit
-def _load_sz(s_ptr, z_ptr, rows2, n_ok2, g, stride_sn, stride_zn, MASK_N: tl.constexpr):
-    """Scale and zero of group g for rows2 ([BLOCK_N, NQ]: the row index repeated per quad,
-    so the load has the accumulators' layout and each thread reads only its own rows; a
-    [BLOCK_N] load got a layout of its own and a shared-memory shuffle every tile)."""
+def _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N: tl.constexpr):
+    """Scale and zero of group g ([1, NQ] or a scalar) for the block's rows ([BLOCK_N, NQ])."""
     if MASK_N:
-        s = tl.load(s_ptr + rows2 * stride_sn + g, mask=n_ok2, other=0.0)
-        z = tl.load(z_ptr + rows2 * stride_zn + g, mask=n_ok2, other=0)
+        s = tl.load(s_blk + g * stride_sg, mask=n_ok2, other=0.0)
+        z = tl.load(z_blk + g * stride_zg, mask=n_ok2, other=0)
     else:
-        s = tl.load(s_ptr + rows2 * stride_sn + g)
-        z = tl.load(z_ptr + rows2 * stride_zn + g)
+        s = tl.load(s_blk + g * stride_sg)
+        z = tl.load(z_blk + g * stride_zg)
     return s, z
 
 
@@ -275,14 +276,6 @@ def _consts(s, z, BITS: tl.constexpr):
         z2 = _pair16(0xD400 + 16 * z)
         z3 = _pair16(0xCC00 + 64 * z)
     return s2, zo, z1, z2, z3
-
-
-@triton.jit
-def _load_w(qw_ptr, rows, n_ok, wk, Wn, stride_qn, MASKED: tl.constexpr):
-    ptrs = qw_ptr + rows * stride_qn + wk
-    if MASKED:
-        return tl.load(ptrs, mask=n_ok & (wk < Wn), other=0)
-    return tl.load(ptrs)
 
 
 @triton.jit
@@ -323,57 +316,58 @@ def _tile(facc, w, s, z, x_ptr, xb, Kh, magic, m1, m2, m3,
     return facc + _to_f32(acc, EMULATE)
 
 
-@triton.jit
-def _fetch(qw_ptr, s_ptr, z_ptr, rows, n_ok, rows2, n_ok2, wq, t, Wn, stride_qn, stride_sn, stride_zn,
-           s, z, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, CPW: tl.constexpr,
-           PER_CHANNEL: tl.constexpr, MASKED: tl.constexpr, MASK_N: tl.constexpr):
-    """The HBM reads of tile t: its words and (grouped) its scales and zeros."""
-    w = _load_w(qw_ptr, rows, n_ok, t * (BLOCK_K // CPW) + wq, Wn, stride_qn, MASKED)
-    if not PER_CHANNEL:
-        s, z = _load_sz(s_ptr, z_ptr, rows2, n_ok2, (t * BLOCK_K) // GROUP, stride_sn, stride_zn, MASK_N)
-    return w, s, z
-
-
-@triton.jit(do_not_specialize=["zero"])  # runtime 0: the f16x2 constants stay in registers
+@triton.jit(do_not_specialize=["zero", "stride_sn", "stride_zn"])  # see the comment on r2
 def _gemv_h2_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
-    N, K8, Wn4, zero,
-    stride_q4, stride_sn, stride_zn, stride_os,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr,
+    N, K8, Wn4, G, zero,
+    stride_qb4, stride_qt4, stride_qn4, stride_sb, stride_sg, stride_sn, stride_zb, stride_zg, stride_zn,
+    stride_os,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, EMULATE: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, FUSED: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
 ):
-    # x_ptr: x as int32 words (fp16 pairs). K8 = K / 8, Wn4 = words per row / 4, stride_q4 =
-    # row stride / 4: passed divided so that Triton knows 16-byte alignment (128-bit loads,
-    # masks constant over a quad).
+    # x_ptr: x as int32 words (fp16 pairs). K8 = K / 8, Wn4 = words per row / 4; the word strides
+    # come divided by 4 so that Triton knows 16-byte alignment (128-bit loads, masks constant
+    # over a quad). Addresses go through block/tile strides as in gemv.py: row-major codes
+    # (a K tile = the next WPT words of each row) and tile-major ones (tiles.py: one tile =
+    # one contiguous [BLOCK_N, WPT] block) share this code.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     K = K8 * 8
     Kh = K8 * 4
     Wn = Wn4 * 4
-    stride_qn = stride_q4 * 4
+    stride_qt = stride_qt4 * 4
     CPW: tl.constexpr = 32 // BITS
-    NQ: tl.constexpr = BLOCK_K // (4 * CPW)  # quads of words per row and tile
+    CPQ: tl.constexpr = 4 * CPW  # codes per quad of words
+    NQ: tl.constexpr = BLOCK_K // CPQ  # quads of words per row and tile
+    WPT: tl.constexpr = BLOCK_K // CPW
     MASKED: tl.constexpr = not (EVEN_N and EVEN_K)
     MASK_K: tl.constexpr = not EVEN_K
     MASK_N: tl.constexpr = not EVEN_N
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    rows = offs_n[:, None, None]
+    r = tl.arange(0, BLOCK_N)
+    rows = r[:, None, None] * (stride_qn4 * 4)
     n_ok = n_mask[:, None, None]
-    rows2 = offs_n[:, None] + tl.zeros([1, NQ], dtype=tl.int32)
-    n_ok2 = rows2 < N
-    q3 = tl.arange(0, NQ)[None, :, None]
+    # [BLOCK_N, NQ]: the row index repeated per quad, so that scale and zero loads have the
+    # accumulators' layout and each thread reads only its own rows (a [BLOCK_N] load got a
+    # layout of its own and a shared-memory shuffle every tile)
+    r2 = r[:, None] + tl.zeros([1, NQ], dtype=tl.int32)
+    n_ok2 = (pid_n * BLOCK_N + r2) < N
+    q1 = tl.arange(0, NQ)
+    q3 = q1[:, None][None, :, :]
     wq = q3 * 4 + tl.arange(0, 4)[None, None, :]  # word of the tile, [1, NQ, 4]
-    xq = q3 * (2 * CPW)  # x word of each quad's first code, [1, NQ, 1]...
-    xq = xq + tl.arange(0, 4)[None, None, :]  # ... and the 4 words of a 128-bit x load
+    xq = q3 * (2 * CPW) + tl.arange(0, 4)[None, None, :]  # the 4 x words of each quad's first 8 codes
+    qo = q1[None, :] * CPQ  # first code of each quad in the tile, [1, NQ]
+    qw_blk = qw_ptr + pid_n * (stride_qb4 * 4)
+    s_blk = s_ptr + pid_n * stride_sb + r2 * stride_sn
+    z_blk = z_ptr + pid_n * stride_zb + r2 * stride_zn
 
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_start = pid_k * per_split
     t_end = tl.minimum(t_start + per_split, k_tiles)
-    t_last = tl.maximum(tl.minimum(t_end, k_tiles) - 1, 0)
 
     magic = zero + 0x64006400
     if BITS == 2:
@@ -382,53 +376,82 @@ def _gemv_h2_kernel(
         m1 = zero + 0x2C002C00  # {1/16}²
     m2 = zero + 0x2C002C00
     m3 = zero + 0x24002400
-    s, z = _load_sz(s_ptr, z_ptr, rows2, n_ok2, 0, stride_sn, stride_zn, MASK_N)  # per channel: for good
+    if PER_CHANNEL:
+        s, z = _load_sz(s_blk, z_blk, n_ok2, 0, stride_sg, stride_zg, MASK_N)
 
-    # Two tiles per trip, ping-pong: the reads of the next tile are issued before a tile is
-    # unpacked (nothing else pipelines loads that feed no dot), and each buffer is refilled
-    # only after its last use, so no register copies (a carried "next" buffer cost 16 MOVs).
-    wa, sa, za = _fetch(qw_ptr, s_ptr, z_ptr, rows, n_ok, rows2, n_ok2, wq, tl.minimum(t_start, t_last), Wn,
-                        stride_qn, stride_sn, stride_zn, s, z, GROUP, BLOCK_K, CPW, PER_CHANNEL, MASKED, MASK_N)
     facc = tl.zeros([BLOCK_N, NQ], dtype=tl.float32)
-    for t in range(t_start, t_end, 2):
-        wb, sb, zb = _fetch(qw_ptr, s_ptr, z_ptr, rows, n_ok, rows2, n_ok2, wq, tl.minimum(t + 1, t_last), Wn,
-                            stride_qn, stride_sn, stride_zn, s, z, GROUP, BLOCK_K, CPW, PER_CHANNEL, MASKED, MASK_N)
-        facc = _tile(facc, wa, sa, za, x_ptr, t * (BLOCK_K // 2) + xq, Kh, magic, m1, m2, m3, BITS, MASK_K, EMULATE)
-        wa, sa, za = _fetch(qw_ptr, s_ptr, z_ptr, rows, n_ok, rows2, n_ok2, wq, tl.minimum(t + 2, t_last), Wn,
-                            stride_qn, stride_sn, stride_zn, s, z, GROUP, BLOCK_K, CPW, PER_CHANNEL, MASKED, MASK_N)
-        if t + 1 < t_end:
-            facc = _tile(facc, wb, sb, zb, x_ptr, (t + 1) * (BLOCK_K // 2) + xq, Kh, magic, m1, m2, m3,
-                         BITS, MASK_K, EMULATE)
+    # STAGES > 1: Triton's pipeliner copies the words STAGES − 1 tiles ahead (cp.async)
+    for t in tl.range(t_start, t_end, num_stages=STAGES):
+        ptrs = qw_blk + t * stride_qt + rows + wq
+        if MASKED:
+            w = tl.load(ptrs, mask=n_ok & (wq < Wn - t * WPT), other=0)
+        else:
+            w = tl.load(ptrs)
+        if not PER_CHANNEL:
+            # each quad's own group: a tile may span groups (a quad never does); quads past K
+            # (a partial last tile) read the last group and meet x = 0
+            g = (t * BLOCK_K + qo) // GROUP
+            if MASK_K:
+                g = tl.minimum(g, G - 1)
+            s, z = _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N)
+        facc = _tile(facc, w, s, z, x_ptr, t * (BLOCK_K // 2) + xq, Kh, magic, m1, m2, m3, BITS, MASK_K, EMULATE)
 
     y = tl.sum(facc, axis=1)
-    _store_row(out_ptr + pid_k * stride_os + offs_n, y, b_ptr, offs_n, n_mask, SPLIT_K, HAS_BIAS)
+    _store_rows(out_ptr, stride_os, 0, pid_k, pid_k * 0, y_ptr, 0, cnt_ptr + pid_n, y, y, y, y,
+                b_ptr, offs_n, n_mask, 1, 1, SPLIT_K, HAS_BIAS, FUSED)
 
 
-def gemv_h2_matmul(x, qweight, scales, zeros, bits: int, group_size: int | None, bias=None,
-                   config: dict | None = None, out=None, workspace=None, emulate: bool = False):
-    """gemv_matmul's fast path (M = 1, fp16, W4/W2); eligibility is gemv.h2_eligible's.
+def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int | None,
+                   bias: Tensor | None = None, config: dict | None = None, out: Tensor | None = None,
+                   workspace: Tensor | None = None, emulate: bool = False) -> Tensor:
+    """gemv_matmul's packed-half2 path (M = 1, fp16, W4/W2); eligibility is gemv.h2_eligible's.
 
-    config keys: BLOCK_N, BLOCK_K (the group size or less, a multiple of 4 words), SPLIT_K,
-    num_warps. emulate=True runs the Triton twin of every PTX block (the interpreter's path)."""
+    qweight row-major [N, Wn] or tile-major (tiles.py), scales/zeros [N, G] or [N/BN, G, BN];
+    out/workspace as in gemv_matmul (split-K partials added by the row block's last program).
+    config keys: BLOCK_N, BLOCK_K (a multiple of 4 words; tile-major: the layout's tile),
+    SPLIT_K, num_warps, STAGES. emulate=True runs the Triton twin of every PTX block (the
+    interpreter's path)."""
     M, K = x.shape
-    N, Wn = qweight.shape
-    if config is None:
-        config = default_h2_config(N, K, bits, group_size, _num_sms(x.device))
+    N, Wn, BN_l, wpt = packed_geometry(qweight)
+    tiled = BN_l != 0
+    sig = ("gemv_h2", tuple(qweight.shape), bits, group_size, scales.dim(), bias is not None)
+    resident = occupancy.recorded(sig)
+    defaulted = config is None
+    if defaulted:
+        fixed = {"BLOCK_N": BN_l, "BLOCK_K": wpt * 32 // bits} if tiled else None
+        config = default_h2_config(N, K, bits, group_size, _num_sms(x.device), fixed, tiled=tiled, resident=resident)
     cfg = {k: v for k, v in config.items() if k not in ("H2", "BLOCK_M")}
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
+    stages = int(cfg.pop("STAGES", 1))
     cfg.setdefault("num_stages", 1)
+    cpq = 128 // bits
     assert M == 1 and x.dtype == torch.float16 and bits in (2, 4)
-    assert K % 8 == 0 and Wn % 4 == 0 and qweight.stride(0) % 4 == 0 and qweight.stride(1) == 1
-    assert BK % (128 // bits) == 0 and (group_size is None or group_size % BK == 0)
-    out, stride_os = split_k_output(x, M, N, SK, out, workspace)
-    x32 = x.reshape(K).view(torch.int32)  # fp16 pairs {x_2m, x_2m+1}
+    assert K % 8 == 0 and Wn % 4 == 0 and qweight.stride(-1) == 1 and x.data_ptr() % 4 == 0
+    assert BK % cpq == 0 and (group_size is None or group_size % cpq == 0), "a quad of words lies in one group"
+    if tiled:
+        assert (BN, BK) == (BN_l, wpt * 32 // bits), "config tile differs from the tile-major layout"
+        q_strides = (qweight.stride(0), qweight.stride(1), qweight.stride(2))
+    else:
+        q_strides = (BN * qweight.stride(0), BK // (32 // bits), qweight.stride(0))
+    assert all(st % 4 == 0 for st in q_strides), "quads of words must be 16-byte aligned"
+    if scales.dim() == 3:  # [N / BN, G, BN]
+        assert scales.shape[2] == BN and zeros.shape == scales.shape
+        s_strides = (scales.stride(0), scales.stride(1), scales.stride(2))
+        z_strides = (zeros.stride(0), zeros.stride(1), zeros.stride(2))
+    else:
+        s_strides = (BN * scales.stride(0), scales.stride(1), scales.stride(0))
+        z_strides = (BN * zeros.stride(0), zeros.stride(1), zeros.stride(0))
     grid = (triton.cdiv(N, BN), SK)
-    _gemv_h2_kernel[grid](
-        x32, qweight, scales, zeros, bias if bias is not None else scales, out,
-        N, K // 8, Wn // 4, 0,
-        qweight.stride(0) // 4, scales.stride(0), zeros.stride(0), stride_os,
+    out, stride_os, y, counters, fused = split_k_buffers(x, M, N, SK, grid[0], out, workspace)
+    x32 = x.reshape(K).view(torch.int32)  # fp16 pairs {x_2m, x_2m+1}
+    compiled = _gemv_h2_kernel[grid](
+        x32, qweight, scales, zeros, bias if bias is not None else scales, out, y, counters,
+        N, K // 8, Wn // 4, scales.shape[1], 0,
+        *(st // 4 for st in q_strides), *s_strides, *z_strides, stride_os,
         BITS=bits, GROUP=group_size or 0, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
-        PER_CHANNEL=group_size is None, EMULATE=emulate, **cfg,
+        PER_CHANNEL=group_size is None, FUSED=fused, STAGES=stages, EMULATE=emulate, **cfg,
     )
-    return split_k_result(out, SK, bias, x.dtype)
+    if defaulted and resident is None and not emulate:
+        occupancy.record(sig, compiled)
+    return y if fused else split_k_result(out, SK, bias, x.dtype)

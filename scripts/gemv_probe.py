@@ -28,6 +28,10 @@
                                          (mma.sync with ≤ 2 warps vs wgmma with 4/8, BLOCK_N, stages);
                                          --more: the other classes; --w4: more W4 g128 tiles.
   python scripts/gemv_probe.py pairs     session 10: x read in pairs (X_PAIRS) on and off, per shipped class.
+  python scripts/gemv_probe.py h2        session 11: the packed-half2 GEMV (gemv_h2.py) on tile-major codes,
+                                         candidate tiles/warps/stages against the shipped fp32 kernel, through
+                                         the decode path; --quick: 70B.down and 7B.down, W4 g128 only;
+                                         --only=4:128,...: those classes.
 
 Timing as in qtool bench kernels (rotated weights, CUDA graph, median), fp16 x, random codes.
 """
@@ -590,6 +594,69 @@ def pairs(quick: bool) -> None:
         gemv._tuned = shipped
 
 
+H2_CANDIDATES = {  # (BLOCK_N, BLOCK_K, num_warps, programs_per_sm, STAGES); the tile is the layout's too
+    (4, 128): [(64, 128, 4, 16, 1), (64, 128, 2, 32, 1), (64, 128, 2, 32, 3), (128, 128, 4, 16, 1),
+               (32, 128, 1, 32, 1), (64, 256, 4, 16, 1), (64, 128, 4, 16, 3)],
+    (4, None): [(64, 128, 4, 16, 1), (64, 128, 2, 32, 1), (64, 128, 2, 32, 3), (64, 256, 4, 16, 1)],
+    (2, 64): [(64, 128, 4, 16, 1), (64, 128, 2, 32, 1), (64, 128, 2, 32, 3), (64, 256, 4, 16, 1)],
+    (2, 128): [(64, 128, 4, 16, 1), (64, 128, 2, 32, 1), (64, 256, 4, 16, 1)],
+    (4, 64): [(64, 128, 4, 16, 1), (64, 128, 2, 32, 1), (64, 128, 2, 32, 3)],
+}
+
+
+def h2(quick: bool, only: tuple[str, ...] = ()) -> None:
+    """Session 11: the packed-half2 kernel on tile-major codes (fused split-K, one-wave grid from
+    its residency) against the shipped fp32 entry, each candidate as the class's "gemv_tiled"
+    entry with "H2": true, through tile_major_layout + forward_packed's route (what decode runs)."""
+    import copy
+
+    import qtool_kernels.gemv as gemv
+    import triton
+    from qtool_kernels import occupancy
+
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth
+
+    bw = copy_bandwidth()
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"copy={bw / 1e9:.0f} GB/s", flush=True)
+    shipped = gemv._tuned
+    shapes = ("70B.down", "7B.down") if quick else ("70B.down", "70B.up", "7B.down", "7B.up", "7B.qo")
+    try:
+        for name in shapes:
+            N, K = ROWS_SHAPES[name]
+            t16 = bench_fp16(N, K, 1, torch.float16)
+            for (bits, g), cands in H2_CANDIDATES.items():
+                key = f"{bits}:{g or 'pc'}"
+                if (only and key not in only) or (quick and (bits, g) != (4, 128)):
+                    continue
+                if (bits, g) != (4, 128) and name not in ("70B.down", "7B.down"):
+                    continue
+                for cand in [None, *cands]:
+                    tuned = copy.deepcopy(shipped())
+                    if cand is not None:
+                        bn, bk, nw, pps, st = cand
+                        tuned["gemv_tiled"][key + ":1"] = {
+                            "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 2, "programs_per_sm": pps,
+                            "SPAN_GROUPS": g is not None and bk > g, "min_k_tiles": 2, "STAGES": st, "H2": True}
+                    gemv._tuned = lambda t=tuned: t
+                    occupancy._RESIDENT.clear()
+                    if gemv.tile_major_tile(bits, g, N, K) is None:
+                        continue
+                    e = gemv._tiled_entry(bits, g, N, K)
+                    label = (f"{'h2 ' if e.get('H2') else 'fp32'} {e['BLOCK_N']}x{e['BLOCK_K']} w{e['num_warps']} "
+                             f"pps{e['programs_per_sm']} st{e.get('STAGES', 1)}")
+                    times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None})
+                    res = {k[0]: v for k, v in occupancy._RESIDENT.items()}
+                    if "t" in times:
+                        t = times["t"]
+                        print(f"{name} W{bits} g{g or 'ch'} {label:30s}{' shipped' if cand is None else '        '}: "
+                              f"{t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 {t16 * 1e6:.1f}, "
+                              f"{nb / t / bw * 100:3.0f}% copy) resident/SM={res}", flush=True)
+    finally:
+        gemv._tuned = shipped
+
+
 def main(mode: str) -> None:
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -617,9 +684,9 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows", "skinny16", "pairs")
+    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows", "skinny16", "pairs", "h2")
     if len(sys.argv) < 2 or sys.argv[1] not in modes:
-        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves|split|skinny|rows|skinny16|pairs [--quick]")
+        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves|split|skinny|rows|skinny16|pairs|h2 [--quick]")
     if not torch.cuda.is_available():
         sys.exit("gemv_probe.py needs a CUDA GPU")
     if sys.argv[1] == "tiled":
@@ -630,9 +697,9 @@ if __name__ == "__main__":
         waves("--quick" in sys.argv)
     elif sys.argv[1] == "skinny16":
         skinny16("--quick" in sys.argv, "--more" in sys.argv, "--w4" in sys.argv)
-    elif sys.argv[1] == "rows":  # --only=3:128,4:pc: those classes
+    elif sys.argv[1] in ("rows", "h2"):  # --only=3:128,4:pc: those classes
         only = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")]
-        rows("--quick" in sys.argv, tuple(only[0].split(",")) if only else ())
+        globals()[sys.argv[1]]("--quick" in sys.argv, tuple(only[0].split(",")) if only else ())
     elif sys.argv[1] in ("split", "skinny", "pairs"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:

@@ -171,6 +171,22 @@ CASES = [
     (2, 64, 80, 576, {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2}),
     (2, 128, 48, 1088, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4}),  # last group 64 codes
     (2, None, 40, 1024, {"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 3}),  # 4 tiles: one split empty
+    # tiles over several groups (one scale per quad); K = 576: the last tile's quads past K
+    # would index group 18 and 19 of 18
+    (4, 32, 40, 576, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2}),
+    (2, 64, 48, 1088, {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 3}),
+]
+
+# (bits, group, N, K, BLOCK_N, BLOCK_K, SPLIT_K, tile-major scales): tile-major codes (tiles.py)
+TILED_CASES = [
+    (4, 128, 128, 1024, 64, 128, 2, True),
+    (4, 128, 64, 512, 32, 128, 1, False),
+    (4, None, 64, 512, 32, 128, 3, True),
+    (4, 64, 64, 512, 64, 128, 2, True),  # 2 groups per tile
+    (4, 32, 32, 256, 32, 128, 1, False),  # 4 groups per tile
+    (2, 64, 64, 1024, 64, 128, 4, True),  # 2 groups per tile
+    (2, 128, 64, 512, 32, 128, 2, False),
+    (2, None, 32, 1024, 32, 256, 1, True),
 ]
 
 
@@ -187,6 +203,24 @@ def test_h2_emulated_interpreter(bits: int, group_size: int | None, N: int, K: i
                        out=out, workspace=ws, emulate=True)
     ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size, bias)
     assert rel_err(y, ref) < TOL[torch.float16]
+
+
+@INTERP
+@pytest.mark.parametrize(("bits", "group_size", "N", "K", "BN", "BK", "SK", "tiled_scales"), TILED_CASES)
+def test_h2_emulated_tile_major(bits, group_size, N, K, BN, BK, SK, tiled_scales) -> None:
+    """Tile-major codes (and scales) through the block/tile strides, fused split-K included."""
+    from qtool_kernels.gemv_h2 import gemv_h2_matmul
+    from qtool_kernels.tiles import groups_tile_major, tile_major
+
+    qweight, scales, zeros, x = _inputs(N, K, bits, group_size)
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size)
+    q = tile_major(qweight, BN, BK, bits)
+    s, z = (groups_tile_major(scales, BN), groups_tile_major(zeros, BN)) if tiled_scales else (scales, zeros)
+    cfg = {"H2": True, "BLOCK_N": BN, "BLOCK_K": BK, "SPLIT_K": SK, "num_warps": 4, "STAGES": 2}
+    y = gemv_h2_matmul(x, q, s, z, bits, group_size, config=cfg, emulate=True)
+    assert y.shape == (1, N) and rel_err(y, ref) < TOL[torch.float16]
+    with pytest.raises(AssertionError, match="tile-major"):  # a config whose tile is not the layout's
+        gemv_h2_matmul(x, q, s, z, bits, group_size, config=dict(cfg, BLOCK_N=BN // 2), emulate=True)
 
 
 @INTERP
@@ -230,6 +264,25 @@ def test_default_h2_config(bits: int, group_size: int | None) -> None:
         assert group_size is None or group_size % bk == 0
         assert cfg["BLOCK_N"] % (32 // (bk // cpq) * cfg["num_warps"]) == 0  # whole rows per thread
         assert 1 <= cfg["SPLIT_K"] <= 32
+
+
+def test_h2_tiled_entry_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tile-major weights follow their gemv_tiled entry's "H2" (its large part for large
+    layers); the tile comes from the layout and the entry's warps, stages and cap apply."""
+    import qtool_kernels.gemv as gemv
+
+    tuned = {"gemv_tiled": {"4:128:1": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "programs_per_sm": 16,
+                                        "min_k_tiles": 2,
+                                        "large": {"min_codes": 1 << 27, "H2": True, "num_warps": 2, "STAGES": 3}}}}
+    monkeypatch.setattr(gemv, "_tuned", lambda: tuned)
+    assert not gemv._tiled_entry(4, 128, 4096, 4096).get("H2")
+    assert gemv._tiled_entry(4, 128, 8192, 28672)["H2"]
+    cfg = gemv.default_h2_config(8192, 28672, 4, 128, 132, {"BLOCK_N": 64, "BLOCK_K": 128}, tiled=True, resident=12)
+    assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["STAGES"]) == (64, 128, 2, 3)
+    assert 128 * cfg["SPLIT_K"] <= 12 * 132  # one wave of the resident programs
+    # on the CPU the fp32 kernel runs whatever the entry says
+    qweight, scales, zeros, x = _inputs(64, 256, 4, 128)
+    assert gemv.gemv_path(x, qweight.reshape(1, 2, 64, 16), 4, 128) == "fp32"
 
 
 # ------------------------------------------------------------------ GPU
@@ -285,3 +338,36 @@ def test_h2_gpu_dispatch_and_ab(monkeypatch: pytest.MonkeyPatch) -> None:
     assert gemv_path(torch.cat([x, x]), qweight, 4, 128) == "fp32"
     assert gemv_path(x, qweight, 3, 128) == "fp32"
     assert gemv_path(x, qweight, 2, 32) == "fp32"  # a W2 g32 tile is half a quad of words
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (4, None), (4, 64), (2, 64), (2, 128)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_h2_gpu_tile_major(monkeypatch: pytest.MonkeyPatch, bits: int, group_size: int | None, bias: bool) -> None:
+    """The decode route: tile_major_layout with an "H2" gemv_tiled entry, default config
+    (one-wave split, fused split-K), against the reference and the fp32 kernel."""
+    import qtool_kernels.gemv as gemv
+    from qtool_kernels.gemv import gemv_path
+    from qtool_kernels.tiles import groups_tile_major, tile_major
+
+    N, K = 4096, 4224  # 33 K tiles of 128
+    qweight, scales, zeros, x = _inputs(N, K, bits, group_size, device="cuda")
+    x[0, ::97] = 2000.0
+    b = torch.randn(N, device="cuda").half() if bias else None
+    ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size, b)
+    key = f"{bits}:{group_size or 'pc'}:1"
+    entry = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 2, "programs_per_sm": 16, "min_k_tiles": 2, "H2": True}
+    tuned = dict(gemv._tuned(), gemv_tiled={key: entry})
+    monkeypatch.setattr(gemv, "_tuned", lambda: tuned)
+    monkeypatch.delenv("QTOOL_GEMV_H2", raising=False)
+    q = tile_major(qweight, 64, 128, bits)
+    s, z = groups_tile_major(scales, 64), groups_tile_major(zeros, 64)
+    assert gemv_path(x, q, bits, group_size) == "h2"
+    y = qk.gemv_matmul(x, q, s, z, bits, group_size, b)
+    y2 = qk.gemv_matmul(x, q, s, z, bits, group_size, b)  # second call: split sized by residency
+    monkeypatch.setenv("QTOOL_GEMV_H2", "0")
+    assert gemv_path(x, q, bits, group_size) == "fp32"
+    f = qk.gemv_matmul(x, q, s, z, bits, group_size, b)
+    for out in (y, y2, f):
+        assert rel_err(out, ref) < TOL[torch.float16]
