@@ -710,7 +710,8 @@ def gemv_path(x: Tensor, qweight: Tensor, bits: int, group_size: int | None, con
 
     A config decides by itself ("H2": True). Otherwise QTOOL_GEMV_H2=1 / 0 (read per call)
     forces it on / off, and unset, tile-major weights follow their "gemv_tiled" entry's "H2"
-    (measured per class, docs/kernels.md §v11). Row-major codes default to the fp32 kernel:
+    (a dict of the half2 kernel's settings, measured per class, docs/kernels.md §v11; a
+    "large" part may set its own). Row-major codes default to the fp32 kernel:
     there the half2 kernel measured slower (W4 g128 70B.down 93.6 µs vs 77.9 µs, §v4)."""
     if config is not None:
         want = bool(config.get("H2"))
@@ -735,13 +736,17 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
     thread's x pairs (its PRMTs) at the cost of registers; BLOCK_N = rows × (32 / quads per
     row) × num_warps; tuned_skinny.json's "gemv_h2" section overrides per "bits:group" ("pc"
     = per channel), then per bit-width. Tile-major (`tiled`): the class's "gemv_tiled" entry
-    (num_warps, STAGES, programs_per_sm, min_k_tiles), and `overrides` must give the layout's
-    BLOCK_N and BLOCK_K. K is split into as many slices as fit one wave (_split_k: `resident`
+    (num_warps, STAGES, programs_per_sm, min_k_tiles) with its "H2" dict over it (the fp32
+    keys stay for what the half2 kernel does not cover: bf16, M > 1), and `overrides` must
+    give the layout's BLOCK_N and BLOCK_K. K is split into as many slices as fit one wave (_split_k: `resident`
     programs per SM once the compiled kernel is known). `overrides` apply last."""
     if tiled:
         t = _tiled_entry(bits, group_size, N, K)
         t.pop("BLOCK_N", None)
         t.pop("BLOCK_K", None)
+        h2 = t.pop("H2", None)
+        if isinstance(h2, dict):  # the half2 kernel's own warps/cap/stages over the fp32 kernel's
+            t.update(h2)
     else:
         h2 = _tuned().get("gemv_h2", {})
         t = dict(h2.get(str(bits), {}))

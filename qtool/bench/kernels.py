@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from qtool_kernels.gemv import gemv_path
+
 from qtool.bench.timing import copies_needed, copy_bandwidth, time_rotated
 from qtool.nn.qlinear import tile_major_layout
 
@@ -46,7 +48,7 @@ class KernelRow:
     bits: int | str  # or "nf4"
     group_size: int | None  # the absmax block size for nf4
     dtype: str
-    path: str  # "gemv", "skinny" or "dequant+cublas"; "/tile": codes stored tile-major
+    path: str  # "gemv", "gemv_h2" (packed half2), "skinny" or "dequant+cublas"; "/tile": tile-major codes
     quant_us: float
     fp16_us: float
     speedup: float  # fp16 time / quantized time
@@ -138,6 +140,8 @@ def bench_quant(N: int, K: int, M: int, bits: int, group_size: int | None, dtype
     # the layers' buffers are swapped in place; the calls read them when they run
     with tile_major_layout(torch.nn.ModuleList(layers)) if tile is not None else contextlib.nullcontext():
         t = time_rotated(calls, use_graph=M <= 256)
+        if path == "gemv" and gemv_path(x, layers[0].qweight, bits, group_size) == "h2":
+            path = "gemv_h2"
     del layers
     return t, nbytes, path + ("/tile" if tile is not None else "")
 

@@ -266,6 +266,17 @@ def test_default_h2_config(bits: int, group_size: int | None) -> None:
         assert 1 <= cfg["SPLIT_K"] <= 32
 
 
+def test_shipped_h2_classes() -> None:
+    """The classes measured faster with the half2 kernel (§v11) route to it; W3 and W8 cannot."""
+    from qtool_kernels.gemv import _tiled_entry
+
+    for bits, g in [(4, 128), (4, None), (4, 64), (2, 64), (2, 128)]:
+        for N, K in [(8192, 28672), (4096, 11008), (4096, 4096)]:
+            assert isinstance(_tiled_entry(bits, g, N, K).get("H2"), dict), (bits, g, N, K)
+    for bits, g in [(3, 128), (3, 64), (3, None)]:
+        assert not _tiled_entry(bits, g, 8192, 28672).get("H2")
+
+
 def test_h2_tiled_entry_routes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tile-major weights follow their gemv_tiled entry's "H2" (its large part for large
     layers); the tile comes from the layout and the entry's warps, stages and cap apply."""
@@ -273,12 +284,13 @@ def test_h2_tiled_entry_routes(monkeypatch: pytest.MonkeyPatch) -> None:
 
     tuned = {"gemv_tiled": {"4:128:1": {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "programs_per_sm": 16,
                                         "min_k_tiles": 2,
-                                        "large": {"min_codes": 1 << 27, "H2": True, "num_warps": 2, "STAGES": 3}}}}
+                                        "large": {"min_codes": 1 << 27, "num_warps": 4, "STAGES": 3,
+                                                  "H2": {"num_warps": 2, "STAGES": 2}}}}}
     monkeypatch.setattr(gemv, "_tuned", lambda: tuned)
     assert not gemv._tiled_entry(4, 128, 4096, 4096).get("H2")
     assert gemv._tiled_entry(4, 128, 8192, 28672)["H2"]
     cfg = gemv.default_h2_config(8192, 28672, 4, 128, 132, {"BLOCK_N": 64, "BLOCK_K": 128}, tiled=True, resident=12)
-    assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["STAGES"]) == (64, 128, 2, 3)
+    assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["STAGES"]) == (64, 128, 2, 2)
     assert 128 * cfg["SPLIT_K"] <= 12 * 132  # one wave of the resident programs
     # on the CPU the fp32 kernel runs whatever the entry says
     qweight, scales, zeros, x = _inputs(64, 256, 4, 128)
@@ -357,7 +369,8 @@ def test_h2_gpu_tile_major(monkeypatch: pytest.MonkeyPatch, bits: int, group_siz
     b = torch.randn(N, device="cuda").half() if bias else None
     ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size, b)
     key = f"{bits}:{group_size or 'pc'}:1"
-    entry = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 2, "programs_per_sm": 16, "min_k_tiles": 2, "H2": True}
+    entry = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 2, "programs_per_sm": 16, "min_k_tiles": 2,
+             "H2": {"num_warps": 4}}
     tuned = dict(gemv._tuned(), gemv_tiled={key: entry})
     monkeypatch.setattr(gemv, "_tuned", lambda: tuned)
     monkeypatch.delenv("QTOOL_GEMV_H2", raising=False)
