@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-
 from qtool_kernels.gemv import gemv_path
 
 from qtool.bench.timing import copies_needed, copy_bandwidth, time_rotated
