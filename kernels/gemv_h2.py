@@ -241,6 +241,15 @@ def _to_f32(acc, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _thread_zero(like, zero, EMULATE: tl.constexpr):
+    """0 as a tensor shaped like `like`, computed from %laneid (opaque to ptxas)."""
+    if EMULATE:
+        return like * 0 + zero
+    return tl.inline_asm_elementwise("{.reg .u32 l; mov.u32 l, %laneid; shr.u32 l, l, 5; add.u32 $0, l, $1;}",
+                                     "=r,r", [like * 0 + zero], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _pair16(b):
     """16-bit pattern b (int32, 0..0xFFFF) in both halves."""
     return b | (b << 16)
@@ -348,18 +357,21 @@ def _gemv_h2_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     r = tl.arange(0, BLOCK_N)
-    rows = r[:, None, None] * (stride_qn4 * 4)
-    n_ok = n_mask[:, None, None]
-    # [BLOCK_N, NQ]: the row index repeated per quad, so that scale and zero loads have the
-    # accumulators' layout and each thread reads only its own rows (a [BLOCK_N] load got a
-    # layout of its own and a shared-memory shuffle every tile)
-    r2 = r[:, None] + tl.zeros([1, NQ], dtype=tl.int32)
+    # Tiles are [NQ, BLOCK_N, 4] words, quads first: Triton's coalescing breaks ties in
+    # contiguity towards the first axis, so a warp's threads then span the quads of 8 rows
+    # (512 contiguous bytes of a tile-major tile) and each thread holds 2+ rows of one quad,
+    # sharing its x pairs. The scale and zero loads, [NQ, BLOCK_N], get the same split
+    # (stride_sn is never specialised: a known unit stride would make rows their fast
+    # axis), so nothing is shuffled through shared memory in the K loop.
+    rows = r[None, :, None] * (stride_qn4 * 4)
+    n_ok = n_mask[None, :, None]
+    r2 = r[None, :] + tl.zeros([NQ, 1], dtype=tl.int32)  # [NQ, BLOCK_N]
     n_ok2 = (pid_n * BLOCK_N + r2) < N
     q1 = tl.arange(0, NQ)
-    q3 = q1[:, None][None, :, :]
-    wq = q3 * 4 + tl.arange(0, 4)[None, None, :]  # word of the tile, [1, NQ, 4]
+    q3 = q1[:, None, None]
+    wq = q3 * 4 + tl.arange(0, 4)[None, None, :]  # word of the tile, [NQ, 1, 4]
     xq = q3 * (2 * CPW) + tl.arange(0, 4)[None, None, :]  # the 4 x words of each quad's first 8 codes
-    qo = q1[None, :] * CPQ  # first code of each quad in the tile, [1, NQ]
+    qo = q1[:, None] * CPQ  # first code of each quad in the tile, [NQ, 1]
     qw_blk = qw_ptr + pid_n * (stride_qb4 * 4)
     s_blk = s_ptr + pid_n * stride_sb + r2 * stride_sn
     z_blk = z_ptr + pid_n * stride_zb + r2 * stride_zn
@@ -369,6 +381,10 @@ def _gemv_h2_kernel(
     t_start = pid_k * per_split
     t_end = tl.minimum(t_start + per_split, k_tiles)
 
+    # a 0 in every thread's own register: the f16x2 constants below are then per-thread
+    # values; from the uniform `zero` ptxas kept them in uniform registers and copied one
+    # into a register for every PTX block (0.4 instructions per code)
+    zero = _thread_zero(r2, zero, EMULATE)
     magic = zero + 0x64006400
     if BITS == 2:
         m1 = zero + 0x34003400  # {1/4}²
@@ -379,7 +395,7 @@ def _gemv_h2_kernel(
     if PER_CHANNEL:
         s, z = _load_sz(s_blk, z_blk, n_ok2, 0, stride_sg, stride_zg, MASK_N)
 
-    facc = tl.zeros([BLOCK_N, NQ], dtype=tl.float32)
+    facc = tl.zeros([NQ, BLOCK_N], dtype=tl.float32)
     # STAGES > 1: Triton's pipeliner copies the words STAGES − 1 tiles ahead (cp.async)
     for t in tl.range(t_start, t_end, num_stages=STAGES):
         ptrs = qw_blk + t * stride_qt + rows + wq
@@ -390,13 +406,16 @@ def _gemv_h2_kernel(
         if not PER_CHANNEL:
             # each quad's own group: a tile may span groups (a quad never does); quads past K
             # (a partial last tile) read the last group and meet x = 0
-            g = (t * BLOCK_K + qo) // GROUP
-            if MASK_K:
-                g = tl.minimum(g, G - 1)
+            if BLOCK_K > GROUP:
+                g = (t * BLOCK_K + qo) // GROUP
+                if MASK_K:
+                    g = tl.minimum(g, G - 1)
+            else:  # the tile lies in one group: one index for all quads
+                g = (t * BLOCK_K) // GROUP
             s, z = _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N)
         facc = _tile(facc, w, s, z, x_ptr, t * (BLOCK_K // 2) + xq, Kh, magic, m1, m2, m3, BITS, MASK_K, EMULATE)
 
-    y = tl.sum(facc, axis=1)
+    y = tl.sum(facc, axis=0)
     _store_rows(out_ptr, stride_os, 0, pid_k, pid_k * 0, y_ptr, 0, cnt_ptr + pid_n, y, y, y, y,
                 b_ptr, offs_n, n_mask, 1, 1, SPLIT_K, HAS_BIAS, FUSED)
 
