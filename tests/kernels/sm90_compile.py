@@ -74,24 +74,26 @@ def occupancy() -> None:
     the second sizes the grid by it). GEMV (M = 1) on row-major and tile-major layers
     (tile-major scales, as tile_major_layout stores them), skinny kernel at M = 16."""
     import torch
-    from qtool_kernels import gemv, offline, skinny
+    from qtool_kernels import gemv, gemv_h2, offline, skinny
     from qtool_kernels.occupancy import resident_programs
     from qtool_kernels.tiles import groups_tile_major, tile_major
 
-    gemv._num_sms = skinny._num_sms = lambda device: 132
+    gemv._num_sms = skinny._num_sms = gemv_h2._num_sms = lambda device: 132
     res = {}
     for bits, g in [(4, 128), (3, 128), (2, 64)]:
         for N, K in [(4096, 11008), (8192, 8192)]:
-            for layout in ("row", "tile", "skinny"):
+            for layout in ("row", "tile", "skinny", "h2"):
+                if layout == "h2" and bits == 3:
+                    continue
                 q = torch.zeros(N, K * bits // 32, dtype=torch.int32)
                 s, z = torch.ones(N, K // g, dtype=torch.float16), torch.zeros(N, K // g, dtype=torch.uint8)
-                if layout == "tile":
+                if layout in ("tile", "h2"):
                     bn, bk = gemv.tile_major_tile(bits, g, N, K)
                     q, s, z = tile_major(q, bn, bk, bits), groups_tile_major(s, bn), groups_tile_major(z, bn)
                 x = torch.zeros(16 if layout == "skinny" else 1, K, dtype=torch.float16)
-                fn = skinny.skinny_matmul if layout == "skinny" else gemv.gemv_matmul
+                fn = {"skinny": skinny.skinny_matmul, "h2": gemv_h2.gemv_h2_matmul}.get(layout, gemv.gemv_matmul)
                 with offline.captured(gemv._gemv_kernel, gemv._gemv_groups_kernel, skinny._skinny_kernel,
-                                      arch=90) as got:
+                                      gemv_h2._gemv_h2_kernel, arch=90) as got:
                     fn(x, q, s, z, bits, g)
                     fn(x, q, s, z, bits, g)
                 c = offline.compile_launch(got[-1])
@@ -104,6 +106,14 @@ def occupancy() -> None:
                     t = skinny._tuned()
                     entry = t.get("skinny", {}).get(f"{bits}:{g}") or t.get(str(bits), {})
                     res[f"W{bits} g{g} {N}x{K} {layout}"]["cap"] = entry.get("programs_per_sm", 8)
+                if layout == "h2":  # the packed-half2 GEMV (on the GPU, what M = 1 fp16 takes): its entry's cap
+                    cfg = gemv.default_h2_config(N, K, bits, g, 132, {"BLOCK_N": q.shape[2], "BLOCK_K": bk},
+                                                 tiled=True)
+                    assert got[-1].kwargs["BLOCK_N"] == q.shape[2] and cfg["H2"]
+                    res[f"W{bits} g{g} {N}x{K} {layout}"].update(
+                        cap=gemv._tiled_entry(bits, g, N, K)["H2"]["programs_per_sm"],
+                        ordering=" ".join(m.group(0) for m in re.finditer(ORDERING_OPS, c.sass)),
+                        fused=got[-1].kwargs["FUSED"])
     # NF4 skinny (M = 16): its split-K is finished by the last program as well
     import qtool_kernels as qk
     from qtool_kernels import nf4
