@@ -270,7 +270,7 @@ def test_shipped_h2_classes() -> None:
     """The classes measured faster with the half2 kernel (§v11) route to it; W3 and W8 cannot."""
     from qtool_kernels.gemv import _tiled_entry
 
-    for bits, g in [(4, 128), (4, None), (4, 64), (2, 64), (2, 128)]:
+    for bits, g in [(4, 128), (4, None), (4, 64), (2, 64), (2, 128), (2, None)]:
         for N, K in [(8192, 28672), (4096, 11008), (4096, 4096)]:
             assert isinstance(_tiled_entry(bits, g, N, K).get("H2"), dict), (bits, g, N, K)
     for bits, g in [(3, 128), (3, 64), (3, None)]:
