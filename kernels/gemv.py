@@ -599,9 +599,10 @@ def gemv_matmul(
     fix BLOCK_N and BLOCK_K to their tile. `config` keys:
     BLOCK_N, BLOCK_K (a multiple of 32 dividing the group size, or a power of two of whole
     groups: then _gemv_groups_kernel runs), SPLIT_K, num_warps,
-    num_stages, optional BLOCK_M (1…4, default min(M, 4)). With QTOOL_GEMV_H2=1, or a config
-    saying "H2": True (and holding default_h2_config's keys), M = 1 fp16 W4/W2 on CUDA takes
-    the packed-half2 kernel (gemv_h2.py; `gemv_path` says which path runs).
+    num_stages, optional BLOCK_M (1…4, default min(M, 4)). M = 1 fp16 W4/W2 on CUDA takes the
+    packed-half2 kernel (gemv_h2.py) where the tile-major class's tuned entry says "H2", or
+    with QTOOL_GEMV_H2=1, or a config saying "H2": True (holding default_h2_config's keys);
+    `gemv_path` says which path runs.
     """
     if gemv_path(x, qweight, bits, group_size, config) == "h2":
         from qtool_kernels.gemv_h2 import gemv_h2_matmul  # PTX: never imported by the interpreter

@@ -1,11 +1,12 @@
-"""M = 1, fp16, W4/W2: the GEMV in packed half2 arithmetic (inline PTX), ~2.5 instructions per code.
+"""M = 1, fp16, W4/W2: the GEMV in packed half2 arithmetic (inline PTX), ~3 instructions per code.
 
 Only gemv.gemv_matmul imports this module, and only on CUDA outside the interpreter (the
 interpreter cannot run PTX); `EMULATE=True` swaps every PTX block for Triton integer/float
 ops with the same results, so CPU CI runs this kernel's indexing under TRITON_INTERPRET.
 
 Why packed: the fp32 GEMV (gemv.py) spends ~5 instructions per code (one LOP3, one FADD,
-one FFMA, one x load + conversion) and is issue/latency bound (W2 takes as long as W4).
+one FFMA, one x load + conversion), and on the H100 it is bound by that issue rate once
+its reads are contiguous (tile-major codes, one-wave grids: docs/kernels.md §v11).
 Here one LOP3 extracts two codes into an f16x2 register, `(w & 0x000F000F) | 0x64006400` =
 {1024 + c_i, 1024 + c_{i+4}} (W4; W2: 0x00030003, {c_i, c_{i+8}}); the fields at bits 4–7
 (W2: 2–7) are masked in place and their 16^-1 (4^-k) folded into an exact fma (Marlin's
@@ -14,16 +15,25 @@ integers), Ŵ = t·s (rounded once, as an fp16 dequantize rounds it), acc = Ŵ·
 Scaling before the product keeps |Ŵ·x| small: x reaches thousands in down_proj inputs and
 x·(q − z) summed in fp16 could overflow. The f16x2 chain runs over one tile (W4: 16, W2:
 32 products per half and row) and is then added into fp32, so the fp16 rounding error
-does not grow with K.
+does not grow with K. Compiled for sm_90 (Triton 3.6), W4 g128's K loop is 3.25
+instructions per code (the fp32 kernel's: 5.2).
 
 x pairs must match the code pairs ({x_i, x_{i+4}}): x is read as int32 words (fp16 pairs
 {x_2m, x_2m+1}, 128-bit loads) and permuted in registers by PRMT, once per thread and
-word column, shared by the R rows a thread holds.
+word column, shared by the rows a thread holds.
 
-Layout: the words of a tile are [BLOCK_N, NQ, 4] (NQ quads of 4 consecutive words per row:
-one 128-bit load each); Triton puts a quad in one thread, so the 4 words and the x words of
-the same codes (also loaded as [1, NQ, 4]) land in the same thread with no shuffle.
-Accumulators are [BLOCK_N, NQ] fp32, reduced over NQ once per program.
+Codes row-major ([N, Wn]) or tile-major (tiles.py), through the same block/tile strides as
+gemv.py; scales and zeros [N, G] or tile-major [N/BN, G, BN]; a tile may span groups (each
+quad of words has its own scale: a quad never crosses a group). Split-K partials are added
+by the row block's last program (tickets.py), and the split fills one wave of the SMs as
+the compiled kernel's residency allows (gemv._split_k).
+
+Layout: the words of a tile are [NQ, BLOCK_N, 4] (NQ quads of 4 consecutive words per row:
+one 128-bit load each), quads first so that a warp reads whole rows of a tile-major tile
+and each thread holds 2+ rows of one quad (see the kernel); Triton puts a quad in one
+thread, so the 4 words and the x words of the same codes (loaded as [NQ, 1, 4]) land in
+the same thread with no shuffle. Accumulators are [NQ, BLOCK_N] fp32, reduced over NQ once
+per program.
 """
 
 from __future__ import annotations
@@ -257,7 +267,7 @@ def _pair16(b):
 
 @triton.jit
 def _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N: tl.constexpr):
-    """Scale and zero of group g ([1, NQ] or a scalar) for the block's rows ([BLOCK_N, NQ])."""
+    """Scale and zero of group g ([NQ, 1] or a scalar) for the block's rows ([NQ, BLOCK_N])."""
     if MASK_N:
         s = tl.load(s_blk + g * stride_sg, mask=n_ok2, other=0.0)
         z = tl.load(z_blk + g * stride_zg, mask=n_ok2, other=0)
@@ -312,7 +322,7 @@ def _word(wj, acc, x_ptr, xi, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2,
 @triton.jit
 def _tile(facc, w, s, z, x_ptr, xb, Kh, magic, m1, m2, m3,
           BITS: tl.constexpr, MASK_K: tl.constexpr, EMULATE: tl.constexpr):
-    """facc [BLOCK_N, NQ] fp32 += one tile: its 4 words per (row, quad) chained in f16x2,
+    """facc [NQ, BLOCK_N] fp32 += one tile: its 4 words per (quad, row) chained in f16x2,
     then the two halves added in fp32. xb: x word index of each quad's first code."""
     XW: tl.constexpr = 16 // BITS  # x int32 words per weight word
     s2, zo, z1, z2, z3 = _consts(s, z, BITS)
@@ -325,7 +335,7 @@ def _tile(facc, w, s, z, x_ptr, xb, Kh, magic, m1, m2, m3,
     return facc + _to_f32(acc, EMULATE)
 
 
-@triton.jit(do_not_specialize=["zero", "stride_sn", "stride_zn"])  # see the comment on r2
+@triton.jit(do_not_specialize=["zero", "stride_sn", "stride_zn"])  # stride_sn/zn: see the layout comment
 def _gemv_h2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr,
     N, K8, Wn4, G, zero,
