@@ -521,12 +521,9 @@ def tile_major_tile(bits: int, group_size: int | None, N: int, K: int) -> tuple[
     tile-major tile for the class ("gemv_tiled" in tuned_skinny.json, M = 1), or the shape
     is not whole tiles (N % BLOCK_N, K % BLOCK_K). A class's "large" entry may give layers of
     ≥ min_codes codes their own tile (default_gemv_config reads the same entry)."""
-    t = _tuned().get("gemv_tiled", {}).get(f"{bits}:{group_size or 'pc'}:1")
+    t = _tiled_entry(bits, group_size, N, K)
     if not t:
         return None
-    large = t.get("large")
-    if large and N * K >= large["min_codes"]:
-        t = dict(t, **large)
     bn, bk = t["BLOCK_N"], t["BLOCK_K"]
     if N % bn or K % bk:
         return None
