@@ -298,6 +298,22 @@ def _time_tile_layers(N: int, K: int, bits: int, g: int | None, configs: dict, M
     return out, nb
 
 
+def _steady(N: int, K: int, bits: int, g: int | None, M: int = 1) -> tuple[float | None, float, dict]:
+    """Time of the decode path on rotated tile-major layers under the tuned table installed now:
+    a first timing's launches record each kernel's residency, the second (returned, None if
+    the compiler rejected the config) has its grids sized by it; the weight bytes; {kernel:
+    resident programs per SM}."""
+    from qtool_kernels import occupancy
+
+    occupancy._RESIDENT.clear()
+    times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None}, M=M)
+    return times.get("t"), nb, {k[0]: v for k, v in occupancy._RESIDENT.items()}
+
+
+def _speed(t: float, t16: float, nb: float, bw: float) -> str:
+    return f"{t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 {t16 * 1e6:.1f}, {nb / t / bw * 100:3.0f}% copy)"
+
+
 DECODE_SHAPES = {"70B.down": (8192, 28672), "7B.down": (4096, 11008), "7B.up": (11008, 4096), "7B.qo": (4096, 4096)}
 
 
@@ -419,7 +435,6 @@ def rows(quick: bool, only: tuple[str, ...] = ()) -> None:
 
     import qtool_kernels.gemv as gemv
     import triton
-    from qtool_kernels import occupancy
 
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -446,20 +461,15 @@ def rows(quick: bool, only: tuple[str, ...] = ()) -> None:
                                                     "programs_per_sm": pps, "SPAN_GROUPS": span, "min_k_tiles": 2,
                                                     "STAGES": st}
                     gemv._tuned = lambda t=tuned: t
-                    occupancy._RESIDENT.clear()
                     if gemv.tile_major_tile(bits, g, N, K) is None:
                         continue
                     e = tuned["gemv_tiled"][key]
                     label = (f"{e['BLOCK_N']}x{e['BLOCK_K']} w{e['num_warps']} pps{e['programs_per_sm']} "
                              f"st{e.get('STAGES', 1)}")
-                    # the first timing's launches record the residency; the second's grids are sized by it
-                    times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None})
-                    res = [v for k, v in occupancy._RESIDENT.items() if k[0] == "gemv"]
-                    if "t" in times:
-                        t = times["t"]
+                    t, nb, res = _steady(N, K, bits, g)
+                    if t is not None:
                         print(f"{name} W{bits} g{g or 'ch'} {label:26s}{' shipped' if cand is None else '        '}: "
-                              f"{t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 {t16 * 1e6:.1f}, "
-                              f"{nb / t / bw * 100:3.0f}% copy) resident/SM={res[-1] if res else '?'}", flush=True)
+                              f"{_speed(t, t16, nb, bw)} resident/SM={res.get('gemv', '?')}", flush=True)
     finally:
         gemv._tuned = shipped
 
@@ -481,7 +491,6 @@ def skinny16(quick: bool, more: bool = False, w4: bool = False) -> None:
 
     import qtool_kernels.skinny as sk
     import triton
-    from qtool_kernels import occupancy
 
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -514,18 +523,14 @@ def skinny16(quick: bool, more: bool = False, w4: bool = False) -> None:
                         tuned.setdefault("skinny", {})[key] = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw,
                                                                "num_stages": ns, "programs_per_sm": pps}
                     sk._tuned = lambda t=tuned: t
-                    occupancy._RESIDENT.clear()
                     e = dict(tuned.get(str(bits), {}), **tuned.get("skinny", {}).get(key, {}))
                     label = (f"{e.get('BLOCK_N', 64)}x{e.get('BLOCK_K', 128)} w{e.get('num_warps', 4)} "
                              f"st{e.get('num_stages', 3)} pps{e.get('programs_per_sm', 8)}")
-                    times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None}, M=M)
-                    res = [v for k, v in occupancy._RESIDENT.items() if k[0] == "skinny"]
+                    t, nb, res = _steady(N, K, bits, g, M)
                     err = _skinny_error(N, K, bits, g, M)
-                    if "t" in times:
-                        t = times["t"]
+                    if t is not None:
                         print(f"{name} M{M} W{bits} g{g} {label:24s}{' shipped' if cand is None else '        '}: "
-                              f"{t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 {t16 * 1e6:.1f}, "
-                              f"{nb / t / bw * 100:3.0f}% copy) resident/SM={res[-1] if res else '?'} err={err:.1e}",
+                              f"{_speed(t, t16, nb, bw)} resident/SM={res.get('skinny', '?')} err={err:.1e}",
                               flush=True)
     finally:
         sk._tuned = shipped
@@ -555,7 +560,6 @@ def pairs(quick: bool) -> None:
 
     import qtool_kernels.gemv as gemv
     import triton
-    from qtool_kernels import occupancy
 
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -583,13 +587,10 @@ def pairs(quick: bool) -> None:
                     if large:
                         large["X_PAIRS"] = on
                     gemv._tuned = lambda t=tuned: t
-                    occupancy._RESIDENT.clear()
-                    times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None})
-                    if "t" in times:
-                        t = times["t"]
+                    t, nb, _ = _steady(N, K, bits, g)
+                    if t is not None:
                         print(f"{name} W{bits} g{g or 'ch'} STAGES {stages} X_PAIRS {on!s:5}"
-                              f"{'        ' if flip else ' shipped'}: {t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 "
-                              f"{t16 * 1e6:.1f}, {nb / t / bw * 100:3.0f}% copy)", flush=True)
+                              f"{'        ' if flip else ' shipped'}: {_speed(t, t16, nb, bw)}", flush=True)
     finally:
         gemv._tuned = shipped
 
@@ -614,7 +615,6 @@ def h2(quick: bool, only: tuple[str, ...] = ()) -> None:
 
     import qtool_kernels.gemv as gemv
     import triton
-    from qtool_kernels import occupancy
 
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -642,19 +642,17 @@ def h2(quick: bool, only: tuple[str, ...] = ()) -> None:
                             "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 2, "programs_per_sm": pps,
                             "SPAN_GROUPS": g is not None and bk > g, "min_k_tiles": 2, "STAGES": st, "H2": True}
                     gemv._tuned = lambda t=tuned: t
-                    occupancy._RESIDENT.clear()
                     if gemv.tile_major_tile(bits, g, N, K) is None:
                         continue
                     e = gemv._tiled_entry(bits, g, N, K)
+                    if isinstance(e.get("H2"), dict):  # the settings the half2 kernel runs with
+                        e.update(e["H2"])
                     label = (f"{'h2 ' if e.get('H2') else 'fp32'} {e['BLOCK_N']}x{e['BLOCK_K']} w{e['num_warps']} "
                              f"pps{e['programs_per_sm']} st{e.get('STAGES', 1)}")
-                    times, nb = _time_tile_layers(N, K, bits, g, {"warm": None, "t": None})
-                    res = {k[0]: v for k, v in occupancy._RESIDENT.items()}
-                    if "t" in times:
-                        t = times["t"]
+                    t, nb, res = _steady(N, K, bits, g)
+                    if t is not None:
                         print(f"{name} W{bits} g{g or 'ch'} {label:30s}{' shipped' if cand is None else '        '}: "
-                              f"{t * 1e6:6.1f} us ({t16 / t:.2f}x fp16 {t16 * 1e6:.1f}, "
-                              f"{nb / t / bw * 100:3.0f}% copy) resident/SM={res}", flush=True)
+                              f"{_speed(t, t16, nb, bw)} resident/SM={res}", flush=True)
     finally:
         gemv._tuned = shipped
 
