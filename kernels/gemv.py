@@ -718,8 +718,7 @@ def gemv_path(x: Tensor, qweight: Tensor, bits: int, group_size: int | None, con
         if env is not None:
             want = env == "1"
         elif qweight.dim() == 4:
-            N, Wn, _, _ = packed_geometry(qweight)
-            want = bool(_tiled_entry(bits, group_size, N, x.shape[1]).get("H2"))
+            want = bool(_tiled_entry(bits, group_size, packed_geometry(qweight)[0], x.shape[1]).get("H2"))
         else:
             want = False
     return "h2" if want and h2_eligible(x, qweight, bits, group_size) else "fp32"
@@ -736,8 +735,9 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
     = per channel), then per bit-width. Tile-major (`tiled`): the class's "gemv_tiled" entry
     (num_warps, STAGES, programs_per_sm, min_k_tiles) with its "H2" dict over it (the fp32
     keys stay for what the half2 kernel does not cover: bf16, M > 1), and `overrides` must
-    give the layout's BLOCK_N and BLOCK_K. K is split into as many slices as fit one wave (_split_k: `resident`
-    programs per SM once the compiled kernel is known). `overrides` apply last."""
+    give the layout's BLOCK_N and BLOCK_K. K is split into as many slices as fit one wave
+    (_split_k: `resident` programs per SM once the compiled kernel is known). `overrides`
+    apply last."""
     if tiled:
         t = _tiled_entry(bits, group_size, N, K)
         t.pop("BLOCK_N", None)
