@@ -674,22 +674,28 @@ def _x_pairs(x: Tensor) -> bool:
     return x.shape[1] % 2 == 0 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
 
 
+def h2_unit_codes(bits: int) -> int:
+    """Codes per unit of the packed-half2 kernel: a quad of words (W4 32, W2 64 codes), or for
+    W3 three quads (128 codes: 4 blocks of 32 codes in 3 words)."""
+    return 128 if bits == 3 else 128 // bits
+
+
 def h2_eligible(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -> bool:
     """Whether the packed-half2 kernel (gemv_h2.py) covers this call: CUDA outside the
-    interpreter (PTX), M = 1, fp16, W4 or W2 with every quad of words (W4 32 codes, W2 64) in
-    one group, K a multiple of 8, quads 16-byte aligned (128-bit loads): row-major rows of
-    whole quads, or tile-major tiles of whole quads per row."""
+    interpreter (PTX), M = 1, fp16, W4, W3 or W2 with every quad of words (W4 32 codes, W2 64;
+    W3 every 32-code block) in one group, K a multiple of 8, quads 16-byte aligned (128-bit
+    loads): row-major rows of whole quads, or tile-major tiles of whole units per row."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or not x.is_cuda:
         return False
-    if x.dtype != torch.float16 or x.shape[0] != 1 or bits not in (2, 4):
+    if x.dtype != torch.float16 or x.shape[0] != 1 or bits not in (2, 3, 4):
         return False
-    if group_size is not None and group_size % (128 // bits):
+    if group_size is not None and group_size % (32 if bits == 3 else h2_unit_codes(bits)):
         return False
     K = x.shape[1]
     if qweight.dim() == 2:
         aligned = qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0
     else:
-        aligned = qweight.shape[3] % 4 == 0 and qweight.is_contiguous()
+        aligned = qweight.shape[3] % (12 if bits == 3 else 4) == 0 and qweight.is_contiguous()
     return (K % 8 == 0 and aligned and qweight.stride(-1) == 1
             and x.stride(1) == 1 and x.data_ptr() % 4 == 0)
 
@@ -751,7 +757,7 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
         t.update(h2.get(f"{bits}:{group_size or 'pc'}", {}))
         t.setdefault("programs_per_sm", 4)
     t.update(overrides or {})
-    cpq = 128 // bits  # codes per quad of words
+    cpq = h2_unit_codes(bits)
     bk = t.get("BLOCK_K", 4 * cpq if group_size is None else min(group_size, 128))
     if group_size is not None and not tiled:
         bk = min(bk, group_size)
@@ -759,7 +765,7 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
     nq = bk // cpq
     assert nq & (nq - 1) == 0, bk
     nw = t.get("num_warps", 4)
-    bn = t.get("BLOCK_N", t.get("rows", 4) * max(1, 32 // nq) * nw)
+    bn = t.get("BLOCK_N", t.get("rows", 2 if bits == 3 else 4) * max(1, 32 // nq) * nw)
     n_tiles = triton.cdiv(N, bn)
     k_tiles = triton.cdiv(K, bk)
     split_k = _split_k(n_tiles, k_tiles, t, n_sm, resident, 32)

@@ -42,9 +42,9 @@ import torch
 import triton
 import triton.language as tl
 from qtool_kernels import occupancy
-from qtool_kernels.gemv import _store_rows, default_h2_config
+from qtool_kernels.gemv import _store_rows, default_h2_config, h2_unit_codes
 from qtool_kernels.skinny import _num_sms, split_k_buffers, split_k_result
-from qtool_kernels.tiles import packed_geometry
+from qtool_kernels.tiles import packed_geometry, words_per_tile
 from torch import Tensor
 
 # Every block writes its outputs last, from temporaries: without an early-clobber an output
@@ -107,6 +107,44 @@ WORD2_ASM = ("{\n.reg .b32 wh, t, a;\nshr.u32 wh, $1, 8;\n"
                  for h, src in enumerate(("$1", "wh")) for k in range(4))
              + "mov.b32 $0, a;\n}")
 
+# One W3 block (32 codes in 3 words; code j at bits 3j of w0 | w1 << 32 | w2 << 64) of one
+# row. No two 3-bit codes sit 16 bits apart, so a PRMT builds the pairs: two byte-aligned
+# 16-bit windows 3 bytes apart (stream bytes 0–1 and 3–4, 1–2 and 4–5, 6–7 and 9–10, 7–8
+# and 10–11) hold codes j and j + 8 at the same bit of each half. Fields at bits 0, 3, 6 are
+# masked in place (1024 + 2^p c: q − z = (1024 + 2^p c)·2^-p − (1024·2^-p + z), exact);
+# the rest after a shift by 9 or 7 lands them there. W3_WINDOWS: (operands, selector,
+# [(shift, field bits)]) in the order of the x pairs; the pairs are {c_j, c_{j+8}} for
+# j = W3_PAIR_ORDER. $0 = acc out, $1..$3 = w0..w2, $4 = acc in, $5 = 0x64006400,
+# $6 = {1024 + z}², $7 = {−(128 + z)}², $8 = {−(16 + z)}², $9 = {1/8}², $10 = {1/64}²,
+# $11 = {s}², $12..$27 = x pairs {x_j, x_{j+8}}. 4 PRMT + 4 shifts + 4 per pair: 2.25 per code.
+W3_WINDOWS = (("$1", "$2", 0x4310, ((0, (0, 3, 6)), (9, (0, 3)))),
+              ("$1", "$2", 0x5421, ((7, (0, 3, 6)),)),
+              ("$2", "$3", 0x6532, ((0, (0, 3, 6)), (9, (0, 3)))),
+              ("$2", "$3", 0x7643, ((7, (0, 3, 6)),)))
+W3_PAIR_ORDER = tuple(range(8)) + tuple(range(16, 24))
+
+
+def _block3_asm() -> str:
+    lines, xi, acc = ["{", ".reg .b32 r, h, t, a;"], 12, "$4"
+    for a, b, sel, parts in W3_WINDOWS:
+        lines.append(f"prmt.b32 r, {a}, {b}, 0x{sel:04X};")
+        for shift, fields in parts:
+            src = "r"
+            if shift:
+                lines.append(f"shr.u32 h, r, {shift};")
+                src = "h"
+            for p in fields:
+                lines.append(f"lop3.b32 t, {src}, 0x{(7 << p) * 0x10001:08X}, $5, 0xEA;")
+                lines.append("sub.rn.f16x2 t, t, $6;" if p == 0 else
+                             f"fma.rn.f16x2 t, t, {'$9, $7' if p == 3 else '$10, $8'};")
+                lines.append("mul.rn.f16x2 t, t, $11;")
+                lines.append(f"fma.rn.f16x2 a, t, ${xi}, {acc};")
+                xi, acc = xi + 1, "a"
+    return "\n".join([*lines, "mov.b32 $0, a;", "}"])
+
+
+BLOCK3_ASM = _block3_asm()
+
 # f16x2 -> two fp32 (bit patterns as int32)
 UNPACK_ASM = """{
 .reg .f16 l, h;
@@ -122,6 +160,7 @@ _XPAIRS4 = tl.constexpr(XPAIRS4_ASM)
 _XPAIRS2 = tl.constexpr(XPAIRS2_ASM)
 _WORD4 = tl.constexpr(WORD4_ASM)
 _WORD2 = tl.constexpr(WORD2_ASM)
+_BLOCK3 = tl.constexpr(BLOCK3_ASM)
 _UNPACK = tl.constexpr(UNPACK_ASM)
 
 
@@ -169,6 +208,20 @@ def _prmt_lo(a, b):  # 0x5410
 @triton.jit
 def _prmt_hi(a, b):  # 0x7632
     return ((a >> 16) & 0xFFFF) | ((b >> 16) << 16)
+
+
+@triton.jit
+def _prmt_sel(a, b, SEL: tl.constexpr):
+    """prmt.b32 with a constant selector (source bytes 0–3 from a, 4–7 from b)."""
+    r = a * 0
+    for i in tl.static_range(4):
+        src: tl.constexpr = (SEL >> (4 * i)) & 7
+        if src < 4:
+            byte = (a >> (8 * src)) & 0xFF
+        else:
+            byte = (b >> (8 * (src - 4))) & 0xFF
+        r = r | (byte << (8 * i))
+    return r
 
 
 @triton.jit
@@ -242,6 +295,36 @@ def _word2(w, acc, magic, zo, z1, z2, z3, m1, m2, m3, s2, x0, x1, x2, x3, x4, x5
 
 
 @triton.jit
+def _emu_fields(r, acc, magic, zo, z3, z6, m3, m6, s2, xa, xb, xc, NF: tl.constexpr):
+    """The W3 fields at bits 0, 3 (and 6 if NF = 3) of r, against x pairs xa, xb, xc."""
+    acc = _emu_pair(r, 0x00070007, magic, zo, z3, m3, s2, xa, acc, 0)
+    acc = _emu_pair(r, 0x00380038, magic, zo, z3, m3, s2, xb, acc, 1)
+    if NF == 3:
+        acc = _emu_pair(r, 0x01C001C0, magic, zo, z6, m6, s2, xc, acc, 1)
+    return acc
+
+
+@triton.jit
+def _block3(w0, w1, w2, acc, magic, zo, z3, z6, m3, m6, s2, x0, x1, x2, x3, x4, x5, x6, x7,
+            x8, x9, x10, x11, x12, x13, x14, x15, EMULATE: tl.constexpr):
+    if EMULATE:  # W3_WINDOWS with Triton ops (logical shifts: the sign bits masked off)
+        r = _prmt_sel(w0, w1, 0x4310)
+        acc = _emu_fields(r, acc, magic, zo, z3, z6, m3, m6, s2, x0, x1, x2, 3)
+        acc = _emu_fields((r >> 9) & 0x7FFFFF, acc, magic, zo, z3, z6, m3, m6, s2, x3, x4, x4, 2)
+        r = (_prmt_sel(w0, w1, 0x5421) >> 7) & 0x1FFFFFF
+        acc = _emu_fields(r, acc, magic, zo, z3, z6, m3, m6, s2, x5, x6, x7, 3)
+        r = _prmt_sel(w1, w2, 0x6532)
+        acc = _emu_fields(r, acc, magic, zo, z3, z6, m3, m6, s2, x8, x9, x10, 3)
+        acc = _emu_fields((r >> 9) & 0x7FFFFF, acc, magic, zo, z3, z6, m3, m6, s2, x11, x12, x12, 2)
+        r = (_prmt_sel(w1, w2, 0x7643) >> 7) & 0x1FFFFFF
+        return _emu_fields(r, acc, magic, zo, z3, z6, m3, m6, s2, x13, x14, x15, 3)
+    return tl.inline_asm_elementwise(_BLOCK3, "=r" + ",r" * 27,
+                                     [w0, w1, w2, acc, magic, zo, z3, z6, m3, m6, s2, x0, x1, x2, x3, x4, x5, x6, x7,
+                                      x8, x9, x10, x11, x12, x13, x14, x15],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _to_f32(acc, EMULATE: tl.constexpr):
     """f16x2 -> lo + hi in fp32."""
     if EMULATE:
@@ -280,9 +363,9 @@ def _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N: tl.constexpr)
 @triton.jit
 def _consts(s, z, BITS: tl.constexpr):
     """f16x2 constants from a row's scale and zero: {s}², {1024 + z}² and the −(o_k + z) of
-    the in-place fields (W4: o = 64; W2: 256, 64, 16). Integer ops only: o + z is exact in
-    fp16 with bit pattern bits(o) + z/ulp(o): 0x5400 + 16z for 64 + z (ulp 1/16), 0x5C00 +
-    4z for 256 + z, 0x4C00 + 64z for 16 + z."""
+    the in-place fields (W4: o = 64; W3: 128, 16; W2: 256, 64, 16). Integer ops only: o + z
+    is exact in fp16 with bit pattern bits(o) + z/ulp(o): 0x5400 + 16z for 64 + z (ulp 1/16),
+    0x5800 + 8z for 128 + z, 0x5C00 + 4z for 256 + z, 0x4C00 + 64z for 16 + z."""
     s2 = _pair16(s.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32))
     z = z.to(tl.int32)
     zo = _pair16(0x6400 + z)
@@ -290,6 +373,10 @@ def _consts(s, z, BITS: tl.constexpr):
         z1 = _pair16(0xD400 + 16 * z)
         z2 = z1
         z3 = z1
+    elif BITS == 3:  # fields at bits 3 and 6: −(128 + z), −(16 + z)
+        z1 = _pair16(0xD800 + 8 * z)
+        z2 = _pair16(0xCC00 + 64 * z)
+        z3 = z2
     else:
         z1 = _pair16(0xDC00 + 4 * z)
         z2 = _pair16(0xD400 + 16 * z)
@@ -335,6 +422,47 @@ def _tile(facc, w, s, z, x_ptr, xb, Kh, magic, m1, m2, m3,
     return facc + _to_f32(acc, EMULATE)
 
 
+@triton.jit
+def _blk3(acc, w0, w1, w2, s, z, x_ptr, xi, Kh, magic, m3, m6, MASK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """acc += one W3 block (32 codes) per (unit, row); xi: the x words of its first 8 codes."""
+    s2, zo, z3, z6, _ = _consts(s, z, 3)
+    r0, r1, r2, r3 = _split4(_load_x(x_ptr, xi, Kh, MASK_K))
+    r4, r5, r6, r7 = _split4(_load_x(x_ptr, xi + 4, Kh, MASK_K))
+    p0, p1, p2, p3, p4, p5, p6, p7 = _xpairs2(r0, r1, r2, r3, r4, r5, r6, r7, EMULATE)  # {x_j, x_j+8}
+    r0, r1, r2, r3 = _split4(_load_x(x_ptr, xi + 8, Kh, MASK_K))
+    r4, r5, r6, r7 = _split4(_load_x(x_ptr, xi + 12, Kh, MASK_K))
+    p8, p9, p10, p11, p12, p13, p14, p15 = _xpairs2(r0, r1, r2, r3, r4, r5, r6, r7, EMULATE)  # j = 16..23
+    return _block3(w0, w1, w2, acc, magic, zo, z3, z6, m3, m6, s2, p0, p1, p2, p3, p4, p5, p6, p7,
+                   p8, p9, p10, p11, p12, p13, p14, p15, EMULATE)
+
+
+@triton.jit
+def _tile3(facc, wa, wb, wc, s0, z0, s1, z1, s2, z2, s3, z3, x_ptr, xb, Kh, magic, m3, m6,
+           MASK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """facc += one W3 tile: per (unit, row) the 12 words wa | wb | wc (4 blocks of 3 words,
+    scales s0..s3), chained in f16x2 over two blocks at a time (32 products per half, as W2)."""
+    a0, a1, a2, a3 = _split4(wa)
+    b0, b1, b2, b3 = _split4(wb)
+    c0, c1, c2, c3 = _split4(wc)
+    acc = tl.zeros(facc.shape, dtype=tl.int32)
+    acc = _blk3(acc, a0, a1, a2, s0, z0, x_ptr, xb, Kh, magic, m3, m6, MASK_K, EMULATE)
+    acc = _blk3(acc, a3, b0, b1, s1, z1, x_ptr, xb + 16, Kh, magic, m3, m6, MASK_K, EMULATE)
+    facc += _to_f32(acc, EMULATE)
+    acc = tl.zeros(facc.shape, dtype=tl.int32)
+    acc = _blk3(acc, b2, b3, c0, s2, z2, x_ptr, xb + 32, Kh, magic, m3, m6, MASK_K, EMULATE)
+    acc = _blk3(acc, c1, c2, c3, s3, z3, x_ptr, xb + 48, Kh, magic, m3, m6, MASK_K, EMULATE)
+    return facc + _to_f32(acc, EMULATE)
+
+
+@triton.jit
+def _group_of(t, qo, G, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, MASK_K: tl.constexpr):
+    """Group index of code t·BLOCK_K + qo (qo [NQ, 1]: a quad's or a W3 block's first code)."""
+    g = (t * BLOCK_K + qo) // GROUP
+    if MASK_K:  # quads past K (a partial last tile) read the last group and meet x = 0
+        g = tl.minimum(g, G - 1)
+    return g
+
+
 @triton.jit(do_not_specialize=["zero", "stride_sn", "stride_zn"])  # stride_sn/zn: see the layout comment
 def _gemv_h2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr,
@@ -356,10 +484,12 @@ def _gemv_h2_kernel(
     Kh = K8 * 4
     Wn = Wn4 * 4
     stride_qt = stride_qt4 * 4
-    CPW: tl.constexpr = 32 // BITS
-    CPQ: tl.constexpr = 4 * CPW  # codes per quad of words
-    NQ: tl.constexpr = BLOCK_K // CPQ  # quads of words per row and tile
-    WPT: tl.constexpr = BLOCK_K // CPW
+    # a unit: what one thread holds of a row per step, 4 words (W4/W2: a quad, 128 / BITS
+    # codes) or 12 (W3: 3 quads, 4 blocks of 32 codes in 3 words)
+    UW: tl.constexpr = 12 if BITS == 3 else 4
+    UC: tl.constexpr = UW * 32 // BITS
+    NQ: tl.constexpr = BLOCK_K // UC  # units per row and tile
+    WPT: tl.constexpr = BLOCK_K * BITS // 32
     MASKED: tl.constexpr = not (EVEN_N and EVEN_K)
     MASK_K: tl.constexpr = not EVEN_K
     MASK_N: tl.constexpr = not EVEN_N
@@ -379,9 +509,9 @@ def _gemv_h2_kernel(
     n_ok2 = (pid_n * BLOCK_N + r2) < N
     q1 = tl.arange(0, NQ)
     q3 = q1[:, None, None]
-    wq = q3 * 4 + tl.arange(0, 4)[None, None, :]  # word of the tile, [NQ, 1, 4]
-    xq = q3 * (2 * CPW) + tl.arange(0, 4)[None, None, :]  # the 4 x words of each quad's first 8 codes
-    qo = q1[:, None] * CPQ  # first code of each quad in the tile, [NQ, 1]
+    wq = q3 * UW + tl.arange(0, 4)[None, None, :]  # word of the tile, [NQ, 1, 4] (W3: + 4, + 8)
+    xq = q3 * (UC // 2) + tl.arange(0, 4)[None, None, :]  # the 4 x words of each unit's first 8 codes
+    qo = q1[:, None] * UC  # first code of each unit in the tile, [NQ, 1]
     qw_blk = qw_ptr + pid_n * (stride_qb4 * 4)
     s_blk = s_ptr + pid_n * stride_sb + r2 * stride_sn
     z_blk = z_ptr + pid_n * stride_zb + r2 * stride_zn
@@ -398,9 +528,13 @@ def _gemv_h2_kernel(
     magic = zero + 0x64006400
     if BITS == 2:
         m1 = zero + 0x34003400  # {1/4}²
+        m2 = zero + 0x2C002C00
+    elif BITS == 3:
+        m1 = zero + 0x30003000  # {1/8}²
+        m2 = zero + 0x24002400  # {1/64}²
     else:
         m1 = zero + 0x2C002C00  # {1/16}²
-    m2 = zero + 0x2C002C00
+        m2 = m1
     m3 = zero + 0x24002400
     if PER_CHANNEL:
         s, z = _load_sz(s_blk, z_blk, n_ok2, 0, stride_sg, stride_zg, MASK_N)
@@ -413,17 +547,38 @@ def _gemv_h2_kernel(
             w = tl.load(ptrs, mask=n_ok & (wq < Wn - t * WPT), other=0)
         else:
             w = tl.load(ptrs)
+        if BITS == 3:  # the unit's other two quads
+            if MASKED:
+                wb = tl.load(ptrs + 4, mask=n_ok & (wq + 4 < Wn - t * WPT), other=0)
+                wc = tl.load(ptrs + 8, mask=n_ok & (wq + 8 < Wn - t * WPT), other=0)
+            else:
+                wb = tl.load(ptrs + 4)
+                wc = tl.load(ptrs + 8)
         if not PER_CHANNEL:
-            # each quad's own group: a tile may span groups (a quad never does); quads past K
-            # (a partial last tile) read the last group and meet x = 0
+            # each unit's own group: a tile may span groups (a unit never does, but for W3
+            # g32/g64, whose blocks get their own below)
             if BLOCK_K > GROUP:
-                g = (t * BLOCK_K + qo) // GROUP
-                if MASK_K:
-                    g = tl.minimum(g, G - 1)
-            else:  # the tile lies in one group: one index for all quads
+                g = _group_of(t, qo, G, BLOCK_K, GROUP, MASK_K)
+            else:  # the tile lies in one group: one index for all units
                 g = (t * BLOCK_K) // GROUP
             s, z = _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N)
-        facc = _tile(facc, w, s, z, x_ptr, t * (BLOCK_K // 2) + xq, Kh, magic, m1, m2, m3, BITS, MASK_K, EMULATE)
+        if BITS == 3:
+            s1, z1, s2, z2, s3, z3 = s, z, s, z, s, z
+            if not PER_CHANNEL and GROUP < UC:  # W3 g32/g64: blocks of one unit in 2 or 4 groups
+                if GROUP == 32:
+                    s1, z1 = _load_sz(s_blk, z_blk, n_ok2, _group_of(t, qo + 32, G, BLOCK_K, GROUP, MASK_K),
+                                      stride_sg, stride_zg, MASK_N)
+                    s3, z3 = _load_sz(s_blk, z_blk, n_ok2, _group_of(t, qo + 96, G, BLOCK_K, GROUP, MASK_K),
+                                      stride_sg, stride_zg, MASK_N)
+                s2, z2 = _load_sz(s_blk, z_blk, n_ok2, _group_of(t, qo + 64, G, BLOCK_K, GROUP, MASK_K),
+                                  stride_sg, stride_zg, MASK_N)
+                if GROUP == 64:
+                    s3, z3 = s2, z2
+            facc = _tile3(facc, w, wb, wc, s, z, s1, z1, s2, z2, s3, z3, x_ptr, t * (BLOCK_K // 2) + xq, Kh,
+                          magic, m1, m2, MASK_K, EMULATE)
+        else:
+            facc = _tile(facc, w, s, z, x_ptr, t * (BLOCK_K // 2) + xq, Kh, magic, m1, m2, m3, BITS, MASK_K,
+                         EMULATE)
 
     y = tl.sum(facc, axis=0)
     _store_rows(out_ptr, stride_os, 0, pid_k, pid_k * 0, y_ptr, 0, cnt_ptr + pid_n, y, y, y, y,
@@ -433,12 +588,12 @@ def _gemv_h2_kernel(
 def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int | None,
                    bias: Tensor | None = None, config: dict | None = None, out: Tensor | None = None,
                    workspace: Tensor | None = None, emulate: bool = False) -> Tensor:
-    """gemv_matmul's packed-half2 path (M = 1, fp16, W4/W2); eligibility is gemv.h2_eligible's.
+    """gemv_matmul's packed-half2 path (M = 1, fp16, W4/W3/W2); eligibility is gemv.h2_eligible's.
 
     qweight row-major [N, Wn] or tile-major (tiles.py), scales/zeros [N, G] or [N/BN, G, BN];
     out/workspace as in gemv_matmul (split-K partials added by the row block's last program).
     config keys: BLOCK_N, BLOCK_K (a multiple of 4 words; tile-major: the layout's tile),
-    SPLIT_K, num_warps, STAGES. emulate=True runs the Triton twin of every PTX block (the
+    SPLIT_K, num_warps, STAGES; W3 tiles hold whole 128-code units (12 words). emulate=True runs the Triton twin of every PTX block (the
     interpreter's path)."""
     M, K = x.shape
     N, Wn, BN_l, wpt = packed_geometry(qweight)
@@ -453,15 +608,16 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     stages = int(cfg.pop("STAGES", 1))
     cfg.setdefault("num_stages", 1)
-    cpq = 128 // bits
-    assert M == 1 and x.dtype == torch.float16 and bits in (2, 4)
+    unit = h2_unit_codes(bits)
+    assert M == 1 and x.dtype == torch.float16 and bits in (2, 3, 4)
     assert K % 8 == 0 and Wn % 4 == 0 and qweight.stride(-1) == 1 and x.data_ptr() % 4 == 0
-    assert BK % cpq == 0 and (group_size is None or group_size % cpq == 0), "a quad of words lies in one group"
+    assert BK % unit == 0, "whole units (a quad of words; W3: 3 quads) per row and tile"
+    assert group_size is None or group_size % (32 if bits == 3 else unit) == 0, "a unit (W3: a block) in one group"
     if tiled:
         assert (BN, BK) == (BN_l, wpt * 32 // bits), "config tile differs from the tile-major layout"
         q_strides = (qweight.stride(0), qweight.stride(1), qweight.stride(2))
     else:
-        q_strides = (BN * qweight.stride(0), BK // (32 // bits), qweight.stride(0))
+        q_strides = (BN * qweight.stride(0), words_per_tile(bits, BK), qweight.stride(0))
     assert all(st % 4 == 0 for st in q_strides), "quads of words must be 16-byte aligned"
     if scales.dim() == 3:  # [N / BN, G, BN]
         assert scales.shape[2] == BN and zeros.shape == scales.shape

@@ -1,4 +1,4 @@
-"""Packed-half2 GEMV (kernels/gemv_h2.py): M = 1, fp16, W4/W2.
+"""Packed-half2 GEMV (kernels/gemv_h2.py): M = 1, fp16, W4/W3/W2.
 
 CPU CI cannot run PTX, so it checks the two halves separately: every PTX block is emulated
 line by line against the arithmetic it must perform (bit-exact), and the whole kernel runs
@@ -136,6 +136,40 @@ def test_word_ptx_matches_fp16_arithmetic(bits: int) -> None:
         np.testing.assert_array_equal(_f16(got >> (16 * h)), a)
 
 
+def test_block3_ptx_matches_fp16_arithmetic() -> None:
+    """One W3 block (32 codes in 3 words) per row through 2 × XPAIRS2 + BLOCK3: bit-exact
+    against the fp16 chain over the pairs {c_j, c_j+8} in W3_PAIR_ORDER (lo half: c_j · x_j,
+    hi half: c_j+8 · x_j+8), so every code meets its own x exactly once."""
+    from qtool_kernels import gemv_h2 as h2
+
+    rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    n = 4096
+    w = [rng.integers(0, 2**32, n, dtype=np.int64) for _ in range(3)]
+    z = rng.integers(0, 8, n)
+    s = rng.uniform(1e-3, 3e-2, n).astype(np.float16)
+    x = rng.standard_normal((n, 32)).astype(np.float16) * np.float16(rng.choice([1, 100, 3000], (n, 1)))
+    acc0 = rng.standard_normal((n, 2)).astype(np.float16)
+    xb = x.view(np.uint16).astype(np.int64)
+    r = [xb[:, 2 * m] | (xb[:, 2 * m + 1] << 16) for m in range(16)]
+    pairs = run_ptx(h2.XPAIRS2_ASM, 8, r[:8]) + run_ptx(h2.XPAIRS2_ASM, 8, r[8:])
+    sb = s.view(np.uint16).astype(np.int64)
+    consts = [0x64006400, _pair16(0x6400 + z), _pair16(0xD800 + 8 * z), _pair16(0xCC00 + 64 * z),
+              np.full(n, 0x30003000), np.full(n, 0x24002400), _pair16(sb)]
+    acc_in = _bits(acc0[:, 0].astype(np.float64)) | (_bits(acc0[:, 1].astype(np.float64)) << 16)
+    (got,) = run_ptx(h2.BLOCK3_ASM, 1, [*w, acc_in, *consts, *pairs])
+
+    stream = [int(a) | (int(b) << 32) | (int(c) << 64) for a, b, c in zip(*w)]
+    codes = np.array([[(v >> (3 * j)) & 7 for j in range(32)] for v in stream])
+    assert sorted(h2.W3_PAIR_ORDER + tuple(j + 8 for j in h2.W3_PAIR_ORDER)) == list(range(32))
+    for h in range(2):
+        a = acc0[:, h].astype(np.float64)
+        for j in h2.W3_PAIR_ORDER:
+            k = j + 8 * h
+            wq = (s.astype(np.float64) * (codes[:, k] - z)).astype(np.float16).astype(np.float64)
+            a = (wq * x[:, k].astype(np.float64) + a).astype(np.float16).astype(np.float64)
+        np.testing.assert_array_equal(_f16(got >> (16 * h)), a)
+
+
 def test_constant_encodings() -> None:
     # bit patterns _consts builds with integer ops = the fp16 numbers they stand for
     z = np.arange(64)
@@ -143,8 +177,9 @@ def test_constant_encodings() -> None:
     assert (f(1024 + z) == 0x6400 + z).all()
     assert (f(-(256 + z[:16])) == 0xDC00 + 4 * z[:16]).all()
     assert (f(-(64 + z)) == 0xD400 + 16 * z).all()
+    assert (f(-(128 + z)) == 0xD800 + 8 * z).all()
     assert (f(-(16 + z[:16])) == 0xCC00 + 64 * z[:16]).all()
-    assert [f(v) for v in (0.25, 1 / 16, 1 / 64)] == [0x3400, 0x2C00, 0x2400]
+    assert [f(v) for v in (0.25, 1 / 8, 1 / 16, 1 / 64)] == [0x3400, 0x3000, 0x2C00, 0x2400]
 
 
 def test_unpack_ptx() -> None:
@@ -175,6 +210,12 @@ CASES = [
     # would index group 18 and 19 of 18
     (4, 32, 40, 576, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2}),
     (2, 64, 48, 1088, {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 3}),
+    # W3: units of 128 codes (12 words); rows of whole quads need K % 128 = 0, so the K tails
+    # are tiles of 2 or 4 units with the last one(s) past K
+    (3, 128, 80, 640, {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 2}),  # 2 groups per tile, tail
+    (3, 64, 48, 1152, {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 3}),  # 2 groups per unit
+    (3, 32, 40, 640, {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1}),  # 4 groups per unit, tail
+    (3, None, 64, 1152, {"BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 2}),
 ]
 
 # (bits, group, N, K, BLOCK_N, BLOCK_K, SPLIT_K, tile-major scales): tile-major codes (tiles.py)
@@ -187,6 +228,10 @@ TILED_CASES = [
     (2, 64, 64, 1024, 64, 128, 4, True),  # 2 groups per tile
     (2, 128, 64, 512, 32, 128, 2, False),
     (2, None, 32, 1024, 32, 256, 1, True),
+    (3, 128, 128, 1024, 64, 128, 2, True),
+    (3, 64, 64, 1024, 64, 128, 1, False),
+    (3, None, 64, 512, 32, 128, 3, True),
+    (3, 32, 32, 768, 32, 256, 2, True),
 ]
 
 
@@ -253,15 +298,17 @@ def test_cpu_dispatch_never_takes_h2(monkeypatch: pytest.MonkeyPatch) -> None:
             import qtool_kernels.gemv_h2  # noqa: F401  (restore for later tests)
 
 
-@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (4, 64), (4, 32), (4, None), (2, 64), (2, 128), (2, None)])
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (4, 64), (4, 32), (4, None), (2, 64), (2, 128), (2, None),
+                                                 (3, 128), (3, 64), (3, None)])
 def test_default_h2_config(bits: int, group_size: int | None) -> None:
-    from qtool_kernels.gemv import default_h2_config
+    from qtool_kernels.gemv import default_h2_config, h2_unit_codes
 
     for N, K in [(8192, 28672), (28672, 8192), (1536, 576), (11008, 4096)]:
         cfg = default_h2_config(N, K, bits, group_size, 132)
-        bk, cpq = cfg["BLOCK_K"], 128 // bits
+        bk, cpq = cfg["BLOCK_K"], h2_unit_codes(bits)
         assert cfg["H2"] and bk % cpq == 0 and (bk // cpq) & (bk // cpq - 1) == 0
-        assert group_size is None or group_size % bk == 0
+        # a tile within one group, but W3's 128-code unit, whose blocks of 32 take their own
+        assert group_size is None or group_size % bk == 0 or (bits == 3 and bk == cpq)
         assert cfg["BLOCK_N"] % (32 // (bk // cpq) * cfg["num_warps"]) == 0  # whole rows per thread
         assert 1 <= cfg["SPLIT_K"] <= 32
 
@@ -303,6 +350,8 @@ GPU_CASES = [  # (bits, group, N, K, split): split None = default config
     (4, 128, 8192, 4160, None), (4, 128, 1536, 576, 1), (4, 64, 1536, 4160, None), (4, None, 8192, 576, 4),
     (4, 32, 1536, 576, None), (2, 64, 8192, 576, None), (2, 64, 1536, 4160, 1), (2, 128, 8192, 4160, None),
     (2, None, 1536, 4160, 8),
+    # W3: rows of whole quads need K % 128 = 0; K = 4224 is 33 units
+    (3, 128, 8192, 4224, None), (3, 64, 1536, 4224, 1), (3, 32, 1536, 1152, None), (3, None, 8192, 1152, 4),
 ]
 
 
@@ -330,7 +379,7 @@ def test_h2_gpu(bits, group_size, N, K, split, bias) -> None:
 @needs_cuda
 def test_h2_gpu_dispatch_and_ab(monkeypatch: pytest.MonkeyPatch) -> None:
     """QuantLinear's route: M = 1 fp16 W4 takes h2 only with QTOOL_GEMV_H2=1 (fp32 scales too,
-    as PEQA passes them); QTOOL_GEMV_H2=0, bf16, M = 2 and W3 take the fp32 kernel; both agree."""
+    as PEQA passes them); QTOOL_GEMV_H2=0, bf16, M = 2 and W2 g32 take the fp32 kernel; both agree."""
     from qtool_kernels.gemv import gemv_path
 
     N, K = 4096, 4096
@@ -348,13 +397,14 @@ def test_h2_gpu_dispatch_and_ab(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rel_err(a, ref) < TOL[torch.float16] and rel_err(b, ref) < TOL[torch.float16]
     assert gemv_path(x.bfloat16(), qweight, 4, 128) == "fp32"
     assert gemv_path(torch.cat([x, x]), qweight, 4, 128) == "fp32"
-    assert gemv_path(x, qweight, 3, 128) == "fp32"
+    assert gemv_path(x, qweight, 3, 128) == "h2"  # W3 since session 12 (same word count here)
     assert gemv_path(x, qweight, 2, 32) == "fp32"  # a W2 g32 tile is half a quad of words
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (4, None), (4, 64), (2, 64), (2, 128)])
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (4, None), (4, 64), (2, 64), (2, 128), (3, 128),
+                                                 (3, 64), (3, None)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_h2_gpu_tile_major(monkeypatch: pytest.MonkeyPatch, bits: int, group_size: int | None, bias: bool) -> None:
     """The decode route: tile_major_layout with an "H2" gemv_tiled entry, default config
@@ -370,7 +420,7 @@ def test_h2_gpu_tile_major(monkeypatch: pytest.MonkeyPatch, bits: int, group_siz
     ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size, b)
     key = f"{bits}:{group_size or 'pc'}:1"
     entry = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 2, "programs_per_sm": 16, "min_k_tiles": 2,
-             "H2": {"num_warps": 4}}
+             "H2": {"num_warps": 2 if bits == 3 else 4}}  # W3: a thread per row and unit
     tuned = dict(gemv._tuned(), gemv_tiled={key: entry})
     monkeypatch.setattr(gemv, "_tuned", lambda: tuned)
     monkeypatch.delenv("QTOOL_GEMV_H2", raising=False)
