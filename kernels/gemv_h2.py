@@ -592,9 +592,9 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
 
     qweight row-major [N, Wn] or tile-major (tiles.py), scales/zeros [N, G] or [N/BN, G, BN];
     out/workspace as in gemv_matmul (split-K partials added by the row block's last program).
-    config keys: BLOCK_N, BLOCK_K (a multiple of 4 words; tile-major: the layout's tile),
-    SPLIT_K, num_warps, STAGES; W3 tiles hold whole 128-code units (12 words). emulate=True runs the Triton twin of every PTX block (the
-    interpreter's path)."""
+    config keys: BLOCK_N, BLOCK_K (whole units: a quad of words, W3 12 words; tile-major: the
+    layout's tile), SPLIT_K, num_warps, STAGES. emulate=True runs the Triton twin of every PTX
+    block (the interpreter's path)."""
     M, K = x.shape
     N, Wn, BN_l, wpt = packed_geometry(qweight)
     tiled = BN_l != 0

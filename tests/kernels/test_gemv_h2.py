@@ -158,7 +158,7 @@ def test_block3_ptx_matches_fp16_arithmetic() -> None:
     acc_in = _bits(acc0[:, 0].astype(np.float64)) | (_bits(acc0[:, 1].astype(np.float64)) << 16)
     (got,) = run_ptx(h2.BLOCK3_ASM, 1, [*w, acc_in, *consts, *pairs])
 
-    stream = [int(a) | (int(b) << 32) | (int(c) << 64) for a, b, c in zip(*w)]
+    stream = [int(a) | (int(b) << 32) | (int(c) << 64) for a, b, c in zip(*w, strict=True)]
     codes = np.array([[(v >> (3 * j)) & 7 for j in range(32)] for v in stream])
     assert sorted(h2.W3_PAIR_ORDER + tuple(j + 8 for j in h2.W3_PAIR_ORDER)) == list(range(32))
     for h in range(2):
