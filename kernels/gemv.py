@@ -769,5 +769,8 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
     n_tiles = triton.cdiv(N, bn)
     k_tiles = triton.cdiv(K, bk)
     split_k = _split_k(n_tiles, k_tiles, t, n_sm, resident, 32)
-    return {"H2": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": nw, "num_stages": 1,
-            "STAGES": t.get("STAGES", 1)}
+    cfg = {"H2": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": nw, "num_stages": 1,
+           "STAGES": t.get("STAGES", 1)}
+    if t.get("maxnreg"):  # ptxas's register cap: more programs per SM (tuned per class)
+        cfg["maxnreg"] = t["maxnreg"]
+    return cfg

@@ -610,9 +610,20 @@ H2_CANDIDATES = {  # (BLOCK_N, BLOCK_K, num_warps, programs_per_sm, STAGES); the
     (3, 64): [(128, 128, 2, 16, 1), (64, 128, 1, 32, 1), (64, 128, 2, 32, 1)],
     (3, None): [(128, 128, 2, 16, 1), (64, 128, 1, 32, 1), (64, 128, 2, 32, 1)],
 }
+# `--set=NAME` times these instead; a 6th element holds more "H2" keys (maxnreg: ptxas's cap,
+# for more programs per SM)
+H2_SETS = {
+    # session 12 call B: after call A (docs/bench-logs/session12/A_w3.txt) one row per thread won
+    "B": {
+        (3, 128): [(128, 128, 4, 16, 1), (128, 128, 4, 16, 1, {"maxnreg": 48}), (128, 128, 4, 16, 1, {"maxnreg": 40}),
+                   (256, 128, 8, 8, 1), (128, 128, 4, 16, 2), (64, 128, 2, 32, 1, {"maxnreg": 48})],
+        (3, 64): [(128, 128, 4, 16, 1), (64, 128, 2, 32, 1, {"maxnreg": 48})],
+        (4, 128): [(64, 128, 8, 8, 1), (64, 128, 4, 16, 1, {"maxnreg": 40}), (128, 128, 8, 8, 1)],
+    },
+}
 
 
-def h2(quick: bool, only: tuple[str, ...] = ()) -> None:
+def h2(quick: bool, only: tuple[str, ...] = (), cand_set: str | None = None) -> None:
     """Session 11: the packed-half2 kernel on tile-major codes (fused split-K, one-wave grid from
     its residency) against the shipped fp32 entry, each candidate as the class's "gemv_tiled"
     entry with "H2": true, through tile_major_layout + forward_packed's route (what decode runs)."""
@@ -633,7 +644,7 @@ def h2(quick: bool, only: tuple[str, ...] = ()) -> None:
         for name in shapes:
             N, K = ROWS_SHAPES[name]
             t16 = bench_fp16(N, K, 1, torch.float16)
-            for (bits, g), cands in H2_CANDIDATES.items():
+            for (bits, g), cands in (H2_SETS[cand_set] if cand_set else H2_CANDIDATES).items():
                 key = f"{bits}:{g or 'pc'}"
                 if (only and key not in only) or (quick and (bits, g) != (4, 128)):
                     continue
@@ -642,10 +653,11 @@ def h2(quick: bool, only: tuple[str, ...] = ()) -> None:
                 for cand in [None, *cands]:
                     tuned = copy.deepcopy(shipped())
                     if cand is not None:
-                        bn, bk, nw, pps, st = cand
+                        bn, bk, nw, pps, st, *more = cand
                         tuned["gemv_tiled"][key + ":1"] = {
                             "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": nw, "num_stages": 2, "programs_per_sm": pps,
-                            "SPAN_GROUPS": g is not None and bk > g, "min_k_tiles": 2, "STAGES": st, "H2": True}
+                            "SPAN_GROUPS": g is not None and bk > g, "min_k_tiles": 2, "STAGES": st,
+                            "H2": dict(more[0]) if more else True}
                     gemv._tuned = lambda t=tuned: t
                     if gemv.tile_major_tile(bits, g, N, K) is None:
                         continue
@@ -653,7 +665,8 @@ def h2(quick: bool, only: tuple[str, ...] = ()) -> None:
                     if isinstance(e.get("H2"), dict):  # the settings the half2 kernel runs with
                         e.update(e["H2"])
                     label = (f"{'h2 ' if e.get('H2') else 'fp32'} {e['BLOCK_N']}x{e['BLOCK_K']} w{e['num_warps']} "
-                             f"pps{e['programs_per_sm']} st{e.get('STAGES', 1)}")
+                             f"pps{e['programs_per_sm']} st{e.get('STAGES', 1)}"
+                             + (f" r{e['maxnreg']}" if e.get("maxnreg") else ""))
                     t, nb, res = _steady(N, K, bits, g)
                     if t is not None:
                         print(f"{name} W{bits} g{g or 'ch'} {label:30s}{' shipped' if cand is None else '        '}: "
@@ -704,7 +717,9 @@ if __name__ == "__main__":
         skinny16("--quick" in sys.argv, "--more" in sys.argv, "--w4" in sys.argv)
     elif sys.argv[1] in ("rows", "h2"):  # --only=3:128,4:pc: those classes
         only = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--only=")]
-        globals()[sys.argv[1]]("--quick" in sys.argv, tuple(only[0].split(",")) if only else ())
+        sets = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--set=")]
+        args = ("--quick" in sys.argv, tuple(only[0].split(",")) if only else ())
+        globals()[sys.argv[1]](*args, *([sets[0]] if sets and sys.argv[1] == "h2" else []))
     elif sys.argv[1] in ("split", "skinny", "pairs"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
