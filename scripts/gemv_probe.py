@@ -620,6 +620,13 @@ H2_SETS = {
         (3, 64): [(128, 128, 4, 16, 1), (64, 128, 2, 32, 1, {"maxnreg": 48})],
         (4, 128): [(64, 128, 8, 8, 1), (64, 128, 4, 16, 1, {"maxnreg": 40}), (128, 128, 8, 8, 1)],
     },
+    # call C: tiles requested into L2 ahead by one thread (cp.async.bulk.prefetch), PREFETCH tiles
+    "C": {
+        (4, 128): [(64, 128, 4, 16, 1, {"PREFETCH": d}) for d in (1, 2, 4)],
+        (3, 128): [(128, 128, 4, 16, 1, {"PREFETCH": d}) for d in (1, 2, 4)],
+        (2, 64): [(128, 128, 2, 16, 1, {"PREFETCH": d}) for d in (1, 2, 4)],
+        (4, None): [(64, 128, 4, 16, 1, {"PREFETCH": d}) for d in (2,)],
+    },
 }
 
 

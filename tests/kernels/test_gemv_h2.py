@@ -314,14 +314,16 @@ def test_default_h2_config(bits: int, group_size: int | None) -> None:
 
 
 def test_shipped_h2_classes() -> None:
-    """The classes measured faster with the half2 kernel (§v11) route to it; W3 and W8 cannot."""
+    """The classes measured faster with the half2 kernel (§v11, W3 §v12) route to it; W3 with
+    one row per thread (4 warps on its 128-row tile for large layers, 2 on 64 rows)."""
     from qtool_kernels.gemv import _tiled_entry
 
-    for bits, g in [(4, 128), (4, None), (4, 64), (2, 64), (2, 128), (2, None)]:
+    for bits, g in [(4, 128), (4, None), (4, 64), (2, 64), (2, 128), (2, None), (3, 128), (3, 64), (3, None)]:
         for N, K in [(8192, 28672), (4096, 11008), (4096, 4096)]:
             assert isinstance(_tiled_entry(bits, g, N, K).get("H2"), dict), (bits, g, N, K)
-    for bits, g in [(3, 128), (3, 64), (3, None)]:
-        assert not _tiled_entry(bits, g, 8192, 28672).get("H2")
+    for N, K in [(8192, 28672), (4096, 11008)]:
+        e = _tiled_entry(3, 128, N, K)
+        assert e["BLOCK_N"] // (32 * e["H2"]["num_warps"]) == 1, (N, K)
 
 
 def test_h2_tiled_entry_routes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,6 +341,11 @@ def test_h2_tiled_entry_routes(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = gemv.default_h2_config(8192, 28672, 4, 128, 132, {"BLOCK_N": 64, "BLOCK_K": 128}, tiled=True, resident=12)
     assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["STAGES"]) == (64, 128, 2, 2)
     assert 128 * cfg["SPLIT_K"] <= 12 * 132  # one wave of the resident programs
+    assert "PREFETCH" not in cfg
+    tuned["gemv_tiled"]["4:128:1"]["large"]["H2"]["PREFETCH"] = 2
+    tile = {"BLOCK_N": 64, "BLOCK_K": 128}
+    assert gemv.default_h2_config(8192, 28672, 4, 128, 132, tile, tiled=True)["PREFETCH"] == 2
+    assert "PREFETCH" not in gemv.default_h2_config(8192, 28672, 4, 128, 132)  # row-major: tiles not contiguous
     # on the CPU the fp32 kernel runs whatever the entry says
     qweight, scales, zeros, x = _inputs(64, 256, 4, 128)
     assert gemv.gemv_path(x, qweight.reshape(1, 2, 64, 16), 4, 128) == "fp32"
@@ -421,6 +428,8 @@ def test_h2_gpu_tile_major(monkeypatch: pytest.MonkeyPatch, bits: int, group_siz
     key = f"{bits}:{group_size or 'pc'}:1"
     entry = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 2, "programs_per_sm": 16, "min_k_tiles": 2,
              "H2": {"num_warps": 2 if bits == 3 else 4}}  # W3: a thread per row and unit
+    if bias:  # and the L2 prefetch of the tiles ahead (no effect on the values)
+        entry["H2"]["PREFETCH"] = 2
     tuned = dict(gemv._tuned(), gemv_tiled={key: entry})
     monkeypatch.setattr(gemv, "_tuned", lambda: tuned)
     monkeypatch.delenv("QTOOL_GEMV_H2", raising=False)
