@@ -18,7 +18,7 @@ import torch
 
 def kind(name: str) -> str:
     n = name.lower()
-    if "gemv_kernel" in n or "gemv_groups" in n or "skinny" in n:
+    if "gemv_kernel" in n or "gemv_h2" in n or "gemv_groups" in n or "skinny" in n:
         return "qtool GEMV/skinny"
     if "split_k" in n:
         return "qtool split-K sum"
