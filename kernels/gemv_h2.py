@@ -162,17 +162,6 @@ _WORD4 = tl.constexpr(WORD4_ASM)
 _WORD2 = tl.constexpr(WORD2_ASM)
 _BLOCK3 = tl.constexpr(BLOCK3_ASM)
 _UNPACK = tl.constexpr(UNPACK_ASM)
-# One thread of the program asks L2 for `$2` bytes at `$1` (TMA's bulk prefetch, sm_90): no
-# registers wait for it, so the bytes in flight no longer depend on how many warps fit.
-PREFETCH_ASM = """{
-.reg .pred p;
-.reg .u32 t;
-mov.u32 t, %tid.x;
-setp.eq.u32 p, t, 0;
-@p cp.async.bulk.prefetch.L2.global [$1], $2;
-mov.u32 $0, 0;
-}"""
-_PREFETCH = tl.constexpr(PREFETCH_ASM)
 
 
 # ---------------------------------------------------------------- emulation (interpreter)
@@ -345,13 +334,6 @@ def _to_f32(acc, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptr, nbytes, EMULATE: tl.constexpr):
-    if not EMULATE:
-        tl.inline_asm_elementwise(_PREFETCH, "=r,l,r", [ptr.to(tl.int64, bitcast=True), nbytes], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
 def _thread_zero(like, zero, EMULATE: tl.constexpr):
     """0 as a tensor shaped like `like`, computed from %laneid (opaque to ptxas)."""
     if EMULATE:
@@ -473,6 +455,14 @@ def _tile3(facc, wa, wb, wc, s0, z0, s1, z1, s2, z2, s3, z3, x_ptr, xb, Kh, magi
 
 
 @triton.jit
+def _load_w(ptrs, wq, n_ok, left, MASKED: tl.constexpr, CACHE: tl.constexpr, EVICT: tl.constexpr):
+    """Words of the tile (read once: the cache hints say so, when tuned)."""
+    if MASKED:
+        return tl.load(ptrs, mask=n_ok & (wq < left), other=0, cache_modifier=CACHE, eviction_policy=EVICT)
+    return tl.load(ptrs, cache_modifier=CACHE, eviction_policy=EVICT)
+
+
+@triton.jit
 def _group_of(t, qo, G, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, MASK_K: tl.constexpr):
     """Group index of code t·BLOCK_K + qo (qo [NQ, 1]: a quad's or a W3 block's first code)."""
     g = (t * BLOCK_K + qo) // GROUP
@@ -490,7 +480,7 @@ def _gemv_h2_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr, FUSED: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
-    PREFETCH: tl.constexpr = 0,
+    W_CACHE: tl.constexpr = "", W_EVICT: tl.constexpr = "",
 ):
     # x_ptr: x as int32 words (fp16 pairs). K8 = K / 8, Wn4 = words per row / 4; the word strides
     # come divided by 4 so that Triton knows 16-byte alignment (128-bit loads, masks constant
@@ -559,25 +549,13 @@ def _gemv_h2_kernel(
         s, z = _load_sz(s_blk, z_blk, n_ok2, 0, stride_sg, stride_zg, MASK_N)
 
     facc = tl.zeros([NQ, BLOCK_N], dtype=tl.float32)
-    if PREFETCH > 0:  # tile-major: a tile is one contiguous block, the next tile right after it
-        TILE_BYTES: tl.constexpr = BLOCK_N * WPT * 4
-        _prefetch_l2(qw_blk + t_start * stride_qt, PREFETCH * TILE_BYTES, EMULATE)
     # STAGES > 1: Triton's pipeliner copies the words STAGES − 1 tiles ahead (cp.async)
     for t in tl.range(t_start, t_end, num_stages=STAGES):
-        if PREFETCH > 0:  # keep PREFETCH tiles requested ahead (past the slice: harmless, clamped)
-            _prefetch_l2(qw_blk + tl.minimum(t + PREFETCH, k_tiles - 1) * stride_qt, TILE_BYTES, EMULATE)
         ptrs = qw_blk + t * stride_qt + rows + wq
-        if MASKED:
-            w = tl.load(ptrs, mask=n_ok & (wq < Wn - t * WPT), other=0)
-        else:
-            w = tl.load(ptrs)
+        w = _load_w(ptrs, wq, n_ok, Wn - t * WPT, MASKED, W_CACHE, W_EVICT)
         if BITS == 3:  # the unit's other two quads
-            if MASKED:
-                wb = tl.load(ptrs + 4, mask=n_ok & (wq + 4 < Wn - t * WPT), other=0)
-                wc = tl.load(ptrs + 8, mask=n_ok & (wq + 8 < Wn - t * WPT), other=0)
-            else:
-                wb = tl.load(ptrs + 4)
-                wc = tl.load(ptrs + 8)
+            wb = _load_w(ptrs + 4, wq + 4, n_ok, Wn - t * WPT, MASKED, W_CACHE, W_EVICT)
+            wc = _load_w(ptrs + 8, wq + 8, n_ok, Wn - t * WPT, MASKED, W_CACHE, W_EVICT)
         if not PER_CHANNEL:
             # each unit's own group: a tile may span groups (a unit never does, but for W3
             # g32/g64, whose blocks get their own below)
@@ -631,8 +609,7 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
     cfg = {k: v for k, v in config.items() if k not in ("H2", "BLOCK_M")}
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     stages = int(cfg.pop("STAGES", 1))
-    prefetch = int(cfg.pop("PREFETCH", 0))
-    assert not prefetch or tiled, "PREFETCH: tile-major codes only (whole tiles are contiguous)"
+    hints = {"W_CACHE": cfg.pop("W_CACHE", ""), "W_EVICT": cfg.pop("W_EVICT", "")}
     cfg.setdefault("num_stages", 1)
     unit = h2_unit_codes(bits)
     assert M == 1 and x.dtype == torch.float16 and bits in (2, 3, 4)
@@ -661,7 +638,7 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
         *(st // 4 for st in q_strides), *s_strides, *z_strides, stride_os,
         BITS=bits, GROUP=group_size or 0, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
-        PER_CHANNEL=group_size is None, FUSED=fused, STAGES=stages, EMULATE=emulate, PREFETCH=prefetch,
+        PER_CHANNEL=group_size is None, FUSED=fused, STAGES=stages, EMULATE=emulate, **hints,
         **cfg,
     )
     if defaulted and resident is None and not emulate:
