@@ -773,7 +773,4 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
            "STAGES": t.get("STAGES", 1)}
     if t.get("maxnreg"):  # ptxas's register cap: more programs per SM (tuned per class)
         cfg["maxnreg"] = t["maxnreg"]
-    for k in ("W_CACHE", "W_EVICT"):  # cache hints of the weight loads (gemv_h2.py), tuned per class
-        if t.get(k):
-            cfg[k] = t[k]
     return cfg

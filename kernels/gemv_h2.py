@@ -455,11 +455,12 @@ def _tile3(facc, wa, wb, wc, s0, z0, s1, z1, s2, z2, s3, z3, x_ptr, xb, Kh, magi
 
 
 @triton.jit
-def _load_w(ptrs, wq, n_ok, left, MASKED: tl.constexpr, CACHE: tl.constexpr, EVICT: tl.constexpr):
-    """Words of the tile (read once: the cache hints say so, when tuned)."""
+def _load_w(ptrs, wq, n_ok, left, MASKED: tl.constexpr):
+    """Words of the tile; `left`: words of the row from this tile on. (Cache hints on these
+    loads, .cg or evict_first, measured no faster: docs/kernels.md §v12.)"""
     if MASKED:
-        return tl.load(ptrs, mask=n_ok & (wq < left), other=0, cache_modifier=CACHE, eviction_policy=EVICT)
-    return tl.load(ptrs, cache_modifier=CACHE, eviction_policy=EVICT)
+        return tl.load(ptrs, mask=n_ok & (wq < left), other=0)
+    return tl.load(ptrs)
 
 
 @triton.jit
@@ -480,7 +481,6 @@ def _gemv_h2_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr, FUSED: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
-    W_CACHE: tl.constexpr = "", W_EVICT: tl.constexpr = "",
 ):
     # x_ptr: x as int32 words (fp16 pairs). K8 = K / 8, Wn4 = words per row / 4; the word strides
     # come divided by 4 so that Triton knows 16-byte alignment (128-bit loads, masks constant
@@ -552,10 +552,10 @@ def _gemv_h2_kernel(
     # STAGES > 1: Triton's pipeliner copies the words STAGES − 1 tiles ahead (cp.async)
     for t in tl.range(t_start, t_end, num_stages=STAGES):
         ptrs = qw_blk + t * stride_qt + rows + wq
-        w = _load_w(ptrs, wq, n_ok, Wn - t * WPT, MASKED, W_CACHE, W_EVICT)
+        w = _load_w(ptrs, wq, n_ok, Wn - t * WPT, MASKED)
         if BITS == 3:  # the unit's other two quads
-            wb = _load_w(ptrs + 4, wq + 4, n_ok, Wn - t * WPT, MASKED, W_CACHE, W_EVICT)
-            wc = _load_w(ptrs + 8, wq + 8, n_ok, Wn - t * WPT, MASKED, W_CACHE, W_EVICT)
+            wb = _load_w(ptrs + 4, wq + 4, n_ok, Wn - t * WPT, MASKED)
+            wc = _load_w(ptrs + 8, wq + 8, n_ok, Wn - t * WPT, MASKED)
         if not PER_CHANNEL:
             # each unit's own group: a tile may span groups (a unit never does, but for W3
             # g32/g64, whose blocks get their own below)
@@ -609,7 +609,6 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
     cfg = {k: v for k, v in config.items() if k not in ("H2", "BLOCK_M")}
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     stages = int(cfg.pop("STAGES", 1))
-    hints = {"W_CACHE": cfg.pop("W_CACHE", ""), "W_EVICT": cfg.pop("W_EVICT", "")}
     cfg.setdefault("num_stages", 1)
     unit = h2_unit_codes(bits)
     assert M == 1 and x.dtype == torch.float16 and bits in (2, 3, 4)
@@ -638,8 +637,7 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
         *(st // 4 for st in q_strides), *s_strides, *z_strides, stride_os,
         BITS=bits, GROUP=group_size or 0, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
-        PER_CHANNEL=group_size is None, FUSED=fused, STAGES=stages, EMULATE=emulate, **hints,
-        **cfg,
+        PER_CHANNEL=group_size is None, FUSED=fused, STAGES=stages, EMULATE=emulate, **cfg,
     )
     if defaulted and resident is None and not emulate:
         occupancy.record(sig, compiled)

@@ -622,9 +622,7 @@ H2_SETS = {
     },
     # call C: tiles requested into L2 ahead by one thread (cp.async.bulk.prefetch of 1, 2, 4
     # tiles; removed after: docs/bench-logs/session12/C_prefetch.txt)
-    # call F: cache hints on the weight loads (read once: skip L1 / leave L2 first)
-    "F": {(bits, g): [(bn, 128, nw, pps, 1, h) for h in ({"W_CACHE": ".cg"}, {"W_EVICT": "evict_first"})]
-          for bits, g, bn, nw, pps in [(4, 128, 64, 4, 16), (3, 128, 128, 4, 16), (2, 64, 128, 2, 16)]},
+    # call F: cache hints on the weight loads, .cg and evict_first (removed after: F_cache_hints.txt)
 }
 
 
@@ -671,8 +669,7 @@ def h2(quick: bool, only: tuple[str, ...] = (), cand_set: str | None = None) -> 
                         e.update(e["H2"])
                     label = (f"{'h2 ' if e.get('H2') else 'fp32'} {e['BLOCK_N']}x{e['BLOCK_K']} w{e['num_warps']} "
                              f"pps{e['programs_per_sm']} st{e.get('STAGES', 1)}"
-                             + (f" r{e['maxnreg']}" if e.get("maxnreg") else "")
-                             + "".join(f" {e[k]}" for k in ("W_CACHE", "W_EVICT") if e.get(k)))
+                             + (f" r{e['maxnreg']}" if e.get("maxnreg") else ""))
                     t, nb, res = _steady(N, K, bits, g)
                     if t is not None:
                         print(f"{name} W{bits} g{g or 'ch'} {label:30s}{' shipped' if cand is None else '        '}: "

@@ -341,10 +341,9 @@ def test_h2_tiled_entry_routes(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = gemv.default_h2_config(8192, 28672, 4, 128, 132, {"BLOCK_N": 64, "BLOCK_K": 128}, tiled=True, resident=12)
     assert (cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_warps"], cfg["STAGES"]) == (64, 128, 2, 2)
     assert 128 * cfg["SPLIT_K"] <= 12 * 132  # one wave of the resident programs
-    assert "W_EVICT" not in cfg
-    tuned["gemv_tiled"]["4:128:1"]["large"]["H2"]["W_EVICT"] = "evict_first"
+    tuned["gemv_tiled"]["4:128:1"]["large"]["H2"]["maxnreg"] = 64  # passed on to the launch
     tile = {"BLOCK_N": 64, "BLOCK_K": 128}
-    assert gemv.default_h2_config(8192, 28672, 4, 128, 132, tile, tiled=True)["W_EVICT"] == "evict_first"
+    assert gemv.default_h2_config(8192, 28672, 4, 128, 132, tile, tiled=True)["maxnreg"] == 64
     # on the CPU the fp32 kernel runs whatever the entry says
     qweight, scales, zeros, x = _inputs(64, 256, 4, 128)
     assert gemv.gemv_path(x, qweight.reshape(1, 2, 64, 16), 4, 128) == "fp32"
@@ -427,8 +426,6 @@ def test_h2_gpu_tile_major(monkeypatch: pytest.MonkeyPatch, bits: int, group_siz
     key = f"{bits}:{group_size or 'pc'}:1"
     entry = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 2, "programs_per_sm": 16, "min_k_tiles": 2,
              "H2": {"num_warps": 2 if bits == 3 else 4}}  # W3: a thread per row and unit
-    if bias:  # and cache hints on the weight loads (no effect on the values)
-        entry["H2"]["W_CACHE" if bits == 4 else "W_EVICT"] = ".cg" if bits == 4 else "evict_first"
     tuned = dict(gemv._tuned(), gemv_tiled={key: entry})
     monkeypatch.setattr(gemv, "_tuned", lambda: tuned)
     monkeypatch.delenv("QTOOL_GEMV_H2", raising=False)
