@@ -623,6 +623,12 @@ H2_SETS = {
     # call C: tiles requested into L2 ahead by one thread (cp.async.bulk.prefetch of 1, 2, 4
     # tiles; removed after: docs/bench-logs/session12/C_prefetch.txt)
     # call F: cache hints on the weight loads, .cg and evict_first (removed after: F_cache_hints.txt)
+    # call G: W2 with one row per thread or wider K tiles (W3's lesson); W3 g64 on the 128-row tile
+    "G": {
+        (2, 64): [(128, 128, 8, 8, 1), (256, 128, 8, 8, 1), (128, 256, 4, 16, 1), (128, 256, 8, 8, 1)],
+        (2, 128): [(128, 128, 8, 8, 1), (128, 256, 8, 8, 1)],
+        (3, 64): [(128, 128, 4, 16, 1), (256, 128, 8, 8, 1)],
+    },
 }
 
 
@@ -651,7 +657,7 @@ def h2(quick: bool, only: tuple[str, ...] = (), cand_set: str | None = None) -> 
                 key = f"{bits}:{g or 'pc'}"
                 if (only and key not in only) or (quick and (bits, g) != (4, 128)):
                     continue
-                if (bits, g) != (4, 128) and name not in ("70B.down", "7B.down"):
+                if (bits, g) != (4, 128) and name not in ("70B.down", "7B.down", *(("70B.up",) if cand_set else ())):
                     continue
                 for cand in [None, *cands]:
                     tuned = copy.deepcopy(shipped())
