@@ -321,9 +321,10 @@ def test_shipped_h2_classes() -> None:
     for bits, g in [(4, 128), (4, None), (4, 64), (2, 64), (2, 128), (2, None), (3, 128), (3, 64), (3, None)]:
         for N, K in [(8192, 28672), (4096, 11008), (4096, 4096)]:
             assert isinstance(_tiled_entry(bits, g, N, K).get("H2"), dict), (bits, g, N, K)
-    for N, K in [(8192, 28672), (4096, 11008)]:
-        e = _tiled_entry(3, 128, N, K)
-        assert e["BLOCK_N"] // (32 * e["H2"]["num_warps"]) == 1, (N, K)
+    for g in (128, 64):
+        for N, K in [(8192, 28672), (28672, 8192), (4096, 11008)]:
+            e = _tiled_entry(3, g, N, K)
+            assert e["BLOCK_N"] // (32 * e["H2"]["num_warps"]) == 1, (g, N, K)
 
 
 def test_h2_tiled_entry_routes(monkeypatch: pytest.MonkeyPatch) -> None:
