@@ -1,4 +1,4 @@
-"""M = 1, fp16, W4/W2: the GEMV in packed half2 arithmetic (inline PTX), ~3 instructions per code.
+"""M = 1, fp16, W4/W3/W2: the GEMV in packed half2 arithmetic (inline PTX), ~3 instructions per code.
 
 Only gemv.gemv_matmul imports this module, and only on CUDA outside the interpreter (the
 interpreter cannot run PTX); `EMULATE=True` swaps every PTX block for Triton integer/float
@@ -27,6 +27,9 @@ gemv.py; scales and zeros [N, G] or tile-major [N/BN, G, BN]; a tile may span gr
 quad of words has its own scale: a quad never crosses a group). Split-K partials are added
 by the row block's last program (tickets.py), and the split fills one wave of the SMs as
 the compiled kernel's residency allows (gemv._split_k).
+
+W3 (no two 3-bit codes 16 bits apart) builds its pairs with PRMT: see BLOCK3_ASM; a thread
+then holds a 128-code unit (12 words, three quads) of a row instead of one quad.
 
 Layout: the words of a tile are [NQ, BLOCK_N, 4] (NQ quads of 4 consecutive words per row:
 one 128-bit load each), quads first so that a warp reads whole rows of a tile-major tile
