@@ -680,6 +680,12 @@ def h2_unit_codes(bits: int) -> int:
     return 128 if bits == 3 else 128 // bits
 
 
+def h2_group_codes(bits: int) -> int:
+    """What a group size must be a multiple of for the packed-half2 kernel: its unit, but for
+    W3 one 32-code block (a unit's blocks may take their own groups)."""
+    return 32 if bits == 3 else h2_unit_codes(bits)
+
+
 def h2_eligible(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -> bool:
     """Whether the packed-half2 kernel (gemv_h2.py) covers this call: CUDA outside the
     interpreter (PTX), M = 1, fp16, W4, W3 or W2 with every quad of words (W4 32 codes, W2 64;
@@ -689,7 +695,7 @@ def h2_eligible(x: Tensor, qweight: Tensor, bits: int, group_size: int | None) -
         return False
     if x.dtype != torch.float16 or x.shape[0] != 1 or bits not in (2, 3, 4):
         return False
-    if group_size is not None and group_size % (32 if bits == 3 else h2_unit_codes(bits)):
+    if group_size is not None and group_size % h2_group_codes(bits):
         return False
     K = x.shape[1]
     if qweight.dim() == 2:

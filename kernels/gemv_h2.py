@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from qtool_kernels import occupancy
-from qtool_kernels.gemv import _store_rows, default_h2_config, h2_unit_codes
+from qtool_kernels.gemv import _store_rows, default_h2_config, h2_group_codes, h2_unit_codes
 from qtool_kernels.skinny import _num_sms, split_k_buffers, split_k_result
 from qtool_kernels.tiles import packed_geometry, words_per_tile
 from torch import Tensor
@@ -617,7 +617,7 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
     assert M == 1 and x.dtype == torch.float16 and bits in (2, 3, 4)
     assert K % 8 == 0 and Wn % 4 == 0 and qweight.stride(-1) == 1 and x.data_ptr() % 4 == 0
     assert BK % unit == 0, "whole units (a quad of words; W3: 3 quads) per row and tile"
-    assert group_size is None or group_size % (32 if bits == 3 else unit) == 0, "a unit (W3: a block) in one group"
+    assert group_size is None or group_size % h2_group_codes(bits) == 0, "a unit (W3: a block) in one group"
     if tiled:
         assert (BN, BK) == (BN_l, wpt * 32 // bits), "config tile differs from the tile-major layout"
         q_strides = (qweight.stride(0), qweight.stride(1), qweight.stride(2))
