@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels.gemv import _store_rows, default_h2_config, h2_group_codes, h2_unit_codes
+from qtool_kernels.pdl import pdl_mode, pdl_prologue
 from qtool_kernels.skinny import _num_sms, split_k_buffers, split_k_result
 from qtool_kernels.tiles import packed_geometry, words_per_tile
 from torch import Tensor
@@ -484,6 +485,7 @@ def _gemv_h2_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr, FUSED: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     # x_ptr: x as int32 words (fp16 pairs). K8 = K / 8, Wn4 = words per row / 4; the word strides
     # come divided by 4 so that Triton knows 16-byte alignment (128-bit loads, masks constant
@@ -532,6 +534,9 @@ def _gemv_h2_kernel(
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_start = pid_k * per_split
     t_end = tl.minimum(t_start + per_split, k_tiles)
+    if PDL > 0:  # launched early (pdl.py): codes into L2, then wait for the predecessor
+        pdl_prologue(qw_blk + tl.minimum(t_start, k_tiles - 1) * stride_qt, BLOCK_N * WPT * 4,
+                     tl.maximum(t_end - t_start, 1), PDL)
 
     # a 0 in every thread's own register: the f16x2 constants below are then per-thread
     # values; from the uniform `zero` ptxas kept them in uniform registers and copied one
@@ -613,6 +618,10 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     stages = int(cfg.pop("STAGES", 1))
     cfg.setdefault("num_stages", 1)
+    pdl = 0 if emulate else pdl_mode(x.device)
+    if pdl:
+        pdl = pdl if tiled else 1  # a row-major program's tiles are not one contiguous block
+        cfg["launch_pdl"] = True
     unit = h2_unit_codes(bits)
     assert M == 1 and x.dtype == torch.float16 and bits in (2, 3, 4)
     assert K % 8 == 0 and Wn % 4 == 0 and qweight.stride(-1) == 1 and x.data_ptr() % 4 == 0
@@ -640,7 +649,7 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
         *(st // 4 for st in q_strides), *s_strides, *z_strides, stride_os,
         BITS=bits, GROUP=group_size or 0, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
-        PER_CHANNEL=group_size is None, FUSED=fused, STAGES=stages, EMULATE=emulate, **cfg,
+        PER_CHANNEL=group_size is None, FUSED=fused, STAGES=stages, EMULATE=emulate, PDL=pdl, **cfg,
     )
     if defaulted and resident is None and not emulate:
         occupancy.record(sig, compiled)

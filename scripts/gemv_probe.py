@@ -28,6 +28,8 @@
                                          (mma.sync with ≤ 2 warps vs wgmma with 4/8, BLOCK_N, stages);
                                          --more: the other classes; --w4: more W4 g128 tiles.
   python scripts/gemv_probe.py pairs     session 10: x read in pairs (X_PAIRS) on and off, per shipped class.
+  python scripts/gemv_probe.py pdl       session 13: programmatic dependent launch (QTOOL_PDL 0/1/2/3/5) on the
+                                         7B layers (fused qkv and gate_up too) and 70B.down; --quick: W4 g128.
   python scripts/gemv_probe.py h2        session 11: the packed-half2 GEMV (gemv_h2.py) on tile-major codes,
                                          candidate tiles/warps/stages against the shipped fp32 kernel, through
                                          the decode path; --quick: 70B.down and 7B.down, W4 g128 only;
@@ -684,6 +686,40 @@ def h2(quick: bool, only: tuple[str, ...] = (), cand_set: str | None = None) -> 
         gemv._tuned = shipped
 
 
+PDL_SHAPES = {"7B.qkv": (12288, 4096), "7B.qo": (4096, 4096), "7B.gate_up": (22016, 4096), "7B.down": (4096, 11008),
+              "70B.down": (8192, 28672)}
+
+
+def pdl(quick: bool) -> None:
+    """Session 13: programmatic dependent launch (kernels/pdl.py) on the shipped decode path, per
+    QTOOL_PDL (0 off, 1 wait first, n > 1 prefetch n − 1 tiles into L2, then wait). The GEMVs
+    of a rotation follow one another in the graph, as a decode step's do (with glue between)."""
+    import os
+
+    import triton
+
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth
+
+    bw = copy_bandwidth()
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"copy={bw / 1e9:.0f} GB/s", flush=True)
+    classes = [(4, 128)] if quick else [(4, 128), (3, 128), (2, 64)]
+    before = os.environ.get("QTOOL_PDL")
+    try:
+        for name, (N, K) in PDL_SHAPES.items():
+            t16 = bench_fp16(N, K, 1, torch.float16)
+            for bits, g in classes:
+                for mode in ("0", "1", "2", "3", "5"):
+                    os.environ["QTOOL_PDL"] = mode
+                    t, nb, res = _steady(N, K, bits, g)
+                    if t is not None:
+                        print(f"{name} W{bits} g{g or 'ch'} PDL={mode}: {_speed(t, t16, nb, bw)} resident/SM={res}",
+                              flush=True)
+    finally:
+        os.environ.pop("QTOOL_PDL", None) if before is None else os.environ.__setitem__("QTOOL_PDL", before)
+
+
 def main(mode: str) -> None:
     from qtool.bench.kernels import bench_fp16
     from qtool.bench.timing import copy_bandwidth
@@ -711,9 +747,9 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows", "skinny16", "pairs", "h2")
+    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows", "skinny16", "pairs", "h2", "pdl")
     if len(sys.argv) < 2 or sys.argv[1] not in modes:
-        sys.exit("usage: gemv_probe.py layout|pc|tiled|refactor|waves|split|skinny|rows|skinny16|pairs|h2 [--quick]")
+        sys.exit(f"usage: gemv_probe.py {'|'.join(modes)} [--quick]")
     if not torch.cuda.is_available():
         sys.exit("gemv_probe.py needs a CUDA GPU")
     if sys.argv[1] == "tiled":
@@ -729,7 +765,7 @@ if __name__ == "__main__":
         sets = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--set=")]
         args = ("--quick" in sys.argv, tuple(only[0].split(",")) if only else ())
         globals()[sys.argv[1]](*args, *([sets[0]] if sets and sys.argv[1] == "h2" else []))
-    elif sys.argv[1] in ("split", "skinny", "pairs"):
+    elif sys.argv[1] in ("split", "skinny", "pairs", "pdl"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
         main(sys.argv[1])
