@@ -2,7 +2,7 @@
 kernel time per step by kind (our GEMV, cuBLAS, inductor's fused glue, attention, the rest)
 and the step's wall time, fp16 vs quantized, from torch.profiler over graph replays.
 
-  python scripts/decode_profile.py [--bits 4] [--group-size 128] [--batch 1] [--no-fuse]
+  python scripts/decode_profile.py [--bits 4] [--group-size 128] [--batch 1] [--no-fuse] [--attention sdpa]
 
 The step's wall time minus its kernel time is what the GPU spends between kernels (graph
 node launch and dependency gaps); the kernel table of `qtool bench kernels` cannot show it.
@@ -24,6 +24,8 @@ def kind(name: str) -> str:
         return "qtool split-K sum"
     if any(s in n for s in ("gemm", "gemv", "cutlass", "xmma", "cublas", "nvjet")):  # nvjet: cuBLAS on sm_90
         return "cuBLAS"
+    if "_chunk_kernel" in n or "_merge_kernel" in n:  # kernels/decode_attention.py
+        return "attention"
     if "flash" in n or "attention" in n or "fmha" in n or "sdpa" in n:
         return "attention"
     if n.startswith("triton"):
@@ -83,11 +85,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--no-fuse", action="store_true")
+    ap.add_argument("--attention", default="split-kv", choices=("split-kv", "sdpa"))
     a = ap.parse_args()
     g = None if a.group_size == "ch" else int(a.group_size)
     print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} W{a.bits} g{a.group_size} "
-          f"batch={a.batch} fused={not a.no_fuse}", flush=True)
-    model = synthetic_model("synthetic-7b", a.layers, not a.no_fuse)
+          f"batch={a.batch} fused={not a.no_fuse} attention={a.attention}", flush=True)
+    model = synthetic_model("synthetic-7b", a.layers, not a.no_fuse, a.attention)
     compile_blocks(model)
     report("fp16", *profile(model, a.batch))
     _quantize_blocks(model, a.bits, g)

@@ -31,3 +31,30 @@ def test_fused_block_matches_unfused(kv_heads: int) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(caches, ref_caches, strict=True):  # the new k/v went to the same cache slots
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True])
+def test_split_kv_attention_matches_sdpa(compiled: bool) -> None:
+    """The decoder's attention through kernels/decode_attention.py (a custom op under
+    torch.compile) against SDPA over the masked cache, same block, same step."""
+    from qtool.bench.decode import compile_blocks, synthetic_model
+
+    model = synthetic_model("synthetic-7b", 1, fuse=True, attention="sdpa")
+    blk = model.blocks[0]
+    T, pos = 512, torch.tensor([200], device="cuda")
+    hd = 128
+    ang = pos.float()[:, None] / (10000 ** (torch.arange(0, hd, 2, device="cuda").float() / hd))[None, :]
+    emb = torch.cat((ang, ang), -1)
+    cos, sin = emb.cos().half(), emb.sin().half()
+    mask = torch.arange(T, device="cuda")[None, :] <= pos[:, None]
+    x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.float16)
+    caches = [torch.randn(1, 32, T, hd, device="cuda", dtype=torch.float16) for _ in range(2)]
+    with torch.no_grad():
+        ref = blk(x, pos, cos, sin, *[c.clone() for c in caches], mask)
+        blk.attention = "split-kv"
+        if compiled:
+            compile_blocks(model)
+        caches[0][:, :, 300:] = float("nan")  # past the position: never read
+        out = blk(x, pos, cos, sin, *caches, mask)
+    assert ((out.double() - ref.double()).norm() / ref.double().norm()).item() < 2e-3

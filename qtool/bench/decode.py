@@ -62,6 +62,7 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, c.intermediate, bias=False)
         self.down_proj = nn.Linear(c.intermediate, d, bias=False)
         self.ln1, self.ln2 = RMSNorm(d), RMSNorm(d)
+        self.attention = "sdpa"  # or "split-kv" (CUDA): kernels/decode_attention.py
 
     def fuse(self) -> None:
         """q/k/v into one `qkv_proj` and gate/up into one `gate_up_proj` (gpt-fast's wqkv): the
@@ -94,8 +95,13 @@ class Block(nn.Module):
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
-        a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
-                                           enable_gqa=self.kv_heads != self.heads)
+        if self.attention == "split-kv" and q.is_cuda:  # reads slots 0..pos only
+            from qtool_kernels.decode_attention import attend_decode
+
+            a = attend_decode(q, k_cache, v_cache, pos)
+        else:
+            a = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+                                               enable_gqa=self.kv_heads != self.heads)
         x = x + self.o_proj(a.transpose(1, 2).reshape(B, 1, -1))
         h = self.ln2(x)
         if hasattr(self, "gate_up_proj"):
@@ -203,9 +209,10 @@ def _quantize_blocks(model: TinyLlama, bits: int, group_size: int | None) -> Non
     torch.cuda.empty_cache()
 
 
-def synthetic_model(model_name: str, layers: int, fuse: bool) -> TinyLlama:
+def synthetic_model(model_name: str, layers: int, fuse: bool, attention: str = "split-kv") -> TinyLlama:
     """The named synthetic model in fp16 on CUDA, random weights at a Llama-like scale (which
-    keeps activations finite), projections fused if asked (Block.fuse)."""
+    keeps activations finite), projections fused if asked (Block.fuse), attention by
+    `attention` ("split-kv": kernels/decode_attention.py; "sdpa": torch's, masked)."""
     shape = LlamaShape(**{**SYNTHETIC[model_name].__dict__, "layers": layers})
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -213,20 +220,23 @@ def synthetic_model(model_name: str, layers: int, fuse: bool) -> TinyLlama:
     for p in model.parameters():
         if p.dim() > 1:
             p.data.normal_(0, 0.02)
-    if fuse:
-        for blk in model.blocks:
+    for blk in model.blocks:
+        blk.attention = attention
+        if fuse:
             blk.fuse()
     return model
 
 
 def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, ...], new_tokens: int,
         layers: int = 32, max_len: int = 512, tile_major: bool = True, compile: bool = True,
-        fuse: bool = True) -> dict:
+        fuse: bool = True, attention: str = "split-kv") -> dict:
     """fp16 vs quantized decode step time per batch size; tile_major: the codes stored
     tile-major for the quantized run (qtool.nn.qlinear.tile_major_layout, as `qtool eval`'s
     generation does), else in the checkpoint's row-major layout; compile: both models'
     blocks under torch.compile (compile_blocks), then the same CUDA graph; fuse: both
-    models' q/k/v and gate/up projections concatenated (Block.fuse), before quantizing."""
+    models' q/k/v and gate/up projections concatenated (Block.fuse), before quantizing;
+    attention: both models' ("split-kv" reads the cache up to the position only, "sdpa" all of
+    it under a mask)."""
     import contextlib
 
     from qtool.errors import QtoolError
@@ -236,7 +246,9 @@ def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, 
         raise QtoolError("`qtool bench decode` needs a CUDA GPU")
     if model_name not in SYNTHETIC:
         raise QtoolError(f"only {list(SYNTHETIC)} is supported so far (a HF model is not yet)")
-    model = synthetic_model(model_name, layers, fuse)
+    if attention not in ("split-kv", "sdpa"):
+        raise QtoolError(f"--attention must be split-kv or sdpa, not {attention!r}")
+    model = synthetic_model(model_name, layers, fuse, attention)
 
     def timed(b: int) -> float:
         from torch._dynamo.exc import TorchDynamoException
@@ -259,5 +271,5 @@ def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, 
              "quant_tok_s": b / quant[b], "speedup": fp16[b] / quant[b]} for b in batches]
     return {"model": model_name, "layers": layers, "gpu": torch.cuda.get_device_name(), "bits": bits,
             "group_size": group_size, "tile_major_layers": n_tiled, "new_tokens": new_tokens, "kv_len": max_len,
-            "compiled": compile, "fused": fuse, "torch": torch.__version__,
+            "compiled": compile, "fused": fuse, "attention": attention, "torch": torch.__version__,
             "rows": rows}

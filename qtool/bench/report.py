@@ -28,6 +28,7 @@ def decode_table(report: dict, console: Console | None = None) -> None:
     layout = f" · {report['tile_major_layers']} layers tile-major" if report.get("tile_major_layers") else ""
     compiled = " · torch.compile" if report.get("compiled") else ""
     compiled += " · fused qkv, gate/up" if report.get("fused") else ""
+    compiled += f" · {report['attention']} attention" if report.get("attention") else ""
     t = Table(title=f"{report['model']} · {report['gpu']} · W{report['bits']} g{g}{layout}{compiled}")
     for col in ("batch", "fp16 tok/s", "quant tok/s", "speedup", "fp16 ms/step", "quant ms/step"):
         t.add_column(col, justify="right")

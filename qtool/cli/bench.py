@@ -71,6 +71,9 @@ def decode(
                                           "both models before the CUDA graph is captured.")] = True,
     fuse: Annotated[bool, typer.Option("--fuse/--no-fuse", help="Concatenate q/k/v and gate/up into one "
                                        "projection each, in both models.")] = True,
+    attention: Annotated[str, typer.Option(help="Attention of both models: split-kv (reads the cache up to the "
+                                           "position only) or sdpa (torch's, the whole cache under a mask).")]
+    = "split-kv",
     as_json: JsonOpt = False,
 ) -> None:
     """Greedy decode tokens/s, quantized vs fp16, static KV cache, torch.compile and CUDA graphs."""
@@ -79,7 +82,7 @@ def decode(
 
     g = _csv(group_size)[0]
     report = db.run(model, bits, g, _csv(batch), new_tokens, layers, tile_major=not row_major,
-                   compile=compile, fuse=fuse)
+                   compile=compile, fuse=fuse, attention=attention)
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:

@@ -60,15 +60,17 @@ def test_decode_passes_layout(monkeypatch) -> None:
 
     seen = {}
 
-    def fake_run(model, bits, g, batches, new_tokens, layers, tile_major, compile, fuse):
-        seen.update(model=model, bits=bits, g=g, batches=batches, tile_major=tile_major, compile=compile, fuse=fuse)
+    def fake_run(model, bits, g, batches, new_tokens, layers, tile_major, compile, fuse, attention):
+        seen.update(model=model, bits=bits, g=g, batches=batches, tile_major=tile_major, compile=compile, fuse=fuse,
+                    attention=attention)
         return {"model": model, "gpu": "g", "bits": bits, "group_size": g, "tile_major_layers": 0, "rows": []}
 
     monkeypatch.setattr(db, "run", fake_run)
     res = CliRunner().invoke(app, ["decode", "--bits", "3", "--group-size", "64", "--batch", "1", "--json"])
     assert res.exit_code == 0, res.output
     assert seen == {"model": "synthetic-7b", "bits": 3, "g": 64, "batches": (1,), "tile_major": True,
-                    "compile": True, "fuse": True}
-    res = CliRunner().invoke(app, ["decode", "--row-major", "--no-compile", "--no-fuse"])
+                    "compile": True, "fuse": True, "attention": "split-kv"}
+    res = CliRunner().invoke(app, ["decode", "--row-major", "--no-compile", "--no-fuse", "--attention", "sdpa"])
     assert res.exit_code == 0, res.output
     assert seen["tile_major"] is False and seen["compile"] is False and seen["fuse"] is False
+    assert seen["attention"] == "sdpa"

@@ -1,0 +1,148 @@
+"""Attention of one new token over a static KV cache, reading only the valid prefix (split-KV).
+
+A decode step's attention is memory-bound: it reads the cache once. With a static cache
+of T slots and the token at position p, only slots 0..p hold keys; SDPA over the whole
+cache with a mask reads all T, and its kernels spread the work over batch × heads only
+(32 programs for a 7B model at batch 1, on 132 SMs). Here the valid prefix is cut into
+chunks ("flash-decoding", Dao et al. 2023): program (b·h, s) reduces chunk s of head h to
+its running max m, sum l = Σ exp(score − m) and unnormalised output acc = Σ exp(score − m) v;
+a second kernel merges the chunks of each head: out = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} l_s.
+Chunks past p return at once, so the bytes read follow p, not T.
+
+The position is a device tensor (CUDA graphs replay the step with a new p): the chunk size
+is fixed by T and the grid, and each program reads p to find its bounds. Grouped-query
+attention: head h reads kv head h // (H / Hkv).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
+                  H, GROUP, T, CHUNK, S, qk_scale,
+                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+                  D: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    last = tl.minimum(tl.load(pos_ptr).to(tl.int32), T - 1)
+    start = pid_s * CHUNK
+    end = tl.minimum(start + CHUNK, last + 1)  # ≤ start for chunks past the position: no loop
+    d = tl.arange(0, D)
+    # the scale and log2(e) folded into q: exp2 of the scores is then the softmax's exp
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * qk_scale
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    m = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), axis=0)
+    lsum = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+    acc = tl.zeros([D], tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = t < end
+        # masked rows read as 0 and score −inf: slots past p may hold anything, NaN included
+        k = tl.load(k_base + t[:, None] * stride_kt + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new)
+        v = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+        lsum = lsum * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
+    if start <= last:
+        row = pid_bh * S + pid_s
+        tl.store(m_ptr + row, m)
+        tl.store(l_ptr + row, lsum)
+        tl.store(acc_ptr + row * D + d, acc)
+
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, H, T, CHUNK, S, stride_ob, stride_oh,
+                  D: tl.constexpr, S_P2: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    last = tl.minimum(tl.load(pos_ptr).to(tl.int32), T - 1)
+    n = last // CHUNK + 1  # chunks that hold valid slots; the others wrote nothing
+    s = tl.arange(0, S_P2)
+    ok = s < n
+    row = pid_bh * S + s
+    m = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
+    w = tl.where(ok, tl.exp2(m - tl.max(m, axis=0)), 0.0)
+    lsum = tl.sum(tl.load(l_ptr + row, mask=ok, other=0.0) * w, axis=0)
+    d = tl.arange(0, D)
+    acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / lsum
+    b = pid_bh // H
+    h = pid_bh % H
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def chunking(T: int, bh: int, n_sm: int, block_t: int = 32) -> tuple[int, int]:
+    """(chunk length, chunks per head): about 4 programs per SM over the whole cache (so about
+    2 at half full), chunks of whole BLOCK_T blocks, at least one chunk per head."""
+    want = max(1, min(triton.cdiv(4 * n_sm, bh), triton.cdiv(T, block_t)))
+    chunk = block_t * triton.cdiv(triton.cdiv(T, want), block_t)
+    return chunk, triton.cdiv(T, chunk)
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, n_sm: int | None = None) -> Tensor:
+    """softmax(q kᵀ / √D) v over cache slots 0..pos. q [B, H, 1, D]; k_cache, v_cache
+    [B, Hkv, T, D] (H a multiple of Hkv, D a power of two, last dim contiguous); pos: a
+    one-element integer tensor on q's device (slots past it are never read; pos ≥ T reads
+    all T). Returns [B, H, 1, D] in q's dtype."""
+    B, H, one, D = q.shape
+    _, Hkv, T, _ = k_cache.shape
+    assert one == 1 and H % Hkv == 0 and D & (D - 1) == 0 and v_cache.shape == k_cache.shape
+    assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1 and pos.numel() == 1
+    if n_sm is None:
+        n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    block_t = 32
+    chunk, S = chunking(T, B * H, n_sm, block_t)
+    m = torch.empty(B * H * S, device=q.device, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(B * H * S, D, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    _chunk_kernel[(B * H, S)](
+        q, k_cache, v_cache, pos, m, lsum, acc, H, H // Hkv, T, chunk, S, LOG2E / math.sqrt(D),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), D=D, BLOCK_T=block_t, num_warps=4)
+    _merge_kernel[(B * H,)](m, lsum, acc, pos, out, H, T, chunk, S, out.stride(0), out.stride(1),
+                            D=D, S_P2=triton.next_power_of_2(S), num_warps=4)
+    return out
+
+
+def decode_attention_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor) -> Tensor:
+    """The same in float64 from the definition (the test's oracle)."""
+    H, Hkv = q.shape[1], k_cache.shape[1]
+    last = min(int(pos.item()), k_cache.shape[2] - 1)
+    k = k_cache[:, :, : last + 1].double().repeat_interleave(H // Hkv, dim=1)
+    v = v_cache[:, :, : last + 1].double().repeat_interleave(H // Hkv, dim=1)
+    w = torch.softmax(q.double() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return w @ v
+
+
+@torch.library.custom_op("qtool::decode_attention", mutates_args=())
+def _decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor) -> Tensor:
+    # opaque to torch.compile: the launch wrapper's host logic stays out of the traced graph
+    return decode_attention(q, k_cache, v_cache, pos)
+
+
+@_decode_attention_op.register_fake
+def _(q, k_cache, v_cache, pos):
+    return q.new_empty(q.shape)
+
+
+def attend_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor) -> Tensor:
+    """decode_attention, as one custom op while torch.compile traces."""
+    fn = _decode_attention_op if torch.compiler.is_compiling() else decode_attention
+    return fn(q, k_cache, v_cache, pos)
