@@ -21,6 +21,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from qtool_kernels.pdl import pdl_mode, pdl_prologue
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
@@ -30,7 +31,9 @@ LOG2E = 1.4426950408889634
 def _chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
                   H, GROUP, T, CHUNK, S, qk_scale,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                  D: tl.constexpr, BLOCK_T: tl.constexpr):
+                  D: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+    if PDL > 0:  # q and the new token's k/v come from the kernel before: wait for it first
+        pdl_prologue(q_ptr, 0, 0, 1)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // H
@@ -69,7 +72,9 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
 
 @triton.jit
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, H, T, CHUNK, S, stride_ob, stride_oh,
-                  D: tl.constexpr, S_P2: tl.constexpr):
+                  D: tl.constexpr, S_P2: tl.constexpr, PDL: tl.constexpr):
+    if PDL > 0:
+        pdl_prologue(m_ptr, 0, 0, 1)
     pid_bh = tl.program_id(0)
     last = tl.minimum(tl.load(pos_ptr).to(tl.int32), T - 1)
     n = last // CHUNK + 1  # chunks that hold valid slots; the others wrote nothing
@@ -87,27 +92,29 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, H, T, CHUNK, S, strid
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def chunking(T: int, bh: int, n_sm: int, block_t: int = 32) -> tuple[int, int]:
-    """(chunk length, chunks per head): about 4 programs per SM over the whole cache (so about
-    2 at half full), chunks of whole BLOCK_T blocks, at least one chunk per head."""
-    want = max(1, min(triton.cdiv(4 * n_sm, bh), triton.cdiv(T, block_t)))
+def chunking(T: int, bh: int, n_sm: int, block_t: int = 32, per_sm: int = 4) -> tuple[int, int]:
+    """(chunk length, chunks per head): about `per_sm` programs per SM over the whole cache (so
+    half that at half full), chunks of whole BLOCK_T blocks, at least one chunk per head."""
+    want = max(1, min(triton.cdiv(per_sm * n_sm, bh), triton.cdiv(T, block_t)))
     chunk = block_t * triton.cdiv(triton.cdiv(T, want), block_t)
     return chunk, triton.cdiv(T, chunk)
 
 
-def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, n_sm: int | None = None) -> Tensor:
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, n_sm: int | None = None,
+                     block_t: int = 32, per_sm: int = 4, num_warps: int = 4) -> Tensor:
     """softmax(q kᵀ / √D) v over cache slots 0..pos. q [B, H, 1, D]; k_cache, v_cache
     [B, Hkv, T, D] (H a multiple of Hkv, D a power of two, last dim contiguous); pos: a
-    one-element integer tensor on q's device (slots past it are never read; pos ≥ T reads
-    all T). Returns [B, H, 1, D] in q's dtype."""
+    one-element integer tensor on q's device, ≥ 0 (slots past it are never read; pos ≥ T
+    reads all T). Returns [B, H, 1, D] in q's dtype. block_t, per_sm (chunking), num_warps:
+    the chunk kernel's tile, measured by scripts/attention_probe.py."""
     B, H, one, D = q.shape
     _, Hkv, T, _ = k_cache.shape
     assert one == 1 and H % Hkv == 0 and D & (D - 1) == 0 and v_cache.shape == k_cache.shape
     assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1 and pos.numel() == 1
     if n_sm is None:
         n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-    block_t = 32
-    chunk, S = chunking(T, B * H, n_sm, block_t)
+    chunk, S = chunking(T, B * H, n_sm, block_t, per_sm)
+    pdl = min(pdl_mode(q.device), 1)  # launched early, waits before its first read
     m = torch.empty(B * H * S, device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
     acc = torch.empty(B * H * S, D, device=q.device, dtype=torch.float32)
@@ -115,9 +122,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, n
     _chunk_kernel[(B * H, S)](
         q, k_cache, v_cache, pos, m, lsum, acc, H, H // Hkv, T, chunk, S, LOG2E / math.sqrt(D),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), D=D, BLOCK_T=block_t, num_warps=4)
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), D=D, BLOCK_T=block_t, PDL=pdl,
+        num_warps=num_warps, launch_pdl=pdl > 0)
     _merge_kernel[(B * H,)](m, lsum, acc, pos, out, H, T, chunk, S, out.stride(0), out.stride(1),
-                            D=D, S_P2=triton.next_power_of_2(S), num_warps=4)
+                            D=D, S_P2=triton.next_power_of_2(S), PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
     return out
 
 

@@ -13,7 +13,8 @@ split-K tickets are touched after the wait only (PEQA's optimizer rewrites scale
 and the previous GEMV puts its tickets back to 0 in its last program).
 
 QTOOL_PDL (read on every call): 0 off; 1 wait first; n > 1 wait after prefetching the
-first n − 1 tiles of each program (tile-major codes; row-major falls back to 1).
+first n − 1 tiles of each program (tile-major codes; row-major falls back to 1). The
+default, 2, measured best in a compiled 7B decode step (docs/kernels.md §v13).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ mov.u32 $0, 0;
 
 def pdl_mode(device: torch.device) -> int:
     """The PDL setting for a launch on `device`: QTOOL_PDL where the GPU has PDL, else 0."""
-    mode = int(os.environ.get("QTOOL_PDL", "0") or 0)
+    mode = int(os.environ.get("QTOOL_PDL", "2") or 0)
     if mode <= 0 or device.type != "cuda":
         return 0
     return mode if torch.cuda.get_device_capability(device)[0] >= 9 else 0

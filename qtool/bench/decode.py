@@ -187,10 +187,20 @@ def compile_blocks(model: TinyLlama) -> None:
     """Compile Block.forward once for all blocks (torch.compile, whole graph): the norms,
     rotary, cache writes, attention glue and SwiGLU fuse into a few kernels around the
     linears. Parameters are graph inputs, so the 32 blocks share one compiled graph per
-    batch size and Linear type; QuantLinear enters it as one custom op (qtool::forward_packed)."""
+    batch size and Linear type; QuantLinear enters it as one custom op (qtool::forward_packed).
+    Where qtool's kernels use programmatic dependent launch (kernels/pdl.py: Hopper, QTOOL_PDL
+    not 0), inductor's kernels use it too, so each kernel of the step launches while the one
+    before it finishes; both models get the same setting."""
     import functools
 
-    fn = torch.compile(Block.forward, fullgraph=True, dynamic=False)
+    import torch._inductor.config as inductor_config
+    from qtool_kernels.pdl import pdl_mode
+
+    options = {}
+    if hasattr(inductor_config.triton, "enable_pdl") and torch.cuda.is_available() \
+            and pdl_mode(torch.device("cuda")) > 0:
+        options["triton.enable_pdl"] = True
+    fn = torch.compile(Block.forward, fullgraph=True, dynamic=False, options=options or None)
     for blk in model.blocks:
         blk.forward = functools.partial(fn, blk)
 
@@ -239,6 +249,8 @@ def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, 
     it under a mask)."""
     import contextlib
 
+    from qtool_kernels.pdl import pdl_mode
+
     from qtool.errors import QtoolError
     from qtool.nn.qlinear import tile_major_layout
 
@@ -271,5 +283,6 @@ def run(model_name: str, bits: int, group_size: int | None, batches: tuple[int, 
              "quant_tok_s": b / quant[b], "speedup": fp16[b] / quant[b]} for b in batches]
     return {"model": model_name, "layers": layers, "gpu": torch.cuda.get_device_name(), "bits": bits,
             "group_size": group_size, "tile_major_layers": n_tiled, "new_tokens": new_tokens, "kv_len": max_len,
-            "compiled": compile, "fused": fuse, "attention": attention, "torch": torch.__version__,
+            "compiled": compile, "fused": fuse, "attention": attention,
+            "pdl": pdl_mode(torch.device("cuda")), "torch": torch.__version__,
             "rows": rows}

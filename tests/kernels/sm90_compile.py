@@ -135,6 +135,40 @@ def occupancy() -> None:
     print(json.dumps(res))
 
 
+# programmatic dependent launch (pdl.py): bulk L2 prefetch, griddepcontrol.wait, launch_dependents
+PDL_OPS = r"\bUBLKPF\.L2|\bACQBULK|\bPREEXIT|\bLDG\.E(\.\w+)*"
+
+
+def pdl() -> None:
+    """Per kernel and PDL setting, the PDL ops and global loads of its SASS in program order
+    (loads collapsed to LDG): the h2 GEMV (PDL 0, 1, 2) and the decode attention's two kernels."""
+    from qtool_kernels.decode_attention import _chunk_kernel, _merge_kernel
+    from qtool_kernels.gemv_h2 import _gemv_h2_kernel
+
+    def ops(sass: str) -> str:
+        seq = [m.group(0) if not m.group(0).startswith("LDG") else "LDG" for m in re.finditer(PDL_OPS, sass)]
+        return " ".join(op for i, op in enumerate(seq) if not (op == "LDG" and i and seq[i - 1] == "LDG"))
+
+    res = {}
+    for mode in (0, 1, 2):
+        const = dict(BITS=4, GROUP=128, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, HAS_BIAS=False, EVEN_N=True,
+                     EVEN_K=True, PER_CHANNEL=False, FUSED=True, STAGES=1, EMULATE=False, PDL=mode)
+        res[f"h2/{mode}"] = ops(compile_sass(_gemv_h2_kernel, const, {"num_warps": 2, "num_stages": 1,
+                                                                        "launch_pdl": mode > 0}))
+    f32 = {"qk_scale": "fp32"}
+    for name, fn, const in [("chunk", _chunk_kernel, {"D": 128, "BLOCK_T": 32}),
+                            ("merge", _merge_kernel, {"D": 128, "S_P2": 16})]:
+        for mode in (0, 1):
+            sig = {a: "constexpr" if a in const or a == "PDL" else
+                   ("*fp16" if a in ("q_ptr", "k_ptr", "v_ptr", "out_ptr") else "*i64" if a == "pos_ptr" else
+                    "*fp32" if a.endswith("_ptr") else f32.get(a, "i32")) for a in fn.arg_names}
+            src = ASTSource(fn=fn, signature=sig, constexprs={**const, "PDL": mode})
+            sass = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4, "launch_pdl": mode > 0}).asm["sass"]
+            res[f"{name}/{mode}"] = ops(sass)
+    print(json.dumps(res))
+
+
 def main(bits: int) -> None:
     res = {}
     for name, fn, const, opts in cases(bits):
@@ -152,4 +186,4 @@ def main(bits: int) -> None:
 
 
 if __name__ == "__main__":
-    occupancy() if sys.argv[1] == "occupancy" else main(int(sys.argv[1]))
+    {"occupancy": occupancy, "pdl": pdl}.get(sys.argv[1], lambda: main(int(sys.argv[1])))()

@@ -81,3 +81,20 @@ def test_gemv_grid_fits_one_wave() -> None:
         assert v["programs"] <= slots, (name, v)
         # filled unless the K tiles ran out (≥ 4 per program) or the row blocks alone fill a wave
         assert v["programs"] >= 0.4 * slots, (name, v)
+
+
+@pytest.mark.skipif(not _nvdisasm(), reason="Triton without its bundled nvdisasm")
+def test_pdl_waits_before_every_load() -> None:
+    """Compiled for sm_90 with programmatic dependent launch (pdl.py), each kernel waits for
+    its predecessor (ACQBULK) before its first global load and then lets its successor launch
+    (PREEXIT); the GEMV's only work before the wait is the L2 prefetch of its codes (PDL 2)."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    r = subprocess.run([sys.executable, str(HERE / "sm90_compile.py"), "pdl"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["h2/2"].startswith("UBLKPF.L2 ACQBULK PREEXIT LDG"), res
+    for k in ("h2/1", "chunk/1", "merge/1"):
+        assert res[k].startswith("ACQBULK PREEXIT LDG"), res
+    for k in ("h2/0", "chunk/0", "merge/0"):  # without PDL none of it
+        assert not re.search(r"UBLKPF|ACQBULK|PREEXIT", res[k]), res
