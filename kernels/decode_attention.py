@@ -6,7 +6,8 @@ cache with a mask reads all T, and its kernels spread the work over batch × hea
 (32 programs for a 7B model at batch 1, on 132 SMs). Here the valid prefix is cut into
 chunks ("flash-decoding", Dao et al. 2023): program (b·h, s) reduces chunk s of head h to
 its running max m, sum l = Σ exp(score − m) and unnormalised output acc = Σ exp(score − m) v;
-a second kernel merges the chunks of each head: out = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} l_s.
+the head's last chunk to finish (a ticket, as the GEMVs' split-K: tickets.py) merges them:
+out = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} l_s.
 Chunks past p return at once, so the bytes read follow p, not T.
 
 The position is a device tensor (CUDA graphs replay the step with a new p): the chunk size
@@ -22,16 +23,43 @@ import torch
 import triton
 import triton.language as tl
 from qtool_kernels.pdl import pdl_mode, pdl_prologue
+from qtool_kernels.tickets import fused_split_k, tickets
 from torch import Tensor
 
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
+def _merge(m_ptr, l_ptr, acc_ptr, out_ptr, pid_bh, n, H, S, stride_ob, stride_oh, D: tl.constexpr,
+           S_P2: tl.constexpr, CG: tl.constexpr):
+    """out of head pid_bh from its first n chunks' (m, l, acc); CG: read them from L2 (.cg),
+    where other SMs' stores are (the ticketed merge)."""
+    s = tl.arange(0, S_P2)
+    ok = s < n
+    row = pid_bh * S + s
+    d = tl.arange(0, D)
+    if CG:
+        m = tl.load(m_ptr + row, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        lsum = tl.load(l_ptr + row, mask=ok, other=0.0, cache_modifier=".cg")
+        acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=".cg")
+    else:
+        m = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
+        lsum = tl.load(l_ptr + row, mask=ok, other=0.0)
+        acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    w = tl.where(ok, tl.exp2(m - tl.max(m, axis=0)), 0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+    b = pid_bh // H
+    h = pid_bh % H
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, cnt_ptr,
                   H, GROUP, T, CHUNK, S, qk_scale,
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                  D: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr):
+                  stride_ob, stride_oh,
+                  D: tl.constexpr, BLOCK_T: tl.constexpr, S_P2: tl.constexpr, FUSED: tl.constexpr,
+                  PDL: tl.constexpr):
     if PDL > 0:  # q and the new token's k/v come from the kernel before: wait for it first
         pdl_prologue(q_ptr, 0, 0, 1)
     pid_bh = tl.program_id(0)
@@ -68,6 +96,13 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr,
         tl.store(m_ptr + row, m)
         tl.store(l_ptr + row, lsum)
         tl.store(acc_ptr + row * D + d, acc)
+        if FUSED:  # the head's last chunk to finish merges (tickets.py: counters at 0, left at 0)
+            n = last // CHUNK + 1
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if ticket == n - 1:
+                _merge(m_ptr, l_ptr, acc_ptr, out_ptr, pid_bh, n, H, S, stride_ob, stride_oh, D, S_P2, True)
+                tl.atomic_xchg(cnt_ptr + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -75,21 +110,10 @@ def _merge_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, H, T, CHUNK, S, strid
                   D: tl.constexpr, S_P2: tl.constexpr, PDL: tl.constexpr):
     if PDL > 0:
         pdl_prologue(m_ptr, 0, 0, 1)
-    pid_bh = tl.program_id(0)
     last = tl.minimum(tl.load(pos_ptr).to(tl.int32), T - 1)
-    n = last // CHUNK + 1  # chunks that hold valid slots; the others wrote nothing
-    s = tl.arange(0, S_P2)
-    ok = s < n
-    row = pid_bh * S + s
-    m = tl.load(m_ptr + row, mask=ok, other=float("-inf"))
-    w = tl.where(ok, tl.exp2(m - tl.max(m, axis=0)), 0.0)
-    lsum = tl.sum(tl.load(l_ptr + row, mask=ok, other=0.0) * w, axis=0)
-    d = tl.arange(0, D)
-    acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / lsum
-    b = pid_bh // H
-    h = pid_bh % H
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    # chunks that hold valid slots; the others wrote nothing
+    _merge(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0), last // CHUNK + 1, H, S, stride_ob, stride_oh, D,
+           S_P2, False)
 
 
 def chunking(T: int, bh: int, n_sm: int, block_t: int = 32, per_sm: int = 4) -> tuple[int, int]:
@@ -100,32 +124,48 @@ def chunking(T: int, bh: int, n_sm: int, block_t: int = 32, per_sm: int = 4) -> 
     return chunk, triton.cdiv(T, chunk)
 
 
+def default_tile(bh: int, n_sm: int) -> tuple[int, int, int]:
+    """(BLOCK_T, chunks per SM, warps) by heads in flight (scripts/attention_probe.py, H100,
+    session 13: docs/kernels.md §v13): batch 1 of a 7B model (32 heads) is latency-bound,
+    many short chunks of 16 slots on 2 warps; at batch 16 (512 heads) the heads alone fill
+    the GPU and longer tiles of 64 slots on 4 warps win."""
+    return (64, 2, 4) if bh >= 2 * n_sm else (16, 8, 2)
+
+
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, n_sm: int | None = None,
-                     block_t: int = 32, per_sm: int = 4, num_warps: int = 4) -> Tensor:
+                     block_t: int | None = None, per_sm: int | None = None, num_warps: int | None = None,
+                     fused: bool | None = None) -> Tensor:
     """softmax(q kᵀ / √D) v over cache slots 0..pos. q [B, H, 1, D]; k_cache, v_cache
     [B, Hkv, T, D] (H a multiple of Hkv, D a power of two, last dim contiguous); pos: a
     one-element integer tensor on q's device, ≥ 0 (slots past it are never read; pos ≥ T
-    reads all T). Returns [B, H, 1, D] in q's dtype. block_t, per_sm (chunking), num_warps:
-    the chunk kernel's tile, measured by scripts/attention_probe.py."""
+    reads all T). Returns [B, H, 1, D] in q's dtype. block_t, per_sm (chunking), num_warps
+    override default_tile; fused: the chunks merged by each head's last program (default,
+    QTOOL_FUSED_SPLIT_K=0 turns it off) rather than by a second kernel."""
     B, H, one, D = q.shape
     _, Hkv, T, _ = k_cache.shape
     assert one == 1 and H % Hkv == 0 and D & (D - 1) == 0 and v_cache.shape == k_cache.shape
     assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1 and pos.numel() == 1
     if n_sm is None:
         n_sm = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    bt, ps, nw = default_tile(B * H, n_sm)
+    block_t, per_sm, num_warps = block_t or bt, per_sm or ps, num_warps or nw
+    fused = fused_split_k() if fused is None else fused
     chunk, S = chunking(T, B * H, n_sm, block_t, per_sm)
     pdl = min(pdl_mode(q.device), 1)  # launched early, waits before its first read
     m = torch.empty(B * H * S, device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
     acc = torch.empty(B * H * S, D, device=q.device, dtype=torch.float32)
     out = torch.empty(B, H, 1, D, device=q.device, dtype=q.dtype)
+    counters = tickets(q.device, B * H) if fused else m
+    S_P2 = triton.next_power_of_2(S)
     _chunk_kernel[(B * H, S)](
-        q, k_cache, v_cache, pos, m, lsum, acc, H, H // Hkv, T, chunk, S, LOG2E / math.sqrt(D),
+        q, k_cache, v_cache, pos, m, lsum, acc, out, counters, H, H // Hkv, T, chunk, S, LOG2E / math.sqrt(D),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), D=D, BLOCK_T=block_t, PDL=pdl,
-        num_warps=num_warps, launch_pdl=pdl > 0)
-    _merge_kernel[(B * H,)](m, lsum, acc, pos, out, H, T, chunk, S, out.stride(0), out.stride(1),
-                            D=D, S_P2=triton.next_power_of_2(S), PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        D=D, BLOCK_T=block_t, S_P2=S_P2, FUSED=fused, PDL=pdl, num_warps=num_warps, launch_pdl=pdl > 0)
+    if not fused:
+        _merge_kernel[(B * H,)](m, lsum, acc, pos, out, H, T, chunk, S, out.stride(0), out.stride(1),
+                                D=D, S_P2=S_P2, PDL=pdl, num_warps=4, launch_pdl=pdl > 0)
     return out
 
 

@@ -156,11 +156,12 @@ def pdl() -> None:
         res[f"h2/{mode}"] = ops(compile_sass(_gemv_h2_kernel, const, {"num_warps": 2, "num_stages": 1,
                                                                         "launch_pdl": mode > 0}))
     f32 = {"qk_scale": "fp32"}
-    for name, fn, const in [("chunk", _chunk_kernel, {"D": 128, "BLOCK_T": 32}),
+    for name, fn, const in [("chunk", _chunk_kernel, {"D": 128, "BLOCK_T": 16, "S_P2": 32, "FUSED": True}),
                             ("merge", _merge_kernel, {"D": 128, "S_P2": 16})]:
         for mode in (0, 1):
             sig = {a: "constexpr" if a in const or a == "PDL" else
                    ("*fp16" if a in ("q_ptr", "k_ptr", "v_ptr", "out_ptr") else "*i64" if a == "pos_ptr" else
+                    "*i32" if a == "cnt_ptr" else
                     "*fp32" if a.endswith("_ptr") else f32.get(a, "i32")) for a in fn.arg_names}
             src = ASTSource(fn=fn, signature=sig, constexprs={**const, "PDL": mode})
             sass = triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_testutil import TOL, fresh_generator, rel_err
-from qtool_kernels.decode_attention import chunking, decode_attention, decode_attention_reference
+from qtool_kernels.decode_attention import chunking, decode_attention, decode_attention_reference, default_tile
 
 
 def _case(B: int, H: int, Hkv: int, T: int, D: int, p: int, dtype: torch.dtype, device: str = "cpu"):
@@ -33,9 +33,12 @@ def _case(B: int, H: int, Hkv: int, T: int, D: int, p: int, dtype: torch.dtype, 
     (3, 2, 2, 48, 64, 20),
 ])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_decode_attention(B, H, Hkv, T, D, p, dtype) -> None:
+@pytest.mark.parametrize("fused,block_t", [(True, None), (False, None), (True, 64)])
+def test_decode_attention(B, H, Hkv, T, D, p, dtype, fused, block_t) -> None:
+    """fused: each head's last chunk merges (a ticket); else the merge kernel. block_t 64:
+    batch 16's tile (one chunk per head here)."""
     q, k, v, pos = _case(B, H, Hkv, T, D, p, dtype)
-    out = decode_attention(q, k, v, pos, n_sm=4)
+    out = decode_attention(q, k, v, pos, n_sm=4, fused=fused, block_t=block_t)
     assert out.shape == (B, H, 1, D) and out.dtype == dtype
     assert rel_err(out, decode_attention_reference(q, k, v, pos)) < TOL[dtype]
 
@@ -47,9 +50,10 @@ def test_position_past_cache_reads_all() -> None:
 
 
 def test_chunking() -> None:
-    # a 7B step at batch 1: 32 heads on 132 SMs -> 16 chunks of 32 slots over 512
-    assert chunking(512, 32, 132) == (32, 16)
-    assert chunking(512, 512, 132) == (256, 2)  # batch 16: 2 chunks per head
+    # a 7B step at batch 1: 32 heads on 132 SMs -> 32 chunks of 16 slots over 512
+    assert default_tile(32, 132) == (16, 8, 2) and chunking(512, 32, 132, 16, 8) == (16, 32)
+    # batch 16: 512 heads, one chunk of the whole cache per head
+    assert default_tile(512, 132) == (64, 2, 4) and chunking(512, 512, 132, 64, 2) == (512, 1)
     for T, bh in [(80, 2), (1, 7), (4096, 3)]:
         chunk, S = chunking(T, bh, 132)
         assert chunk % 32 == 0 and (S - 1) * chunk < T <= S * chunk
@@ -59,5 +63,7 @@ def test_chunking() -> None:
 @pytest.mark.parametrize("B,p", [(1, 255), (1, 511), (16, 300)])
 def test_decode_attention_gpu(B: int, p: int) -> None:
     q, k, v, pos = _case(B, 32, 32, 512, 128, p, torch.float16, device="cuda")
-    out = decode_attention(q, k, v, pos)
-    assert rel_err(out, decode_attention_reference(q, k, v, pos)) < TOL[torch.float16]
+    ref = decode_attention_reference(q, k, v, pos)
+    for _ in range(3):  # the ticket counters must be back at 0 for the next call
+        out = decode_attention(q, k, v, pos)
+        assert rel_err(out, ref) < TOL[torch.float16]
