@@ -33,9 +33,9 @@ def _case(B: int, H: int, Hkv: int, T: int, D: int, p: int, dtype: torch.dtype, 
     (3, 2, 2, 48, 64, 20),
 ])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fused,block_t", [(True, None), (False, None), (True, 64)])
+@pytest.mark.parametrize("fused,block_t", [(True, None), (False, None), (True, 128)])
 def test_decode_attention(B, H, Hkv, T, D, p, dtype, fused, block_t) -> None:
-    """fused: each head's last chunk merges (a ticket); else the merge kernel. block_t 64:
+    """fused: each head's last chunk merges (a ticket); else the merge kernel. block_t 128:
     batch 16's tile (one chunk per head here)."""
     q, k, v, pos = _case(B, H, Hkv, T, D, p, dtype)
     out = decode_attention(q, k, v, pos, n_sm=4, fused=fused, block_t=block_t)
@@ -51,9 +51,9 @@ def test_position_past_cache_reads_all() -> None:
 
 def test_chunking() -> None:
     # a 7B step at batch 1: 32 heads on 132 SMs -> 32 chunks of 16 slots over 512
-    assert default_tile(32, 132) == (16, 8, 2) and chunking(512, 32, 132, 16, 8) == (16, 32)
+    assert default_tile(32, 132) == (16, 8, 1) and chunking(512, 32, 132, 16, 8) == (16, 32)
     # batch 16: 512 heads, one chunk of the whole cache per head
-    assert default_tile(512, 132) == (64, 2, 4) and chunking(512, 512, 132, 64, 2) == (512, 1)
+    assert default_tile(512, 132) == (128, 1, 4) and chunking(512, 512, 132, 128, 1) == (512, 1)
     for T, bh in [(80, 2), (1, 7), (4096, 3)]:
         chunk, S = chunking(T, bh, 132)
         assert chunk % 32 == 0 and (S - 1) * chunk < T <= S * chunk
