@@ -53,6 +53,7 @@ import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import load3, load3_at
 from qtool_kernels.occupancy import slots, split_k_one_wave
+from qtool_kernels.pdl import pdl_mode, pdl_prologue
 from qtool_kernels.skinny import (
     PER_CHANNEL,
     _num_sms,
@@ -314,8 +315,10 @@ def _gemv_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FUSED: tl.constexpr,
-    STAGES: tl.constexpr = 1, X_PAIRS: tl.constexpr = False,
+    STAGES: tl.constexpr = 1, X_PAIRS: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
+    if PDL > 0:  # launched early (pdl.py): wait for the kernel before, then let the next launch
+        pdl_prologue(qw_ptr, 0, 0, 1)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -401,13 +404,15 @@ def _gemv_groups_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, FUSED: tl.constexpr,
-    STAGES: tl.constexpr = 1, X_PAIRS: tl.constexpr = False,
+    STAGES: tl.constexpr = 1, X_PAIRS: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     """_gemv_kernel for K tiles that cover NG ≥ 2 whole groups: longer runs per row per load.
 
     The tile is [BLOCK_N, NG, WPG] words (WPG words, or 3-bit blocks, per group), so each
     group's scale and zero are one [BLOCK_N, NG] load broadcast over the group's words (no
     per-word gather), and the row sums are scaled per group: Σ_g s_g · Σ_{w∈g} Σ_j x·(q − z)."""
+    if PDL > 0:  # launched early (pdl.py): wait for the kernel before, then let the next launch
+        pdl_prologue(qw_ptr, 0, 0, 1)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -653,13 +658,14 @@ def gemv_matmul(
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
     out, stride_os, y, counters, fused = split_k_buffers(x, M, N, SK, grid[0] * grid[2], out, workspace)
     kernel = _gemv_groups_kernel if BK > GROUP else _gemv_kernel
+    pdl = min(pdl_mode(x.device), 1)
     compiled = kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, y, counters,
         M, N, K, Wn, *((G,) if BK > GROUP else ()), 0,
         x.stride(0), *q_strides, *s_strides, *z_strides, stride_os, out.stride(-2), y.stride(0),
         BITS=bits, GROUP=GROUP, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0, FUSED=fused, STAGES=stages,
-        X_PAIRS=x_pairs and _x_pairs(x),
+        X_PAIRS=x_pairs and _x_pairs(x), PDL=pdl, launch_pdl=pdl > 0,
         enable_fp_fusion=True,  # the products must fuse into the row sums (FFMA), whatever the default
         **cfg,
     )

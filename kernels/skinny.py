@@ -26,6 +26,7 @@ import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import code_offset, unpack_tile
 from qtool_kernels.occupancy import slots, split_k_one_wave
+from qtool_kernels.pdl import pdl_mode, pdl_prologue
 from qtool_kernels.tickets import fused_split_k, store_nm_tile, tickets
 from torch import Tensor
 
@@ -46,7 +47,10 @@ def _skinny_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr,
     TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0, FUSED: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 1,
+    PDL: tl.constexpr = 0,
 ):
+    if PDL > 0:  # launched early (pdl.py): wait for the kernel before, then let the next launch
+        pdl_prologue(qw_ptr, 0, 0, 1)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -202,13 +206,15 @@ def skinny_matmul(
         gpb = 1
     grid = (triton.cdiv(N, BN), SK, triton.cdiv(M, BM))
     out, stride_os, y, counters, fused = split_k_buffers(x, M, N, SK, grid[0] * grid[2], out, workspace)
+    pdl = min(pdl_mode(x.device), 1)
     compiled = _skinny_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, y, counters,
         M, N, K, Wn, G,
         x.stride(0), qweight.stride(0), *s_strides, *z_strides, stride_os, out.stride(-2), y.stride(0),
         BITS=bits, GROUP=GROUP, GPB=gpb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         SPLIT_K=SK, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
-        EVEN=(N % BN == 0) and (K % BK == 0), TILE_N=TN, TILE_W=TW, FUSED=fused, SCALE_BLOCK=SB, **cfg,
+        EVEN=(N % BN == 0) and (K % BK == 0), TILE_N=TN, TILE_W=TW, FUSED=fused, SCALE_BLOCK=SB,
+        PDL=pdl, launch_pdl=pdl > 0, **cfg,
     )
     if config is None and resident is None:
         occupancy.record(sig, compiled)

@@ -141,7 +141,8 @@ PDL_OPS = r"\bUBLKPF\.L2|\bACQBULK|\bPREEXIT|\bLDG\.E(\.\w+)*"
 
 def pdl() -> None:
     """Per kernel and PDL setting, the PDL ops and global loads of its SASS in program order
-    (loads collapsed to LDG): the h2 GEMV (PDL 0, 1, 2) and the decode attention's two kernels."""
+    (loads collapsed to LDG): the h2 GEMV (PDL 0, 1, 2), the fp32 GEMV and the skinny kernel
+    (0, 1) and the decode attention's two kernels."""
     from qtool_kernels.decode_attention import _chunk_kernel, _merge_kernel
     from qtool_kernels.gemv_h2 import _gemv_h2_kernel
 
@@ -155,6 +156,17 @@ def pdl() -> None:
                      EVEN_K=True, PER_CHANNEL=False, FUSED=True, STAGES=1, EMULATE=False, PDL=mode)
         res[f"h2/{mode}"] = ops(compile_sass(_gemv_h2_kernel, const, {"num_warps": 2, "num_stages": 1,
                                                                         "launch_pdl": mode > 0}))
+    from qtool_kernels.gemv import _gemv_kernel
+    from qtool_kernels.skinny import _skinny_kernel
+
+    for mode in (0, 1):  # the fp32 GEMV and the skinny kernel: wait first
+        res[f"gemv/{mode}"] = ops(compile_sass(_gemv_kernel, dict(
+            BITS=4, GROUP=128, BLOCK_M=1, BLOCK_N=64, BLOCK_K=128, SPLIT_K=8, HAS_BIAS=False, EVEN_N=True,
+            EVEN_K=True, FUSED=True, STAGES=1, PDL=mode), {"num_warps": 4, "num_stages": 2, "launch_pdl": mode > 0}))
+        res[f"skinny/{mode}"] = ops(compile_sass(_skinny_kernel, dict(
+            BITS=4, GROUP=128, GPB=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, HAS_BIAS=False, IS_BF16=False,
+            EVEN=True, TILE_N=0, TILE_W=0, FUSED=True, SCALE_BLOCK=1, PDL=mode),
+            {"num_warps": 2, "num_stages": 3, "launch_pdl": mode > 0}))
     f32 = {"qk_scale": "fp32"}
     for name, fn, const in [("chunk", _chunk_kernel, {"D": 128, "BLOCK_T": 16, "S_P2": 32, "FUSED": True}),
                             ("merge", _merge_kernel, {"D": 128, "S_P2": 16})]:

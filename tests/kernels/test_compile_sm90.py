@@ -94,7 +94,7 @@ def test_pdl_waits_before_every_load() -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["h2/2"].startswith("UBLKPF.L2 ACQBULK PREEXIT LDG"), res
-    for k in ("h2/1", "chunk/1", "merge/1"):
+    for k in ("h2/1", "gemv/1", "skinny/1", "chunk/1", "merge/1"):
         assert res[k].startswith("ACQBULK PREEXIT LDG"), res
-    for k in ("h2/0", "chunk/0", "merge/0"):  # without PDL none of it
+    for k in ("h2/0", "gemv/0", "skinny/0", "chunk/0", "merge/0"):  # without PDL none of it
         assert not re.search(r"UBLKPF|ACQBULK|PREEXIT", res[k]), res
