@@ -22,7 +22,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from qtool_kernels.pdl import pdl_mode, pdl_prologue
+from qtool_kernels.pdl import pdl_mode, pdl_wait
 from qtool_kernels.tickets import fused_split_k, tickets
 from torch import Tensor
 
@@ -61,7 +61,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, 
                   D: tl.constexpr, BLOCK_T: tl.constexpr, S_P2: tl.constexpr, FUSED: tl.constexpr,
                   PDL: tl.constexpr):
     if PDL > 0:  # q and the new token's k/v come from the kernel before: wait for it first
-        pdl_prologue(q_ptr, 0, 0, 1)
+        pdl_wait()
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // H
@@ -109,7 +109,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, 
 def _merge_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, H, T, CHUNK, S, stride_ob, stride_oh,
                   D: tl.constexpr, S_P2: tl.constexpr, PDL: tl.constexpr):
     if PDL > 0:
-        pdl_prologue(m_ptr, 0, 0, 1)
+        pdl_wait()
     last = tl.minimum(tl.load(pos_ptr).to(tl.int32), T - 1)
     # chunks that hold valid slots; the others wrote nothing
     _merge(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0), last // CHUNK + 1, H, S, stride_ob, stride_oh, D,

@@ -53,7 +53,7 @@ import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import load3, load3_at
 from qtool_kernels.occupancy import slots, split_k_one_wave
-from qtool_kernels.pdl import pdl_mode, pdl_prologue
+from qtool_kernels.pdl import pdl_mode, pdl_wait
 from qtool_kernels.skinny import (
     PER_CHANNEL,
     _num_sms,
@@ -318,7 +318,7 @@ def _gemv_kernel(
     STAGES: tl.constexpr = 1, X_PAIRS: tl.constexpr = False, PDL: tl.constexpr = 0,
 ):
     if PDL > 0:  # launched early (pdl.py): wait for the kernel before, then let the next launch
-        pdl_prologue(qw_ptr, 0, 0, 1)
+        pdl_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -412,7 +412,7 @@ def _gemv_groups_kernel(
     group's scale and zero are one [BLOCK_N, NG] load broadcast over the group's words (no
     per-word gather), and the row sums are scaled per group: Σ_g s_g · Σ_{w∈g} Σ_j x·(q − z)."""
     if PDL > 0:  # launched early (pdl.py): wait for the kernel before, then let the next launch
-        pdl_prologue(qw_ptr, 0, 0, 1)
+        pdl_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)

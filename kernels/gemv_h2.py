@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels.gemv import _store_rows, default_h2_config, h2_group_codes, h2_unit_codes
-from qtool_kernels.pdl import pdl_mode, pdl_prologue
+from qtool_kernels.pdl import pdl_mode, pdl_wait, prefetch_l2
 from qtool_kernels.skinny import _num_sms, split_k_buffers, split_k_result
 from qtool_kernels.tiles import packed_geometry, words_per_tile
 from torch import Tensor
@@ -534,9 +534,11 @@ def _gemv_h2_kernel(
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     t_start = pid_k * per_split
     t_end = tl.minimum(t_start + per_split, k_tiles)
-    if PDL > 0:  # launched early (pdl.py): codes into L2, then wait for the predecessor
-        pdl_prologue(qw_blk + tl.minimum(t_start, k_tiles - 1) * stride_qt, BLOCK_N * WPT * 4,
-                     tl.maximum(t_end - t_start, 1), PDL)
+    if PDL > 1:  # launched early (pdl.py): the first PDL − 1 code tiles into L2 meanwhile
+        n_pre = tl.minimum(tl.maximum(t_end - t_start, 1), PDL - 1)
+        prefetch_l2(qw_blk + tl.minimum(t_start, k_tiles - 1) * stride_qt, n_pre * (BLOCK_N * WPT * 4))
+    if PDL > 0:
+        pdl_wait()
 
     # a 0 in every thread's own register: the f16x2 constants below are then per-thread
     # values; from the uniform `zero` ptxas kept them in uniform registers and copied one

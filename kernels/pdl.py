@@ -45,13 +45,15 @@ def pdl_mode(device: torch.device) -> int:
 
 
 @triton.jit
-def pdl_prologue(first_tile_ptr, tile_bytes, n_tiles, PDL: tl.constexpr):
-    """Prefetch min(n_tiles, PDL − 1) contiguous tiles from first_tile_ptr into L2 (PDL > 1,
-    n_tiles ≥ 1), then wait for the predecessor and let the successor launch."""
-    if PDL > 1:
-        n = tl.minimum(n_tiles, PDL - 1)
-        tl.inline_asm_elementwise(_PREFETCH, "=r,l,r", [first_tile_ptr.to(tl.int64, bitcast=True), n * tile_bytes],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    if PDL > 0:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+def prefetch_l2(ptr, nbytes):
+    """Ask L2 for nbytes (a multiple of 16) from ptr, issued by one thread of the program."""
+    tl.inline_asm_elementwise(_PREFETCH, "=r,l,r", [ptr.to(tl.int64, bitcast=True), nbytes], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def pdl_wait():
+    """Wait until the kernel before has finished and its writes are visible, then let the
+    kernel after launch."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()

@@ -26,7 +26,7 @@ import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import code_offset, unpack_tile
 from qtool_kernels.occupancy import slots, split_k_one_wave
-from qtool_kernels.pdl import pdl_mode, pdl_prologue
+from qtool_kernels.pdl import pdl_mode, pdl_wait
 from qtool_kernels.tickets import fused_split_k, store_nm_tile, tickets
 from torch import Tensor
 
@@ -50,7 +50,7 @@ def _skinny_kernel(
     PDL: tl.constexpr = 0,
 ):
     if PDL > 0:  # launched early (pdl.py): wait for the kernel before, then let the next launch
-        pdl_prologue(qw_ptr, 0, 0, 1)
+        pdl_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
