@@ -24,9 +24,8 @@ def kind(name: str) -> str:
         return "qtool split-K sum"
     if any(s in n for s in ("gemm", "gemv", "cutlass", "xmma", "cublas", "nvjet")):  # nvjet: cuBLAS on sm_90
         return "cuBLAS"
-    if "_chunk_kernel" in n or "_merge_kernel" in n:  # kernels/decode_attention.py
-        return "attention"
-    if "flash" in n or "attention" in n or "fmha" in n or "sdpa" in n:
+    # _chunk_kernel, _merge_kernel: kernels/decode_attention.py
+    if any(s in n for s in ("flash", "attention", "fmha", "sdpa", "_chunk_kernel", "_merge_kernel")):
         return "attention"
     if n.startswith("triton"):
         return "inductor glue"
