@@ -215,3 +215,125 @@ def unpack_tile(
             if IS_BF16:
                 vals = (vals - 1024.0).to(tl.bfloat16)
     return tl.reshape(vals, [BLOCK_N, BLOCK_K])
+
+
+# ---------------------------------------------------------------- W4 pairs for tl.dot (skinny)
+# tl.dot on ≤ 2 warps is mma.sync fed from registers: with kWidth 8 a thread holds the 8
+# codes of one word as 4 registers of (k, k+1) pairs. The pairs one LOP3 extracts are
+# {c_i, c_{i+4}}, so unpack_tile's tile needs 4 PRMT per word to re-pair them, and its
+# zero-point subtraction runs on single halves (docs/kernels.md §v14). Here the tile is
+# handed to tl.dot in a *permuted* K order, logical 8j + 2i + e = code i + 4e of word j, so
+# each extracted pair is already one operand register, and x is permuted the same way
+# (`pairs4_x`: a register permute of the x operand, shared by every row). A dot product does
+# not care about the order of K. Per word: one shift, 4 LOP3, 4 f16x2 FMA (q − z, exact),
+# plus one f16x2 multiply per pair when a tile spans groups (SCALED).
+# $0..$3 = pairs i = 0..3 {c_i, c_{i+4}}, $4 = word, $5 = magic², $6/$7 = mul/add for pairs
+# 0, 2, $8/$9 for pairs 1, 3, $10 = {s}², $11 = {−0}² (SCALED). fp16: pairs 1 and 3 are masked at bits
+# 4–7 in place (1024 + 16q; mul 1/16, add −(64 + z), exact: Marlin's trick, as in gemv_h2).
+def _pairs4_asm(bf16: bool, scaled: bool) -> str:
+    t = "bf16x2" if bf16 else "f16x2"
+    if bf16:  # 128 + 16q is not a bf16 integer above 255: shift each field down to bits 0–3
+        head = ["shr.u32 a, $4, 4;", "shr.u32 b, $4, 8;", "shr.u32 c, $4, 12;"]
+        src = (("$4", "0x000F000F"), ("a", "0x000F000F"), ("b", "0x000F000F"), ("c", "0x000F000F"))
+    else:
+        head = ["shr.u32 b, $4, 8;"]
+        src = (("$4", "0x000F000F"), ("$4", "0x00F000F0"), ("b", "0x000F000F"), ("b", "0x00F000F0"))
+    lines = ["{", ".reg .b32 a, b, c, t0, t1, t2, t3;", *head]
+    for i, (w, mask) in enumerate(src):
+        lines.append(f"lop3.b32 t{i}, {w}, {mask}, $5, 0xEA;")
+        lines.append(f"fma.rn.{t} t{i}, t{i}, {'$6, $7' if i % 2 == 0 else '$8, $9'};")
+        if scaled:  # bf16x2 mul needs sm_90 in PTX; an fma with −0 is the same rounding everywhere
+            lines.append(f"fma.rn.{t} t{i}, t{i}, $10, $11;" if bf16 else f"mul.rn.{t} t{i}, t{i}, $10;")
+    lines += [f"mov.b32 ${i}, t{i};" for i in range(4)] + ["}"]
+    return "\n".join(lines)
+
+
+_PAIRS4_F16 = tl.constexpr(_pairs4_asm(False, False))
+_PAIRS4_F16_S = tl.constexpr(_pairs4_asm(False, True))
+_PAIRS4_BF16 = tl.constexpr(_pairs4_asm(True, False))
+_PAIRS4_BF16_S = tl.constexpr(_pairs4_asm(True, True))
+
+
+@triton.jit
+def pair_bits(v, IS_BF16: tl.constexpr):
+    """fp32 v -> int32 holding v rounded to fp16/bf16 in both halves."""
+    DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
+    h = v.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
+@triton.jit
+def _emu_pair(w, P: tl.constexpr, z, s, SCALED: tl.constexpr, IS_BF16: tl.constexpr):
+    # What the PTX yields for pair P, in Triton ops (the interpreter runs no PTX): (q − z)·s
+    # with one rounding to fp16/bf16 when SCALED (q − z is exact).
+    DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
+    lo = ((w >> (4 * P)) & 0xF).to(tl.float32) - z
+    hi = ((w >> (4 * P + 16)) & 0xF).to(tl.float32) - z
+    if SCALED:
+        lo = lo * s
+        hi = hi * s
+    return tl.join(lo.to(DT), hi.to(DT))
+
+
+@triton.jit
+def _split(p, IS_BF16: tl.constexpr):
+    # int32 pair -> [..., 2] (low half first): register-free, the halves are the operand register
+    DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
+    return tl.join(p.to(tl.int16).to(DT, bitcast=True), (p >> 16).to(tl.int16).to(DT, bitcast=True))
+
+
+@triton.jit
+def pairs4_tile(w, z, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_BF16: tl.constexpr,
+                SCALED: tl.constexpr, EMULATE: tl.constexpr):
+    """W4 words w [BLOCK_N, BLOCK_K / 8] -> [BLOCK_N, BLOCK_K] (q − z) (times s if SCALED) in
+    fp16/bf16, in the permuted K order of `pairs4_x` (code i + 4e of word j at 8j + 2i + e).
+    z, s: fp32 per word, [BLOCK_N, BLOCK_K / 8] (s unused unless SCALED)."""
+    if EMULATE:
+        p0 = _emu_pair(w, 0, z, s, SCALED, IS_BF16)
+        p1 = _emu_pair(w, 1, z, s, SCALED, IS_BF16)
+        p2 = _emu_pair(w, 2, z, s, SCALED, IS_BF16)
+        p3 = _emu_pair(w, 3, z, s, SCALED, IS_BF16)
+    else:
+        if IS_BF16:
+            magic = tl.full(w.shape, 0x43004300, tl.int32)
+            mul_a = tl.full(w.shape, 0x3F803F80, tl.int32)  # 1.0
+            add_a = pair_bits(-(z + 128.0), True)
+            mul_b = mul_a
+            add_b = add_a
+        else:
+            magic = tl.full(w.shape, 0x64006400, tl.int32)
+            mul_a = tl.full(w.shape, 0x3C003C00, tl.int32)  # 1.0
+            add_a = pair_bits(-(z + 1024.0), False)
+            mul_b = tl.full(w.shape, 0x2C002C00, tl.int32)  # 1/16
+            add_b = pair_bits(-(z + 64.0), False)
+        if SCALED:
+            s2 = pair_bits(s, IS_BF16)
+            if IS_BF16:
+                asm: tl.constexpr = _PAIRS4_BF16_S
+            else:
+                asm: tl.constexpr = _PAIRS4_F16_S
+            q0, q1, q2, q3 = tl.inline_asm_elementwise(
+                asm, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [w, magic, mul_a, add_a, mul_b, add_b, s2,
+                                                     tl.full(w.shape, -0x7FFF8000, tl.int32)],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            if IS_BF16:
+                asm: tl.constexpr = _PAIRS4_BF16
+            else:
+                asm: tl.constexpr = _PAIRS4_F16
+            q0, q1, q2, q3 = tl.inline_asm_elementwise(
+                asm, "=r,=r,=r,=r,r,r,r,r,r,r", [w, magic, mul_a, add_a, mul_b, add_b],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+        p0 = _split(q0, IS_BF16)
+        p1 = _split(q1, IS_BF16)
+        p2 = _split(q2, IS_BF16)
+        p3 = _split(q3, IS_BF16)
+    # [BN, BW, e, a, b] with pair i = 2a + b (joins append a minor axis), then e innermost
+    v = tl.join(tl.join(p0, p2), tl.join(p1, p3))
+    return tl.reshape(tl.permute(v, (0, 1, 3, 4, 2)), [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def pairs4_x(xt, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x tile [BLOCK_M, BLOCK_K] in natural K order -> the order of `pairs4_tile`."""
+    return tl.reshape(tl.permute(tl.reshape(xt, [BLOCK_M, BLOCK_K // 8, 2, 4]), (0, 1, 3, 2)), [BLOCK_M, BLOCK_K])

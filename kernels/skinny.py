@@ -24,13 +24,48 @@ import torch
 import triton
 import triton.language as tl
 from qtool_kernels import occupancy
-from qtool_kernels._unpack import code_offset, unpack_tile
+from qtool_kernels._unpack import code_offset, pairs4_tile, pairs4_x, unpack_tile, word_ptrs
 from qtool_kernels.occupancy import slots, split_k_one_wave
 from qtool_kernels.pdl import pdl_mode, pdl_wait
 from qtool_kernels.tickets import fused_split_k, store_nm_tile, tickets
 from torch import Tensor
 
 PER_CHANNEL = 1 << 30  # GROUP constexpr meaning "one group spans all of K"
+
+
+@triton.jit
+def _pairs_step(acc, qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, xt, s_row, z_row, stride_sg, stride_zg, G,
+                GROUP: tl.constexpr, GPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr, TILE_N: tl.constexpr,
+                TILE_W: tl.constexpr, EMULATE: tl.constexpr):
+    """One W4 K tile through _unpack.pairs4_tile: the codes and x in the same permuted K order."""
+    DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
+    BW: tl.constexpr = BLOCK_K // 8
+    wl = tl.arange(0, BW)
+    ptrs = word_ptrs(qw_ptr, offs_n, k0 // 8, wl, stride_qn, Wn, TILE_N, TILE_W)
+    if EVEN:
+        w = tl.load(ptrs)
+    else:
+        w = tl.load(ptrs, mask=n_mask[:, None] & ((k0 // 8 + wl)[None, :] < Wn), other=0)
+    xp = tl.trans(pairs4_x(xt, BLOCK_M, BLOCK_K))
+    if GPB == 1:
+        g = k0 // GROUP
+        s = tl.load(s_row + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_row + g * stride_zg, mask=n_mask, other=0).to(tl.float32)
+        zw = tl.broadcast_to(z[:, None], [BLOCK_N, BW])
+        v = pairs4_tile(w, zw, zw, BLOCK_N, BLOCK_K, IS_BF16, False, EMULATE)  # q − z, exact
+        acc += s[:, None] * tl.dot(v, xp)
+    else:
+        # each word lies in one group (a group is ≥ 32 codes): its scale and zero, per word
+        gi = k0 // GROUP + tl.arange(0, GPB)
+        sz_mask = n_mask[:, None] & (gi[None, :] < G)
+        s = tl.load(s_row[:, None] + gi[None, :] * stride_sg, mask=sz_mask, other=0.0).to(DT).to(tl.float32)
+        z = tl.load(z_row[:, None] + gi[None, :] * stride_zg, mask=sz_mask, other=0).to(tl.float32)
+        sw = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, GPB, BW // GPB]), [BLOCK_N, BW])
+        zw = tl.reshape(tl.broadcast_to(z[:, :, None], [BLOCK_N, GPB, BW // GPB]), [BLOCK_N, BW])
+        v = pairs4_tile(w, zw, sw, BLOCK_N, BLOCK_K, IS_BF16, True, EMULATE)  # (q − z)·s, one rounding
+        acc = tl.dot(v, xp, acc)
+    return acc
 
 
 @triton.jit
@@ -47,8 +82,10 @@ def _skinny_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr,
     TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0, FUSED: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 1,
-    PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, PAIRS: tl.constexpr = 0,
 ):
+    # PAIRS (W4): 0 unpack_tile; 1 the tile in register pairs (_unpack.pairs4_tile, PTX);
+    # 2 the same in Triton ops (the interpreter)
     if PDL > 0:  # launched early (pdl.py): wait for the kernel before, then let the next launch
         pdl_wait()
     pid_n = tl.program_id(0)
@@ -74,33 +111,37 @@ def _skinny_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for t in range(t_start, t_end):
         k0 = t * BLOCK_K
-        v = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K, IS_BF16,
-                        not EVEN, TILE_N, TILE_W)  # [BN, BK] o + q, exact
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN:
-            x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-            xt = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
         else:
             xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                          mask=m_mask[:, None] & (offs_k[None, :] < K), other=0.0)  # [BM, BK]
-        if GPB == 1:
-            # One group per tile: subtract o + z exactly in fp16/bf16 (integers), apply the
-            # fp32 scale to the tile's partial sums.
-            g = k0 // GROUP
-            s = tl.load(s_row + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
-            zo = (tl.load(z_row + g * stride_zg, mask=n_mask, other=0).to(tl.float32) + OFF).to(DT)
-            p = tl.dot(v - zo[:, None], tl.trans(xt))  # [BN, BM] Σ (q − z) x
-            acc += s[:, None] * p
+        if PAIRS > 0:
+            acc = _pairs_step(acc, qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, xt, s_row, z_row, stride_sg,
+                              stride_zg, G, GROUP, GPB, BLOCK_M, BLOCK_N, BLOCK_K, IS_BF16, EVEN, TILE_N, TILE_W,
+                              PAIRS == 2)
         else:
-            # Several groups per tile: dequantize per element (one rounding to fp16/bf16).
-            gi = k0 // GROUP + tl.arange(0, GPB)
-            sz_mask = n_mask[:, None] & (gi[None, :] < G)
-            s = tl.load(s_row[:, None] + gi[None, :] * stride_sg, mask=sz_mask, other=0.0).to(DT)
-            z = tl.load(z_row[:, None] + gi[None, :] * stride_zg, mask=sz_mask, other=0)
-            zo = (z.to(tl.float32) + OFF).to(DT)
-            v3 = tl.reshape(v, [BLOCK_N, GPB, GS])
-            w = tl.reshape((v3 - zo[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
-            acc = tl.dot(w, tl.trans(xt), acc)
+            v = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K, IS_BF16,
+                            not EVEN, TILE_N, TILE_W)  # [BN, BK] o + q, exact
+            if GPB == 1:
+                # One group per tile: subtract o + z exactly in fp16/bf16 (integers), apply the
+                # fp32 scale to the tile's partial sums.
+                g = k0 // GROUP
+                s = tl.load(s_row + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
+                zo = (tl.load(z_row + g * stride_zg, mask=n_mask, other=0).to(tl.float32) + OFF).to(DT)
+                p = tl.dot(v - zo[:, None], tl.trans(xt))  # [BN, BM] Σ (q − z) x
+                acc += s[:, None] * p
+            else:
+                # Several groups per tile: dequantize per element (one rounding to fp16/bf16).
+                gi = k0 // GROUP + tl.arange(0, GPB)
+                sz_mask = n_mask[:, None] & (gi[None, :] < G)
+                s = tl.load(s_row[:, None] + gi[None, :] * stride_sg, mask=sz_mask, other=0.0).to(DT)
+                z = tl.load(z_row[:, None] + gi[None, :] * stride_zg, mask=sz_mask, other=0)
+                zo = (z.to(tl.float32) + OFF).to(DT)
+                v3 = tl.reshape(v, [BLOCK_N, GPB, GS])
+                w = tl.reshape((v3 - zo[:, :, None]) * s[:, :, None], [BLOCK_N, BLOCK_K])
+                acc = tl.dot(w, tl.trans(xt), acc)
 
     store_nm_tile(out_ptr, y_ptr, cnt_ptr, b_ptr, acc, offs_n, offs_m, n_mask, m_mask, pid_n, pid_k, pid_m,
                   stride_os, stride_om, stride_ym, SPLIT_K, HAS_BIAS, FUSED)
@@ -150,7 +191,11 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
     wave = slots(n_sm, t.get("programs_per_sm", 8), resident)
     split_k = t.get("SPLIT_K") or split_k_one_wave(n_tiles, k_tiles, wave, 8)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
-            "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3)}
+            "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3), "PAIRS": t.get("PAIRS", True)}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _num_sms(device: torch.device) -> int:
@@ -198,6 +243,9 @@ def skinny_matmul(
     cfg = dict(config or default_config(M, N, K, bits, group_size, _num_sms(x.device), resident))
     BM, BN, BK, SK = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     BK = fit_block_k(BK, bits, TW)
+    # W4 in register pairs (pairs4_tile): PTX on the GPU, the same arithmetic in Triton ops
+    # under the interpreter; config "PAIRS": False restores unpack_tile (A/B runs)
+    pairs = 0 if not cfg.pop("PAIRS", True) or bits != 4 else (2 if _interpreting() else 1)
     GROUP = group_constexpr(group_size)
     if GROUP < BK:
         gpb = BK // GROUP
@@ -214,7 +262,7 @@ def skinny_matmul(
         BITS=bits, GROUP=GROUP, GPB=gpb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         SPLIT_K=SK, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
         EVEN=(N % BN == 0) and (K % BK == 0), TILE_N=TN, TILE_W=TW, FUSED=fused, SCALE_BLOCK=SB,
-        PDL=pdl, launch_pdl=pdl > 0, **cfg,
+        PDL=pdl, PAIRS=pairs, launch_pdl=pdl > 0, **cfg,
     )
     if config is None and resident is None:
         occupancy.record(sig, compiled)

@@ -30,6 +30,10 @@
   python scripts/gemv_probe.py pairs     session 10: x read in pairs (X_PAIRS) on and off, per shipped class.
   python scripts/gemv_probe.py pdl       session 13: programmatic dependent launch (QTOOL_PDL 0/1/2/3/5) on the
                                          7B layers (fused qkv and gate_up too) and 70B.down; --quick: W4 g128.
+  python scripts/gemv_probe.py pairs4    session 14: the skinny kernel's W4 tile in register pairs (PAIRS,
+                                         _unpack.pairs4_tile) on and off at M = 16 (and 4), shipped tile and
+                                         larger candidates;
+                                         --quick: W4 g128 only.
   python scripts/gemv_probe.py h2        session 11: the packed-half2 GEMV (gemv_h2.py) on tile-major codes,
                                          candidate tiles/warps/stages against the shipped fp32 kernel, through
                                          the decode path; --quick: 70B.down and 7B.down, W4 g128 only;
@@ -690,6 +694,59 @@ PDL_SHAPES = {"7B.qkv": (12288, 4096), "7B.qo": (4096, 4096), "7B.gate_up": (220
               "70B.down": (8192, 28672)}
 
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, programs_per_sm): larger tiles per warp amortise the
+# per-tile work (x operand, scales), which PAIRS leaves as a larger share of the loop (§v14)
+PAIRS4_CANDIDATES = [(64, 128, 2, 3, 16), (128, 128, 2, 3, 16), (32, 256, 2, 3, 16), (64, 256, 2, 3, 16),
+                     (64, 128, 4, 3, 8)]
+
+
+def pairs4(quick: bool) -> None:
+    """Session 14: the skinny kernel with W4 in register pairs (PAIRS on) vs unpack_tile (off), same
+    tile, then candidate tiles with PAIRS on, through the decode path (tile_major_layout, split
+    sized by the compiled residency); each line also checks the product against float64."""
+    import copy
+
+    import qtool_kernels.skinny as sk
+    import triton
+
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth
+
+    bw = copy_bandwidth()
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"copy={bw / 1e9:.0f} GB/s", flush=True)
+    shipped = sk._tuned
+    runs = [("70B.down", 16, (4, 128), True), ("7B.down", 16, (4, 128), True), ("7B.qo", 16, (4, 128), True),
+            ("7B.up", 16, (4, 128), False), ("70B.down", 4, (4, 128), False)]
+    if not quick:
+        runs += [(name, 16, cls, True) for name in ("70B.down", "7B.down") for cls in ((4, 64), (4, None))]
+    try:
+        for name, M, (bits, g), cands in runs:
+            N, K = DECODE_SHAPES[name]
+            t16 = bench_fp16(N, K, M, torch.float16)
+            key = f"{bits}:{g or 'pc'}"
+            base = dict(shipped().get(str(bits), {}), **shipped().get("skinny", {}).get(key, {}))
+            tiles = [None, *(PAIRS4_CANDIDATES if cands else [])]
+            for tile in tiles:
+                for on in ((False, True) if tile is None else (True,)):
+                    tuned = copy.deepcopy(shipped())
+                    e = dict(base) if tile is None else dict(zip(("BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
+                                                                 "programs_per_sm"), tile, strict=True))
+                    e["PAIRS"] = on
+                    tuned.setdefault("skinny", {})[key] = e
+                    sk._tuned = lambda t=tuned: t
+                    label = (f"{e.get('BLOCK_N', 64)}x{e.get('BLOCK_K', 128)} w{e.get('num_warps', 4)} "
+                             f"st{e.get('num_stages', 3)} pps{e.get('programs_per_sm', 8)} pairs={int(on)}")
+                    t, nb, res = _steady(N, K, bits, g, M)
+                    err = _skinny_error(N, K, bits, g, M)
+                    if t is not None:
+                        print(f"{name} M{M} W{bits} g{g or 'ch'} {label:34s}{' shipped' if tile is None else ''}: "
+                              f"{_speed(t, t16, nb, bw)} resident/SM={res.get('skinny', '?')} err={err:.1e}",
+                              flush=True)
+    finally:
+        sk._tuned = shipped
+
+
 def pdl(quick: bool) -> None:
     """Session 13: programmatic dependent launch (kernels/pdl.py) on the shipped decode path, per
     QTOOL_PDL (0 off, 1 wait first, n > 1 prefetch n − 1 tiles into L2, then wait). The GEMVs
@@ -747,7 +804,8 @@ def main(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows", "skinny16", "pairs", "h2", "pdl")
+    modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows", "skinny16", "pairs", "h2", "pdl",
+             "pairs4")
     if len(sys.argv) < 2 or sys.argv[1] not in modes:
         sys.exit(f"usage: gemv_probe.py {'|'.join(modes)} [--quick]")
     if not torch.cuda.is_available():
@@ -765,7 +823,7 @@ if __name__ == "__main__":
         sets = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--set=")]
         args = ("--quick" in sys.argv, tuple(only[0].split(",")) if only else ())
         globals()[sys.argv[1]](*args, *([sets[0]] if sets and sys.argv[1] == "h2" else []))
-    elif sys.argv[1] in ("split", "skinny", "pairs", "pdl"):
+    elif sys.argv[1] in ("split", "skinny", "pairs", "pdl", "pairs4"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
         main(sys.argv[1])
