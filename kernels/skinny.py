@@ -37,8 +37,13 @@ PER_CHANNEL = 1 << 30  # GROUP constexpr meaning "one group spans all of K"
 def _pairs_step(acc, qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, xt, s_row, z_row, stride_sg, stride_zg, G,
                 GROUP: tl.constexpr, GPB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr, TILE_N: tl.constexpr,
-                TILE_W: tl.constexpr, EMULATE: tl.constexpr):
-    """One W4 K tile through _unpack.pairs4_tile: the codes and x in the same permuted K order."""
+                TILE_W: tl.constexpr, DEQUANT: tl.constexpr, EMULATE: tl.constexpr):
+    """One W4 K tile through _unpack.pairs4_tile: the codes and x in the same permuted K order.
+
+    A tile inside one group has its partial sums scaled in fp32 unless DEQUANT: then, as when
+    it spans groups, each element is dequantized (s·(q − z), one rounding) and the MMA
+    accumulates into acc directly, which frees the registers of a second [BN, BM] fp32 tile
+    (more programs per SM with large tiles: §v14)."""
     DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
     BW: tl.constexpr = BLOCK_K // 8
     wl = tl.arange(0, BW)
@@ -48,7 +53,7 @@ def _pairs_step(acc, qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, xt, s_row, z_row
     else:
         w = tl.load(ptrs, mask=n_mask[:, None] & ((k0 // 8 + wl)[None, :] < Wn), other=0)
     xp = tl.trans(pairs4_x(xt, BLOCK_M, BLOCK_K))
-    if GPB == 1:
+    if GPB == 1 and not DEQUANT:
         g = k0 // GROUP
         s = tl.load(s_row + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_row + g * stride_zg, mask=n_mask, other=0).to(tl.float32)
@@ -82,10 +87,10 @@ def _skinny_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, EVEN: tl.constexpr,
     TILE_N: tl.constexpr = 0, TILE_W: tl.constexpr = 0, FUSED: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 1,
-    PDL: tl.constexpr = 0, PAIRS: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, PAIRS: tl.constexpr = 0, DEQUANT: tl.constexpr = False,
 ):
     # PAIRS (W4): 0 unpack_tile; 1 the tile in register pairs (_unpack.pairs4_tile, PTX);
-    # 2 the same in Triton ops (the interpreter)
+    # 2 the same in Triton ops (the interpreter); DEQUANT: see _pairs_step
     if PDL > 0:  # launched early (pdl.py): wait for the kernel before, then let the next launch
         pdl_wait()
     pid_n = tl.program_id(0)
@@ -120,7 +125,7 @@ def _skinny_kernel(
         if PAIRS > 0:
             acc = _pairs_step(acc, qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, xt, s_row, z_row, stride_sg,
                               stride_zg, G, GROUP, GPB, BLOCK_M, BLOCK_N, BLOCK_K, IS_BF16, EVEN, TILE_N, TILE_W,
-                              PAIRS == 2)
+                              DEQUANT, PAIRS == 2)
         else:
             v = unpack_tile(qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, BITS, BLOCK_N, BLOCK_K, IS_BF16,
                             not EVEN, TILE_N, TILE_W)  # [BN, BK] o + q, exact
@@ -191,7 +196,8 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
     wave = slots(n_sm, t.get("programs_per_sm", 8), resident)
     split_k = t.get("SPLIT_K") or split_k_one_wave(n_tiles, k_tiles, wave, 8)
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
-            "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3), "PAIRS": t.get("PAIRS", True)}
+            "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3), "PAIRS": t.get("PAIRS", True),
+            "DEQUANT": t.get("DEQUANT", False)}
 
 
 def _interpreting() -> bool:
@@ -246,6 +252,7 @@ def skinny_matmul(
     # W4 in register pairs (pairs4_tile): PTX on the GPU, the same arithmetic in Triton ops
     # under the interpreter; config "PAIRS": False restores unpack_tile (A/B runs)
     pairs = 0 if not cfg.pop("PAIRS", True) or bits != 4 else (2 if _interpreting() else 1)
+    dequant = bool(cfg.pop("DEQUANT", False))
     GROUP = group_constexpr(group_size)
     if GROUP < BK:
         gpb = BK // GROUP
@@ -262,7 +269,7 @@ def skinny_matmul(
         BITS=bits, GROUP=GROUP, GPB=gpb, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
         SPLIT_K=SK, HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16,
         EVEN=(N % BN == 0) and (K % BK == 0), TILE_N=TN, TILE_W=TW, FUSED=fused, SCALE_BLOCK=SB,
-        PDL=pdl, PAIRS=pairs, launch_pdl=pdl > 0, **cfg,
+        PDL=pdl, PAIRS=pairs, DEQUANT=dequant, launch_pdl=pdl > 0, **cfg,
     )
     if config is None and resident is None:
         occupancy.record(sig, compiled)

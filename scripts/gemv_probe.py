@@ -694,16 +694,20 @@ PDL_SHAPES = {"7B.qkv": (12288, 4096), "7B.qo": (4096, 4096), "7B.gate_up": (220
               "70B.down": (8192, 28672)}
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, programs_per_sm): larger tiles per warp amortise the
-# per-tile work (x operand, scales), which PAIRS leaves as a larger share of the loop (§v14)
-PAIRS4_CANDIDATES = [(64, 128, 2, 3, 16), (128, 128, 2, 3, 16), (32, 256, 2, 3, 16), (64, 256, 2, 3, 16),
-                     (64, 128, 4, 3, 8)]
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, programs_per_sm, extra keys): larger tiles per warp
+# amortise the per-tile work (x operand, scales) that PAIRS leaves as a larger share of the loop;
+# DEQUANT frees the registers of the scaled partial-sum tile (§v14)
+PAIRS4_CANDIDATES = [(32, 128, 2, 3, 16, {}), (32, 128, 2, 3, 16, {"DEQUANT": True}),
+                     (64, 128, 2, 3, 16, {"DEQUANT": True}), (128, 128, 2, 3, 16, {"DEQUANT": True}),
+                     (128, 128, 2, 4, 16, {"DEQUANT": True}), (128, 256, 2, 3, 16, {"DEQUANT": True}),
+                     (256, 128, 2, 3, 16, {"DEQUANT": True}), (64, 256, 2, 3, 16, {"DEQUANT": True})]
 
 
 def pairs4(quick: bool) -> None:
-    """Session 14: the skinny kernel with W4 in register pairs (PAIRS on) vs unpack_tile (off), same
-    tile, then candidate tiles with PAIRS on, through the decode path (tile_major_layout, split
-    sized by the compiled residency); each line also checks the product against float64."""
+    """Session 14: the skinny kernel with W4 in register pairs (PAIRS on) vs unpack_tile (off, the
+    shipped tile of session 13), then candidate tiles with PAIRS on, through the decode path
+    (tile_major_layout, split sized by the compiled residency); each line also checks the product
+    against float64. --quick: W4 g128 on 70B.down and 7B.down."""
     import copy
 
     import qtool_kernels.skinny as sk
@@ -716,33 +720,31 @@ def pairs4(quick: bool) -> None:
     print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
           f"copy={bw / 1e9:.0f} GB/s", flush=True)
     shipped = sk._tuned
-    runs = [("70B.down", 16, (4, 128), True), ("7B.down", 16, (4, 128), True), ("7B.qo", 16, (4, 128), True),
-            ("7B.up", 16, (4, 128), False), ("70B.down", 4, (4, 128), False)]
+    names = ("70B.down", "7B.down") if quick else ("70B.down", "7B.down", "7B.qo", "7B.up")
+    runs = [(name, 16, (4, 128)) for name in names]
     if not quick:
-        runs += [(name, 16, cls, True) for name in ("70B.down", "7B.down") for cls in ((4, 64), (4, None))]
+        runs += [(name, 16, cls) for name in ("70B.down", "7B.down") for cls in ((4, 64), (4, None))]
+        runs += [("70B.down", 4, (4, 128))]
+    keys = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "programs_per_sm")
     try:
-        for name, M, (bits, g), cands in runs:
+        for name, M, (bits, g) in runs:
             N, K = DECODE_SHAPES[name]
             t16 = bench_fp16(N, K, M, torch.float16)
             key = f"{bits}:{g or 'pc'}"
             base = dict(shipped().get(str(bits), {}), **shipped().get("skinny", {}).get(key, {}))
-            tiles = [None, *(PAIRS4_CANDIDATES if cands else [])]
-            for tile in tiles:
-                for on in ((False, True) if tile is None else (True,)):
-                    tuned = copy.deepcopy(shipped())
-                    e = dict(base) if tile is None else dict(zip(("BLOCK_N", "BLOCK_K", "num_warps", "num_stages",
-                                                                 "programs_per_sm"), tile, strict=True))
-                    e["PAIRS"] = on
-                    tuned.setdefault("skinny", {})[key] = e
-                    sk._tuned = lambda t=tuned: t
-                    label = (f"{e.get('BLOCK_N', 64)}x{e.get('BLOCK_K', 128)} w{e.get('num_warps', 4)} "
-                             f"st{e.get('num_stages', 3)} pps{e.get('programs_per_sm', 8)} pairs={int(on)}")
-                    t, nb, res = _steady(N, K, bits, g, M)
-                    err = _skinny_error(N, K, bits, g, M)
-                    if t is not None:
-                        print(f"{name} M{M} W{bits} g{g or 'ch'} {label:34s}{' shipped' if tile is None else ''}: "
-                              f"{_speed(t, t16, nb, bw)} resident/SM={res.get('skinny', '?')} err={err:.1e}",
-                              flush=True)
+            for cand in [None, *PAIRS4_CANDIDATES]:
+                tuned = copy.deepcopy(shipped())
+                e = dict(base, PAIRS=False) if cand is None else dict(zip(keys, cand[:5], strict=True), **cand[5])
+                tuned.setdefault("skinny", {})[key] = e
+                sk._tuned = lambda t=tuned: t
+                label = (f"{e.get('BLOCK_N', 64)}x{e.get('BLOCK_K', 128)} w{e.get('num_warps', 4)} "
+                         f"st{e.get('num_stages', 3)} pps{e.get('programs_per_sm', 8)} pairs={int(e.get('PAIRS', 1))}"
+                         f" dq={int(e.get('DEQUANT', 0))}")
+                t, nb, res = _steady(N, K, bits, g, M)
+                err = _skinny_error(N, K, bits, g, M)
+                if t is not None:
+                    print(f"{name} M{M} W{bits} g{g or 'ch'} {label:40s}{' before' if cand is None else ''}: "
+                          f"{_speed(t, t16, nb, bw)} resident/SM={res.get('skinny', '?')} err={err:.1e}", flush=True)
     finally:
         sk._tuned = shipped
 

@@ -9,6 +9,7 @@ the interpreter never took)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import sys
@@ -29,6 +30,9 @@ DIV16 = {"N", "K", "Wn", "G", "stride_xm", "stride_qn", "stride_os", "stride_om"
 
 
 def compile_sass(fn, const: dict, opts: dict) -> str:
+    # constexpr parameters left out take their defaults, as a launch that omits them would
+    const = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.name not in const
+                and p.default is not inspect.Parameter.empty}, **const}
     ptrs = dict(PTRS, **PARTIALS) if const.get("SPLIT_K", 1) > 1 and "FUSED" in const else PTRS
     sig = {a: "constexpr" if a in const else ptrs.get(a, "i32") for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, (a, t) in enumerate(sig.items())
@@ -48,7 +52,7 @@ def cases(bits: int) -> list[tuple[str, object, dict, dict]]:
         out.append((f"skinny/tile{tn}", _skinny_kernel,
                     dict(BITS=bits, GROUP=128, GPB=1, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, HAS_BIAS=False,
                          IS_BF16=False, EVEN=True, TILE_N=tn, TILE_W=tw if tn else 0, FUSED=True,
-                         SCALE_BLOCK=tn or 1),
+                         SCALE_BLOCK=tn or 1, PAIRS=int(bits == 4)),
                     {"num_warps": 4, "num_stages": 3}))
         out.append((f"dequant/tile{tn}", _dequant_kernel,
                     dict(BITS=bits, GROUP=128, GPB=1, BLOCK_N=32, BLOCK_K=128, IS_BF16=True, TILE_N=tn,

@@ -108,3 +108,16 @@ def test_skinny_tuned_classes_gpu(bits: int, group_size: int | None, dtype: torc
             y = qk.skinny_matmul(x, q, s, z, bits, group_size, out=out)
             ref = qk.reference_skinny(x, qweight, scales, zeros, bits, group_size)
             assert rel_err(y, ref) < TOL[dtype], (N, K, tiled, M)
+
+
+@pytest.mark.parametrize(("group_size", "options"), [(128, {"PAIRS": False}), (128, {"DEQUANT": True}),
+                                                     (None, {"DEQUANT": True}), (64, {})])
+def test_skinny_w4_pairs_options(group_size: int | None, options: dict) -> None:
+    """W4 through unpack_tile (PAIRS off) and through register pairs with the partial sums
+    scaled or each element dequantized (DEQUANT): the same product, odd K (576: g = 128's
+    last group is short) and a partial N tile, split K."""
+    N, K = 80, 576
+    qweight, scales, zeros = random_packed(N, K, 4, group_size)
+    x = torch.randn(5, K).half()
+    y = qk.skinny_matmul(x, qweight, scales, zeros, 4, group_size, config=dict(SMALL, SPLIT_K=2, **options))
+    assert rel_err(y, qk.reference_skinny(x, qweight, scales, zeros, 4, group_size)) < TOL[torch.float16]
