@@ -283,11 +283,26 @@ def _split(p, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def pairs4_tile(w, z, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_BF16: tl.constexpr,
+def pairs4_consts(z, s, IS_BF16: tl.constexpr):
+    """The PTX's per-group operands from fp32 zero points z and scales s (any shape, before
+    they are broadcast over a group's words, so each is computed once per group and row):
+    (add for pairs 0 and 2, add for pairs 1 and 3, {s}²)."""
+    if IS_BF16:
+        add_a = pair_bits(-(z + 128.0), True)
+        add_b = add_a
+    else:
+        add_a = pair_bits(-(z + 1024.0), False)
+        add_b = pair_bits(-(z + 64.0), False)
+    return add_a, add_b, pair_bits(s, IS_BF16)
+
+
+@triton.jit
+def pairs4_tile(w, z, s, add_a, add_b, s2, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_BF16: tl.constexpr,
                 SCALED: tl.constexpr, EMULATE: tl.constexpr):
     """W4 words w [BLOCK_N, BLOCK_K / 8] -> [BLOCK_N, BLOCK_K] (q − z) (times s if SCALED) in
     fp16/bf16, in the permuted K order of `pairs4_x` (code i + 4e of word j at 8j + 2i + e).
-    z, s: fp32 per word, [BLOCK_N, BLOCK_K / 8] (s unused unless SCALED)."""
+    Per word, all [BLOCK_N, BLOCK_K / 8]: z, s fp32 (read by EMULATE), add_a, add_b, s2 from
+    `pairs4_consts` (read by the PTX); s and s2 unused unless SCALED."""
     if EMULATE:
         p0 = _emu_pair(w, 0, z, s, SCALED, IS_BF16)
         p1 = _emu_pair(w, 1, z, s, SCALED, IS_BF16)
@@ -297,17 +312,12 @@ def pairs4_tile(w, z, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_BF16: 
         if IS_BF16:
             magic = tl.full(w.shape, 0x43004300, tl.int32)
             mul_a = tl.full(w.shape, 0x3F803F80, tl.int32)  # 1.0
-            add_a = pair_bits(-(z + 128.0), True)
             mul_b = mul_a
-            add_b = add_a
         else:
             magic = tl.full(w.shape, 0x64006400, tl.int32)
             mul_a = tl.full(w.shape, 0x3C003C00, tl.int32)  # 1.0
-            add_a = pair_bits(-(z + 1024.0), False)
             mul_b = tl.full(w.shape, 0x2C002C00, tl.int32)  # 1/16
-            add_b = pair_bits(-(z + 64.0), False)
         if SCALED:
-            s2 = pair_bits(s, IS_BF16)
             if IS_BF16:
                 asm: tl.constexpr = _PAIRS4_BF16_S
             else:

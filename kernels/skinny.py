@@ -24,13 +24,20 @@ import torch
 import triton
 import triton.language as tl
 from qtool_kernels import occupancy
-from qtool_kernels._unpack import code_offset, pairs4_tile, pairs4_x, unpack_tile, word_ptrs
+from qtool_kernels._unpack import code_offset, pairs4_consts, pairs4_tile, pairs4_x, unpack_tile, word_ptrs
 from qtool_kernels.occupancy import slots, split_k_one_wave
 from qtool_kernels.pdl import pdl_mode, pdl_wait
 from qtool_kernels.tickets import fused_split_k, store_nm_tile, tickets
 from torch import Tensor
 
 PER_CHANNEL = 1 << 30  # GROUP constexpr meaning "one group spans all of K"
+
+
+@triton.jit
+def _per_word(t, BLOCK_N: tl.constexpr, BW: tl.constexpr):
+    """[BLOCK_N, GPB] per-group values -> [BLOCK_N, BW] per word (a broadcast: no arithmetic)."""
+    GPB: tl.constexpr = t.shape[1]
+    return tl.reshape(tl.broadcast_to(t[:, :, None], [BLOCK_N, GPB, BW // GPB]), [BLOCK_N, BW])
 
 
 @triton.jit
@@ -57,18 +64,20 @@ def _pairs_step(acc, qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, xt, s_row, z_row
         g = k0 // GROUP
         s = tl.load(s_row + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_row + g * stride_zg, mask=n_mask, other=0).to(tl.float32)
-        zw = tl.broadcast_to(z[:, None], [BLOCK_N, BW])
-        v = pairs4_tile(w, zw, zw, BLOCK_N, BLOCK_K, IS_BF16, False, EMULATE)  # q − z, exact
-        acc += s[:, None] * tl.dot(v, xp)
+        add_a, add_b, s2 = pairs4_consts(z, s, IS_BF16)
+        v = pairs4_tile(w, _per_word(z[:, None], BLOCK_N, BW), w, _per_word(add_a[:, None], BLOCK_N, BW),
+                        _per_word(add_b[:, None], BLOCK_N, BW), w, BLOCK_N, BLOCK_K, IS_BF16, False, EMULATE)
+        acc += s[:, None] * tl.dot(v, xp)  # Σ (q − z) x, exact products, scaled in fp32
     else:
         # each word lies in one group (a group is ≥ 32 codes): its scale and zero, per word
         gi = k0 // GROUP + tl.arange(0, GPB)
         sz_mask = n_mask[:, None] & (gi[None, :] < G)
         s = tl.load(s_row[:, None] + gi[None, :] * stride_sg, mask=sz_mask, other=0.0).to(DT).to(tl.float32)
         z = tl.load(z_row[:, None] + gi[None, :] * stride_zg, mask=sz_mask, other=0).to(tl.float32)
-        sw = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, GPB, BW // GPB]), [BLOCK_N, BW])
-        zw = tl.reshape(tl.broadcast_to(z[:, :, None], [BLOCK_N, GPB, BW // GPB]), [BLOCK_N, BW])
-        v = pairs4_tile(w, zw, sw, BLOCK_N, BLOCK_K, IS_BF16, True, EMULATE)  # (q − z)·s, one rounding
+        add_a, add_b, s2 = pairs4_consts(z, s, IS_BF16)
+        v = pairs4_tile(w, _per_word(z, BLOCK_N, BW), _per_word(s, BLOCK_N, BW), _per_word(add_a, BLOCK_N, BW),
+                        _per_word(add_b, BLOCK_N, BW), _per_word(s2, BLOCK_N, BW), BLOCK_N, BLOCK_K, IS_BF16, True,
+                        EMULATE)  # (q − z)·s, one rounding
         acc = tl.dot(v, xp, acc)
     return acc
 
@@ -186,7 +195,11 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
     (occupancy.split_k_one_wave).
     """
     t = dict(_tuned().get(str(bits), {}))
-    t.update(_tuned().get("skinny", {}).get(f"{bits}:{group_size or 'pc'}", {}))
+    e = dict(_tuned().get("skinny", {}).get(f"{bits}:{group_size or 'pc'}", {}))
+    large = e.pop("large", None)
+    t.update(e)
+    if large and N * K >= large["min_codes"]:  # a layer this large has its own entry
+        t.update({k: v for k, v in large.items() if k != "min_codes"})
     block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
     block_n, block_k = t.get("BLOCK_N", 64), t.get("BLOCK_K", 128)
     if group_size is not None and group_size < block_k and block_m > 16:
@@ -195,9 +208,12 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
     k_tiles = triton.cdiv(K, block_k)
     wave = slots(n_sm, t.get("programs_per_sm", 8), resident)
     split_k = t.get("SPLIT_K") or split_k_one_wave(n_tiles, k_tiles, wave, 8)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
-            "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3), "PAIRS": t.get("PAIRS", True),
-            "DEQUANT": t.get("DEQUANT", False)}
+    cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
+           "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3), "PAIRS": t.get("PAIRS", True),
+           "DEQUANT": t.get("DEQUANT", False)}
+    if t.get("maxnreg"):  # ptxas's register cap: more programs per SM
+        cfg["maxnreg"] = t["maxnreg"]
+    return cfg
 
 
 def _interpreting() -> bool:

@@ -697,10 +697,12 @@ PDL_SHAPES = {"7B.qkv": (12288, 4096), "7B.qo": (4096, 4096), "7B.gate_up": (220
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, programs_per_sm, extra keys): larger tiles per warp
 # amortise the per-tile work (x operand, scales) that PAIRS leaves as a larger share of the loop;
 # DEQUANT frees the registers of the scaled partial-sum tile (§v14)
-PAIRS4_CANDIDATES = [(32, 128, 2, 3, 16, {}), (32, 128, 2, 3, 16, {"DEQUANT": True}),
-                     (64, 128, 2, 3, 16, {"DEQUANT": True}), (128, 128, 2, 3, 16, {"DEQUANT": True}),
-                     (128, 128, 2, 4, 16, {"DEQUANT": True}), (128, 256, 2, 3, 16, {"DEQUANT": True}),
-                     (256, 128, 2, 3, 16, {"DEQUANT": True}), (64, 256, 2, 3, 16, {"DEQUANT": True})]
+PAIRS4_CANDIDATES = [(32, 128, 2, 3, 16, {}), (32, 128, 1, 3, 32, {}), (64, 128, 1, 3, 32, {}),
+                     (64, 128, 2, 3, 16, {"maxnreg": 128}), (128, 128, 2, 3, 16, {"maxnreg": 168}),
+                     (128, 128, 2, 3, 16, {"DEQUANT": True, "maxnreg": 128}),
+                     (128, 128, 2, 3, 16, {"DEQUANT": True, "maxnreg": 160}),
+                     (128, 128, 2, 4, 16, {"DEQUANT": True, "maxnreg": 128}),
+                     (256, 128, 2, 3, 16, {"DEQUANT": True}), (256, 128, 2, 3, 16, {"DEQUANT": True, "maxnreg": 192})]
 
 
 def pairs4(quick: bool) -> None:
@@ -739,11 +741,11 @@ def pairs4(quick: bool) -> None:
                 sk._tuned = lambda t=tuned: t
                 label = (f"{e.get('BLOCK_N', 64)}x{e.get('BLOCK_K', 128)} w{e.get('num_warps', 4)} "
                          f"st{e.get('num_stages', 3)} pps{e.get('programs_per_sm', 8)} pairs={int(e.get('PAIRS', 1))}"
-                         f" dq={int(e.get('DEQUANT', 0))}")
+                         f" dq={int(e.get('DEQUANT', 0))} r{e.get('maxnreg', '-')}")
                 t, nb, res = _steady(N, K, bits, g, M)
                 err = _skinny_error(N, K, bits, g, M)
                 if t is not None:
-                    print(f"{name} M{M} W{bits} g{g or 'ch'} {label:40s}{' before' if cand is None else ''}: "
+                    print(f"{name} M{M} W{bits} g{g or 'ch'} {label:45s}{' before' if cand is None else ''}: "
                           f"{_speed(t, t16, nb, bw)} resident/SM={res.get('skinny', '?')} err={err:.1e}", flush=True)
     finally:
         sk._tuned = shipped
