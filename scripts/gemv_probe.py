@@ -705,11 +705,23 @@ PAIRS4_CANDIDATES = [(32, 128, 2, 3, 16, {}), (32, 128, 1, 3, 32, {}), (64, 128,
                      (256, 128, 2, 3, 16, {"DEQUANT": True}), (256, 128, 2, 3, 16, {"DEQUANT": True, "maxnreg": 192})]
 
 
-def pairs4(quick: bool) -> None:
+# with DISABLE_MMA_V3=1 (Triton's switch, process-wide) tl.dot on 4+ warps is mma.sync as on 2: larger
+# row blocks (less x re-read per weight byte) without wgmma's trip through shared memory
+PAIRS4_MMA2_CANDIDATES = [(128, 128, 4, 3, 8, {}), (128, 128, 4, 3, 8, {"DEQUANT": True}),
+                          (256, 128, 4, 3, 8, {}), (256, 128, 4, 3, 8, {"DEQUANT": True}),
+                          (256, 128, 8, 3, 4, {"DEQUANT": True}), (64, 128, 4, 3, 8, {})]
+
+
+def pairs4(quick: bool, mma2: bool = False) -> None:
     """Session 14: the skinny kernel with W4 in register pairs (PAIRS on) vs unpack_tile (off, the
     shipped tile of session 13), then candidate tiles with PAIRS on, through the decode path
     (tile_major_layout, split sized by the compiled residency); each line also checks the product
-    against float64. --quick: W4 g128 on 70B.down and 7B.down."""
+    against float64. --quick: W4 g128 on 70B.down and 7B.down. --mma2: 4- and 8-warp tiles with
+    DISABLE_MMA_V3=1 (set before the first compile), W4 g128 and g64 on 70B.down and 7B.down."""
+    import os
+
+    if mma2:
+        os.environ["DISABLE_MMA_V3"] = "1"
     import copy
 
     import qtool_kernels.skinny as sk
@@ -728,13 +740,18 @@ def pairs4(quick: bool) -> None:
         runs += [(name, 16, cls) for name in ("70B.down", "7B.down") for cls in ((4, 64), (4, None))]
         runs += [("70B.down", 4, (4, 128))]
     keys = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "programs_per_sm")
+    cands = PAIRS4_CANDIDATES
+    if mma2:
+        runs = [(name, 16, cls) for name in ("70B.down", "7B.down") for cls in ((4, 128), (4, 64))]
+        cands = PAIRS4_MMA2_CANDIDATES
     try:
         for name, M, (bits, g) in runs:
             N, K = DECODE_SHAPES[name]
             t16 = bench_fp16(N, K, M, torch.float16)
             key = f"{bits}:{g or 'pc'}"
             base = dict(shipped().get(str(bits), {}), **shipped().get("skinny", {}).get(key, {}))
-            for cand in [None, *PAIRS4_CANDIDATES]:
+            base.pop("large", None)  # session 13's tile for every layer
+            for cand in [None, *cands]:
                 tuned = copy.deepcopy(shipped())
                 e = dict(base, PAIRS=False) if cand is None else dict(zip(keys, cand[:5], strict=True), **cand[5])
                 tuned.setdefault("skinny", {})[key] = e
@@ -827,7 +844,9 @@ if __name__ == "__main__":
         sets = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--set=")]
         args = ("--quick" in sys.argv, tuple(only[0].split(",")) if only else ())
         globals()[sys.argv[1]](*args, *([sets[0]] if sets and sys.argv[1] == "h2" else []))
-    elif sys.argv[1] in ("split", "skinny", "pairs", "pdl", "pairs4"):
+    elif sys.argv[1] == "pairs4":
+        pairs4("--quick" in sys.argv, "--mma2" in sys.argv)
+    elif sys.argv[1] in ("split", "skinny", "pairs", "pdl"):
         globals()[sys.argv[1]]("--quick" in sys.argv)
     else:
         main(sys.argv[1])
