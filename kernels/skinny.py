@@ -192,7 +192,9 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
     SM, or of `resident` (how many the compiled kernel fits: 4 for the 64 × 128 W4 tile of 4
     warps for sm_90, 114 registers) when fewer, keeping at least 4 K tiles per program, so
     every SM has several tiles of loads in flight and no second, partial wave
-    (occupancy.split_k_one_wave).
+    (occupancy.split_k_one_wave). A class entry may hold a "large" entry for layers of at
+    least "min_codes" codes (70B.down W4 g128 takes 256 × 128 with DEQUANT: §v14), and
+    "PAIRS" / "DEQUANT" / "maxnreg" keys, passed through.
     """
     t = dict(_tuned().get(str(bits), {}))
     e = dict(_tuned().get("skinny", {}).get(f"{bits}:{group_size or 'pc'}", {}))
