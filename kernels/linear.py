@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from qtool_kernels.dequant import dequantize_packed
 from qtool_kernels.gemv import gemv_matmul
 from qtool_kernels.scale_grad import scale_grad
-from qtool_kernels.skinny import skinny_matmul
+from qtool_kernels.skinny import interpreting, skinny_matmul
 from qtool_kernels.tiles import groups_row_major
 from torch import Tensor
 
@@ -57,10 +57,6 @@ def gemv_max_m() -> int:
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (None, 32, 64, 128)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def forward_packed(
@@ -141,7 +137,7 @@ class _QuantMatmul(torch.autograd.Function):
 
 def quant_linear(layer: QuantLinear, x: Tensor) -> Tensor | None:
     """QuantLinear.forward's kernel path; None when no kernel covers the case (torch fallback)."""
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreting()):
         return None
     if x.dtype not in (torch.float16, torch.bfloat16):
         return None

@@ -39,9 +39,8 @@ import triton
 import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import _halves, _tree8
-from qtool_kernels.linear import _interpreting
 from qtool_kernels.occupancy import slots, split_k_one_wave
-from qtool_kernels.skinny import _num_sms, split_k_buffers, split_k_result
+from qtool_kernels.skinny import _num_sms, interpreting, split_k_buffers, split_k_result
 from qtool_kernels.tickets import store_nm_tile
 from torch import Tensor
 
@@ -343,7 +342,7 @@ def nf4_skinny_matmul(
     # Word reads need 4-byte alignment (a sliced or mmapped buffer may lack it); K is a
     # multiple of 32 whenever b divides it, so rows start on a word.
     words_ok = aligned and w.codes.numel() % 4 == 0 and w.codes.data_ptr() % 4 == 0
-    regs = (not _interpreting()) if lut_in_registers is None else lut_in_registers
+    regs = (not interpreting()) if lut_in_registers is None else lut_in_registers
     regs = regs and words_ok
     sig = ("nf4", x.dtype, N, K, w.block_size, w.double_quant, bias is not None, M, regs)  # what the split depends on
     resident = occupancy.recorded(sig)
@@ -446,7 +445,7 @@ class _NF4Matmul(torch.autograd.Function):
 
 def nf4_linear(layer: NF4Linear, x: Tensor) -> Tensor | None:
     """NF4Linear.forward's kernel path; None when no kernel covers the case (torch fallback)."""
-    if not (x.is_cuda or _interpreting()):
+    if not (x.is_cuda or interpreting()):
         return None
     if x.dtype not in (torch.float16, torch.bfloat16):
         return None

@@ -218,7 +218,8 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
     return cfg
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -269,7 +270,7 @@ def skinny_matmul(
     BK = fit_block_k(BK, bits, TW)
     # W4 in register pairs (pairs4_tile): PTX on the GPU, the same arithmetic in Triton ops
     # under the interpreter; config "PAIRS": False restores unpack_tile (A/B runs)
-    pairs = 0 if not cfg.pop("PAIRS", True) or bits != 4 else (2 if _interpreting() else 1)
+    pairs = 0 if not cfg.pop("PAIRS", True) or bits != 4 else (2 if interpreting() else 1)
     dequant = bool(cfg.pop("DEQUANT", False))
     GROUP = group_constexpr(group_size)
     if GROUP < BK:
