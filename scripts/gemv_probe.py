@@ -34,6 +34,8 @@
                                          _unpack.pairs4_tile) on and off at M = 16 (and 4), shipped tile and
                                          larger candidates;
                                          --quick: W4 g128 only.
+  python scripts/gemv_probe.py splits    session 15: time against SPLIT_K at M = 16 (skinny tiles) or, with
+                                         --m1, at M = 1 (h2 GEMV), through the decode path; --quick: 70B.down.
   python scripts/gemv_probe.py h2        session 11: the packed-half2 GEMV (gemv_h2.py) on tile-major codes,
                                          candidate tiles/warps/stages against the shipped fp32 kernel, through
                                          the decode path; --quick: 70B.down and 7B.down, W4 g128 only;
@@ -768,6 +770,109 @@ def pairs4(quick: bool, mma2: bool = False) -> None:
         sk._tuned = shipped
 
 
+SPLIT_SHAPES = dict(DECODE_SHAPES, **{"70B.up": (28672, 8192)})
+
+# (shape, M, class, [(BLOCK_N, DEQUANT, num_stages)]): session 15's M = 16 split sweep
+SPLITS16 = [(name, 16, (4, 128), [(256, True, 3), (128, True, 3), (32, False, 3)]) for name in ("70B.down", "70B.up")]
+SPLITS16 += [(name, 16, (4, 64), [(128, True, 3), (256, True, 3), (256, True, 2)]) for name in ("70B.down", "70B.up")]
+SPLITS16 += [(name, 16, (4, None), [(64, False, 3), (128, False, 3), (256, True, 3)])
+             for name in ("70B.down", "70B.up")]
+SPLITS16 += [(name, 16, (4, 128), [(32, False, 3), (64, False, 3)]) for name in ("7B.down", "7B.up")]
+
+
+def splits(quick: bool, m1: bool = False) -> None:
+    """Session 15: time against split-K, the shipped path otherwise (tile-major layers, rotated).
+    M = 16 (skinny): candidate tiles × SPLIT_K; the shipped rule caps the split at 8, which left
+    70B.down's 256-row tile 256 programs for 528 slots (2 of 4 per SM). --m1: the M = 1 h2 GEMV
+    of W4 g128, W3 g128 and W2 g64 on 70B.down and 70B.up × SPLIT_K. Each line checks the
+    product against float64 (skinny) first. --quick: 70B.down W4 g128 only."""
+    import copy
+
+    import qtool_kernels.gemv as gv
+    import qtool_kernels.skinny as sk
+    import triton
+
+    from qtool.bench.kernels import bench_fp16
+    from qtool.bench.timing import copy_bandwidth
+
+    bw = copy_bandwidth()
+    print(f"gpu={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__} "
+          f"copy={bw / 1e9:.0f} GB/s", flush=True)
+    shipped = sk._tuned
+    if m1:
+        runs = [(name, 1, cls, [None]) for name in ("70B.down", "70B.up") for cls in ((4, 128), (3, 128), (2, 64))]
+        sks = [None, 8, 12, 16, 24, 32, 48]
+    else:
+        runs = SPLITS16[:1] if quick else SPLITS16
+        sks = [None, 8, 12, 16, 24, 32]
+    try:
+        for name, M, (bits, g), tiles in runs:
+            N, K = SPLIT_SHAPES[name]
+            t16 = bench_fp16(N, K, M, torch.float16)
+            key = f"{bits}:{g or 'pc'}"
+            configs = {}
+            for tile in tiles:
+                for split in sks:
+                    tuned = copy.deepcopy(shipped())
+                    if M == 1:
+                        e = tuned["gemv_tiled"][key + ":1"]
+                        large = e.get("large")
+                        h2 = (large if large and N * K >= large["min_codes"] and "H2" in large else e)["H2"]
+                        if split:
+                            h2["SPLIT_K"] = split
+                        label = f"h2 split={split or 'default'}"
+                    else:
+                        bn, dq, st = tile
+                        e = dict(tuned.get(str(bits), {}), **tuned.get("skinny", {}).get(key, {}))
+                        e.pop("large", None)
+                        e.update(BLOCK_N=bn, DEQUANT=dq, num_stages=st)
+                        if split:
+                            e["SPLIT_K"] = split
+                        tuned.setdefault("skinny", {})[key] = e
+                        label = f"{bn}x128 dq={int(dq)} st{st} split={split or 'default'}"
+                    configs[label] = tuned
+            _time_splits(name, M, bits, g, configs, t16, bw)
+    finally:
+        sk._tuned = gv._tuned = shipped
+
+
+def _time_splits(name: str, M: int, bits: int, g: int | None, configs: dict, t16: float, bw: float) -> None:
+    """Print the time of each {label: tuned table} on one set of rotated tile-major layers."""
+    import qtool_kernels as qk
+    import qtool_kernels.gemv as gv
+    import qtool_kernels.skinny as sk
+    from qtool_kernels import occupancy
+
+    from qtool.bench.timing import time_rotated
+    from qtool.nn.qlinear import tile_major_layout
+
+    N, K = SPLIT_SHAPES[name]
+    Ls, nb = _rotated_layers(N, K, bits, g)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    fn = qk.gemv_matmul if M == 1 else qk.skinny_matmul
+    with tile_major_layout(torch.nn.ModuleList(Ls)):
+        for label, tuned in configs.items():
+            sk._tuned = gv._tuned = lambda t=tuned: t
+            occupancy._RESIDENT.clear()  # keyed by shape, not config: each candidate records its own
+            err = float("nan")
+            if M > 1:
+                L = Ls[0]
+                ref = sk.reference_skinny(x, L.qweight, L.scales, L.zeros, bits, g)
+                err = float((fn(x, L.qweight, L.scales, L.zeros, bits, g).double() - ref).norm() / ref.norm())
+            try:
+                t = time_rotated([lambda L=L: fn(x, L.qweight, L.scales, L.zeros, bits, g) for L in Ls], rep_ms=40)
+            except Exception as exc:  # a config the compiler rejects
+                print(f"  {label}: skipped ({type(exc).__name__}: {str(exc)[:80]})", flush=True)
+                continue
+            res = {k[0]: v for k, v in occupancy._RESIDENT.items()}
+            n_sm = torch.cuda.get_device_properties(0).multi_processor_count
+            split = sk.default_config(M, N, K, bits, g, n_sm, res.get("skinny"))["SPLIT_K"] if M > 1 else "?"
+            print(f"{name} M{M} W{bits} g{g or 'ch'} {label:32s}: {_speed(t, t16, nb, bw)} resident/SM={res} "
+                  f"split={split} err={err:.1e}", flush=True)
+    del Ls
+    torch.cuda.empty_cache()
+
+
 def pdl(quick: bool) -> None:
     """Session 13: programmatic dependent launch (kernels/pdl.py) on the shipped decode path, per
     QTOOL_PDL (0 off, 1 wait first, n > 1 prefetch n − 1 tiles into L2, then wait). The GEMVs
@@ -826,7 +931,7 @@ def main(mode: str) -> None:
 
 if __name__ == "__main__":
     modes = ("layout", "pc", "tiled", "refactor", "waves", "split", "skinny", "rows", "skinny16", "pairs", "h2", "pdl",
-             "pairs4")
+             "pairs4", "splits")
     if len(sys.argv) < 2 or sys.argv[1] not in modes:
         sys.exit(f"usage: gemv_probe.py {'|'.join(modes)} [--quick]")
     if not torch.cuda.is_available():
@@ -844,6 +949,8 @@ if __name__ == "__main__":
         sets = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--set=")]
         args = ("--quick" in sys.argv, tuple(only[0].split(",")) if only else ())
         globals()[sys.argv[1]](*args, *([sets[0]] if sets and sys.argv[1] == "h2" else []))
+    elif sys.argv[1] == "splits":
+        splits("--quick" in sys.argv, "--m1" in sys.argv)
     elif sys.argv[1] == "pairs4":
         pairs4("--quick" in sys.argv, "--mma2" in sys.argv)
     elif sys.argv[1] in ("split", "skinny", "pairs", "pdl"):
