@@ -255,14 +255,6 @@ _PAIRS4_BF16_S = tl.constexpr(_pairs4_asm(True, True))
 
 
 @triton.jit
-def pair_bits(v, IS_BF16: tl.constexpr):
-    """fp32 v -> int32 holding v rounded to fp16/bf16 in both halves."""
-    DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
-    h = v.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return h | (h << 16)
-
-
-@triton.jit
 def _emu_pair(w, P: tl.constexpr, z, s, SCALED: tl.constexpr, IS_BF16: tl.constexpr):
     # What the PTX yields for pair P, in Triton ops (the interpreter runs no PTX): (q − z)·s
     # with one rounding to fp16/bf16 when SCALED (q − z is exact).
@@ -283,17 +275,29 @@ def _split(p, IS_BF16: tl.constexpr):
 
 
 @triton.jit
+def _both_halves(h):
+    """int32 with 16-bit pattern h (0 ≤ h < 2^16) in both halves."""
+    return h | (h << 16)
+
+
+@triton.jit
 def pairs4_consts(z, s, IS_BF16: tl.constexpr):
-    """The PTX's per-group operands from fp32 zero points z and scales s (any shape, before
-    they are broadcast over a group's words, so each is computed once per group and row):
-    (add for pairs 0 and 2, add for pairs 1 and 3, {s}²)."""
+    """The PTX's per-group operands from integer zero points z (0 ≤ z < 16, any int dtype) and
+    scales s in fp16/bf16 (any shape, before they are broadcast over a group's words, so each
+    is computed once per group and row): (add for pairs 0 and 2, add for pairs 1 and 3, {s}²).
+
+    The adds are −(1024 + z) and −(64 + z) in fp16 (−(128 + z) in bf16), exact: they are
+    written as bit patterns, not converted (the fp16 1024 + z is 0x6400 + z, 64 + z is
+    0x5400 + 16z; the bf16 128 + z is 0x4300 + z), which takes 2 integer ops per value
+    where int → fp32 → add → fp16 took 3 conversions and adds (§v15)."""
+    zi = z.to(tl.int32)
     if IS_BF16:
-        add_a = pair_bits(-(z + 128.0), True)
+        add_a = _both_halves(0xC300 | zi)
         add_b = add_a
     else:
-        add_a = pair_bits(-(z + 1024.0), False)
-        add_b = pair_bits(-(z + 64.0), False)
-    return add_a, add_b, pair_bits(s, IS_BF16)
+        add_a = _both_halves(0xE400 | zi)
+        add_b = _both_halves(0xD400 + (zi << 4))
+    return add_a, add_b, _both_halves(s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
 
 
 @triton.jit

@@ -63,18 +63,21 @@ def _pairs_step(acc, qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, xt, s_row, z_row
     if GPB == 1 and not DEQUANT:
         g = k0 // GROUP
         s = tl.load(s_row + g * stride_sg, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_row + g * stride_zg, mask=n_mask, other=0).to(tl.float32)
-        add_a, add_b, s2 = pairs4_consts(z, s, IS_BF16)
+        zq = tl.load(z_row + g * stride_zg, mask=n_mask, other=0)
+        add_a, add_b, s2 = pairs4_consts(zq, s.to(DT), IS_BF16)
+        z = zq.to(tl.float32)  # read by the emulation only
         v = pairs4_tile(w, _per_word(z[:, None], BLOCK_N, BW), w, _per_word(add_a[:, None], BLOCK_N, BW),
                         _per_word(add_b[:, None], BLOCK_N, BW), w, BLOCK_N, BLOCK_K, IS_BF16, False, EMULATE)
         acc += s[:, None] * tl.dot(v, xp)  # Σ (q − z) x, exact products, scaled in fp32
     else:
         # each word lies in one group (a group is ≥ 32 codes): its scale and zero, per word
-        gi = k0 // GROUP + tl.arange(0, GPB)
+        GPL: tl.constexpr = 2 if GPB == 1 else GPB
+        gi = k0 // GROUP + tl.arange(0, GPL) * GPB // GPL
         sz_mask = n_mask[:, None] & (gi[None, :] < G)
-        s = tl.load(s_row[:, None] + gi[None, :] * stride_sg, mask=sz_mask, other=0.0).to(DT).to(tl.float32)
-        z = tl.load(z_row[:, None] + gi[None, :] * stride_zg, mask=sz_mask, other=0).to(tl.float32)
-        add_a, add_b, s2 = pairs4_consts(z, s, IS_BF16)
+        sd = tl.load(s_row[:, None] + gi[None, :] * stride_sg, mask=sz_mask, other=0.0).to(DT)
+        zq = tl.load(z_row[:, None] + gi[None, :] * stride_zg, mask=sz_mask, other=0)
+        add_a, add_b, s2 = pairs4_consts(zq, sd, IS_BF16)
+        s, z = sd.to(tl.float32), zq.to(tl.float32)  # read by the emulation only
         v = pairs4_tile(w, _per_word(z, BLOCK_N, BW), _per_word(s, BLOCK_N, BW), _per_word(add_a, BLOCK_N, BW),
                         _per_word(add_b, BLOCK_N, BW), _per_word(s2, BLOCK_N, BW), BLOCK_N, BLOCK_K, IS_BF16, True,
                         EMULATE)  # (q − z)·s, one rounding
@@ -209,7 +212,7 @@ def default_config(M: int, N: int, K: int, bits: int, group_size: int | None, n_
     n_tiles = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
     k_tiles = triton.cdiv(K, block_k)
     wave = slots(n_sm, t.get("programs_per_sm", 8), resident)
-    split_k = t.get("SPLIT_K") or split_k_one_wave(n_tiles, k_tiles, wave, 8)
+    split_k = t.get("SPLIT_K") or split_k_one_wave(n_tiles, k_tiles, wave, t.get("max_split", 8))
     cfg = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k,
            "num_warps": t.get("num_warps", 4), "num_stages": t.get("num_stages", 3), "PAIRS": t.get("PAIRS", True),
            "DEQUANT": t.get("DEQUANT", False)}

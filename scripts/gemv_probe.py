@@ -35,7 +35,11 @@
                                          larger candidates;
                                          --quick: W4 g128 only.
   python scripts/gemv_probe.py splits    session 15: time against SPLIT_K at M = 16 (skinny tiles) or, with
-                                         --m1, at M = 1 (h2 GEMV), through the decode path; --quick: 70B.down.
+                                         --m1, at M = 1 (h2 GEMV), through the decode path; --tiles: W4 g128
+                                         tiles at M = 16, default split; --g128: W4 g128 tiles × splits
+                                         on the 70B layers; --entries: whole W4 g128 skinny entries
+                                         (ENTRIES16) at M = 16 and 4; --g64: W4 g64 entries (ENTRIES64);
+                                         --quick: 70B.down.
   python scripts/gemv_probe.py h2        session 11: the packed-half2 GEMV (gemv_h2.py) on tile-major codes,
                                          candidate tiles/warps/stages against the shipped fp32 kernel, through
                                          the decode path; --quick: 70B.down and 7B.down, W4 g128 only;
@@ -778,14 +782,46 @@ SPLITS16 += [(name, 16, (4, 64), [(128, True, 3), (256, True, 3), (256, True, 2)
 SPLITS16 += [(name, 16, (4, None), [(64, False, 3), (128, False, 3), (256, True, 3)])
              for name in ("70B.down", "70B.up")]
 SPLITS16 += [(name, 16, (4, 128), [(32, False, 3), (64, False, 3)]) for name in ("7B.down", "7B.up")]
+# (BLOCK_N, DEQUANT, num_stages, more keys): W4 g128 tiles after the scale loads of one group per tile took
+# the per-word shape of two (§v15: 192 -> 146 registers at 128 x 128)
+TILES16 = [(128, True, 3, {}), (128, True, 3, {"maxnreg": 128}), (256, True, 3, {}), (256, True, 2, {}),
+           (64, True, 3, {}), (32, False, 3, {})]
 
 
-def splits(quick: bool, m1: bool = False) -> None:
+# W4 g128 after the two-group-shaped scale loads: tiles × splits on the 70B layers
+SPLITS16_G128 = [(name, 16, (4, 128), [(128, True, 3), (256, True, 3), (64, True, 3)])
+                 for name in ("70B.down", "70B.up")]
+
+
+# whole "skinny" 4:128 entries (session 15): shipped, 128-row DEQUANT tiles for every layer or the large ones,
+# split capped at 8 (as before) or 16 (one wave decides)
+_E = {"BLOCK_K": 128, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16}
+ENTRIES16 = {"128dq/16": dict(_E, BLOCK_N=128, DEQUANT=True, max_split=16),
+             "128dq/8": dict(_E, BLOCK_N=128, DEQUANT=True),
+             "64dq/16": dict(_E, BLOCK_N=64, DEQUANT=True, max_split=16),
+             "session14": dict(_E, BLOCK_N=32, large={"min_codes": 1 << 27, "BLOCK_N": 256, "DEQUANT": True}),
+             # call H: programs_per_sm caps the one-wave grid below the compiled residency (7)
+             "128dq/pps6+large16": dict(_E, BLOCK_N=128, DEQUANT=True, programs_per_sm=6,
+                                        large={"min_codes": 1 << 27, "max_split": 16}),
+             "128dq/pps6+large256/pps4": dict(_E, BLOCK_N=128, DEQUANT=True, programs_per_sm=6,
+                                              large={"min_codes": 1 << 27, "BLOCK_N": 256, "programs_per_sm": 4}),
+             "128dq/pps5+large16": dict(_E, BLOCK_N=128, DEQUANT=True, programs_per_sm=5,
+                                        large={"min_codes": 1 << 27, "max_split": 16})}
+
+
+# W4 g64 (128 x 128, 2 warps) after the integer-built constants took its registers from 128 to 148 (call I)
+ENTRIES64 = {"st3": dict(_E, BLOCK_N=128), "st2": dict(_E, BLOCK_N=128, num_stages=2),
+             "st3/r136": dict(_E, BLOCK_N=128, maxnreg=136), "st3/r128": dict(_E, BLOCK_N=128, maxnreg=128)}
+
+
+def splits(quick: bool, m1: bool = False, tiles: bool = False, g128: bool = False, entries: bool = False,
+           g64: bool = False) -> None:
     """Session 15: time against split-K, the shipped path otherwise (tile-major layers, rotated).
     M = 16 (skinny): candidate tiles × SPLIT_K; the shipped rule caps the split at 8, which left
     70B.down's 256-row tile 256 programs for 528 slots (2 of 4 per SM). --m1: the M = 1 h2 GEMV
-    of W4 g128, W3 g128 and W2 g64 on 70B.down and 70B.up × SPLIT_K. Each line checks the
-    product against float64 (skinny) first. --quick: 70B.down W4 g128 only."""
+    of W4 g128, W3 g128 and W2 g64 on 70B.down and 70B.up × SPLIT_K. --tiles: W4 g128 at M = 16,
+    TILES16 on 70B.down, 70B.up and 7B.down, default split only. Each line checks the product
+    against float64 (skinny) first. --quick: 70B.down W4 g128 only."""
     import copy
 
     import qtool_kernels.gemv as gv
@@ -802,6 +838,19 @@ def splits(quick: bool, m1: bool = False) -> None:
     if m1:
         runs = [(name, 1, cls, [None]) for name in ("70B.down", "70B.up") for cls in ((4, 128), (3, 128), (2, 64))]
         sks = [None, 8, 12, 16, 24, 32, 48]
+    elif g64:
+        runs = [(name, M, (4, 64), list(ENTRIES64)) for M in (16, 4) for name in ("70B.down", "70B.up", "7B.down")]
+        sks = [None]
+    elif entries:
+        runs = [(name, M, (4, 128), ["session14", *list(ENTRIES16)[4:]]) for M in (16, 4)
+                for name in ("70B.down", "70B.up", "7B.down", "7B.up", "7B.qo")[:1 if quick else 5]]
+        sks = [None]
+    elif g128:
+        runs = SPLITS16_G128
+        sks = [None, 2, 4, 6, 10, 12, 16]
+    elif tiles:
+        runs = [(name, 16, (4, 128), TILES16) for name in ("70B.down", "70B.up", "7B.down")[:1 if quick else 3]]
+        sks = [None]
     else:
         runs = SPLITS16[:1] if quick else SPLITS16
         sks = [None, 8, 12, 16, 24, 32]
@@ -814,7 +863,11 @@ def splits(quick: bool, m1: bool = False) -> None:
             for tile in tiles:
                 for split in sks:
                     tuned = copy.deepcopy(shipped())
-                    if M == 1:
+                    if isinstance(tile, str):  # a whole entry by name
+                        if tile != "shipped":
+                            tuned["skinny"][key] = copy.deepcopy({**ENTRIES16, **ENTRIES64}[tile])
+                        label = tile
+                    elif M == 1:
                         e = tuned["gemv_tiled"][key + ":1"]
                         large = e.get("large")
                         h2 = (large if large and N * K >= large["min_codes"] and "H2" in large else e)["H2"]
@@ -822,14 +875,15 @@ def splits(quick: bool, m1: bool = False) -> None:
                             h2["SPLIT_K"] = split
                         label = f"h2 split={split or 'default'}"
                     else:
-                        bn, dq, st = tile
+                        bn, dq, st, *more = tile
+                        more = more[0] if more else {}
                         e = dict(tuned.get(str(bits), {}), **tuned.get("skinny", {}).get(key, {}))
                         e.pop("large", None)
-                        e.update(BLOCK_N=bn, DEQUANT=dq, num_stages=st)
+                        e.update(BLOCK_N=bn, DEQUANT=dq, num_stages=st, **more)
                         if split:
                             e["SPLIT_K"] = split
                         tuned.setdefault("skinny", {})[key] = e
-                        label = f"{bn}x128 dq={int(dq)} st{st} split={split or 'default'}"
+                        label = f"{bn}x128 dq={int(dq)} st{st} split={split or 'default'} {more or ''}"
                     configs[label] = tuned
             _time_splits(name, M, bits, g, configs, t16, bw)
     finally:
@@ -850,14 +904,14 @@ def _time_splits(name: str, M: int, bits: int, g: int | None, configs: dict, t16
     Ls, nb = _rotated_layers(N, K, bits, g)
     x = torch.randn(M, K, device="cuda", dtype=torch.float16)
     fn = qk.gemv_matmul if M == 1 else qk.skinny_matmul
+    L = Ls[0]
+    ref = sk.reference_skinny(x, L.qweight, L.scales, L.zeros, bits, g) if M > 1 else None  # row-major
     with tile_major_layout(torch.nn.ModuleList(Ls)):
         for label, tuned in configs.items():
             sk._tuned = gv._tuned = lambda t=tuned: t
             occupancy._RESIDENT.clear()  # keyed by shape, not config: each candidate records its own
             err = float("nan")
-            if M > 1:
-                L = Ls[0]
-                ref = sk.reference_skinny(x, L.qweight, L.scales, L.zeros, bits, g)
+            if ref is not None:
                 err = float((fn(x, L.qweight, L.scales, L.zeros, bits, g).double() - ref).norm() / ref.norm())
             try:
                 t = time_rotated([lambda L=L: fn(x, L.qweight, L.scales, L.zeros, bits, g) for L in Ls], rep_ms=40)
@@ -950,7 +1004,7 @@ if __name__ == "__main__":
         args = ("--quick" in sys.argv, tuple(only[0].split(",")) if only else ())
         globals()[sys.argv[1]](*args, *([sets[0]] if sets and sys.argv[1] == "h2" else []))
     elif sys.argv[1] == "splits":
-        splits("--quick" in sys.argv, "--m1" in sys.argv)
+        splits(*(f"--{a}" in sys.argv for a in ("quick", "m1", "tiles", "g128", "entries", "g64")))
     elif sys.argv[1] == "pairs4":
         pairs4("--quick" in sys.argv, "--mma2" in sys.argv)
     elif sys.argv[1] in ("split", "skinny", "pairs", "pdl"):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import qtool_kernels as qk
 import torch
+import triton
+import triton.language as tl
 from kernel_testutil import TOL, check_fused_split_k, random_packed, rel_err
+from qtool_kernels._unpack import pairs4_consts
 
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1, "num_warps": 4}
 
@@ -121,3 +124,34 @@ def test_skinny_w4_pairs_options(group_size: int | None, options: dict) -> None:
     x = torch.randn(5, K).half()
     y = qk.skinny_matmul(x, qweight, scales, zeros, 4, group_size, config=dict(SMALL, SPLIT_K=2, **options))
     assert rel_err(y, qk.reference_skinny(x, qweight, scales, zeros, 4, group_size)) < TOL[torch.float16]
+
+
+@triton.jit
+def _consts_kernel(z_ptr, s_ptr, out_ptr, IS_BF16: tl.constexpr):
+    i = tl.arange(0, 16)
+    DT: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
+    a, b, s2 = pairs4_consts(tl.load(z_ptr + i), tl.load(s_ptr + i).to(DT), IS_BF16)
+    tl.store(out_ptr + i, a)
+    tl.store(out_ptr + 16 + i, b)
+    tl.store(out_ptr + 32 + i, s2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pairs4_consts_bit_patterns(dtype: torch.dtype) -> None:
+    """The PTX's operands are built as bit patterns, not converted (_unpack.pairs4_consts): they
+    must be the fp16/bf16 values −(1024 + z), −(64 + z) (bf16: −(128 + z) twice) and s, in both
+    halves, for every 4-bit zero point. The GPU tests run them through the PTX; the CPU
+    interpreter runs the emulation, which does not read them, so they are checked here."""
+    z = torch.arange(16, dtype=torch.uint8)
+    s = (torch.randn(16) * 1e-2).to(dtype)
+    out = torch.zeros(48, dtype=torch.int32)
+    _consts_kernel[(1,)](z, s, out, IS_BF16=dtype == torch.bfloat16)
+
+    def both(v: torch.Tensor) -> torch.Tensor:
+        h = v.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        return h | (h << 16)
+
+    base_a, base_b = (128.0, 128.0) if dtype == torch.bfloat16 else (1024.0, 64.0)
+    assert torch.equal(out[:16], both(-(z.float() + base_a)))
+    assert torch.equal(out[16:32], both(-(z.float() + base_b)))
+    assert torch.equal(out[32:], both(s))
