@@ -120,3 +120,22 @@ def test_lm_head_quantized_on_request(tmp_path):
     assert isinstance(ck.model.lm_head, QuantLinear)
     with torch.no_grad():
         assert torch.equal(ck.model(ids).logits, model(ids).logits)
+
+
+def test_zero_point_outside_the_grid_is_refused(tmp_path):
+    """A zero-point ≥ 2^b (a file edited by hand, with the manifest check skipped) is refused
+    at load: the kernels assume z is on the b-bit grid."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = _quantized()
+    save_checkpoint(model, None, {"source": {}}, tmp_path / "ck")
+    f = tmp_path / "ck" / "model.safetensors"
+    state = load_file(f)
+    key = next(k for k in state if k.endswith(".zeros"))
+    state[key][0, 0] = 16
+    save_file(state, f)
+    with pytest.raises(QtoolError, match="outside the 4-bit grid"):
+        load_checkpoint(tmp_path / "ck", verify=False, with_tokenizer=False)
+    state[key][0, 0] = 15
+    save_file(state, f)
+    load_checkpoint(tmp_path / "ck", verify=False, with_tokenizer=False)

@@ -291,6 +291,11 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", verify: bool
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise QtoolError(f"{path}: no data for {leftover[:3]}")
+    for name, layer in quant_linears(model).items():
+        # the kernels build −(1024 + z) etc. as bit patterns (kernels/_unpack.pairs4_consts):
+        # a zero-point outside the b-bit grid would be dequantized wrongly, not refused
+        if layer.zeros.numel() and int(layer.zeros.max()) >= 1 << layer.bits:
+            raise QtoolError(f"{path}: {name}.zeros holds a zero-point outside the {layer.bits}-bit grid")
     from qtool.swap import install_scale_api
 
     # Before any cast or move: captures the base scales for model.load_scales / restore.
