@@ -71,6 +71,8 @@ def _pairs_step(acc, qw_ptr, offs_n, n_mask, k0, Wn, stride_qn, xt, s_row, z_row
         acc += s[:, None] * tl.dot(v, xp)  # Σ (q − z) x, exact products, scaled in fp32
     else:
         # each word lies in one group (a group is ≥ 32 codes): its scale and zero, per word
+        # a tile inside one group loads its scale and zero as two equal groups ([BN, 2], g64's
+        # shape): ptxas then gives the 128 × 128 tile 146 registers instead of 192 (§v15)
         GPL: tl.constexpr = 2 if GPB == 1 else GPB
         gi = k0 // GROUP + tl.arange(0, GPL) * GPB // GPL
         sz_mask = n_mask[:, None] & (gi[None, :] < G)
