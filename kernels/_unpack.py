@@ -275,9 +275,9 @@ def _split(p, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def _both_halves(h):
-    """int32 with 16-bit pattern h (0 ≤ h < 2^16) in both halves."""
-    return h | (h << 16)
+def pair16(b):
+    """16-bit pattern b (int32, 0..0xFFFF) in both halves."""
+    return b | (b << 16)
 
 
 @triton.jit
@@ -289,15 +289,16 @@ def pairs4_consts(z, s, IS_BF16: tl.constexpr):
     The adds are −(1024 + z) and −(64 + z) in fp16 (−(128 + z) in bf16), exact: they are
     written as bit patterns, not converted (the fp16 1024 + z is 0x6400 + z, 64 + z is
     0x5400 + 16z; the bf16 128 + z is 0x4300 + z), which takes 2 integer ops per value
-    where int → fp32 → add → fp16 took 3 conversions and adds (§v15)."""
+    where int → fp32 → add → fp16 took 3 conversions and adds (§v15), as gemv_h2's
+    `_load_sz` builds its own."""
     zi = z.to(tl.int32)
     if IS_BF16:
-        add_a = _both_halves(0xC300 | zi)
+        add_a = pair16(0xC300 | zi)
         add_b = add_a
     else:
-        add_a = _both_halves(0xE400 | zi)
-        add_b = _both_halves(0xD400 + (zi << 4))
-    return add_a, add_b, _both_halves(s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+        add_a = pair16(0xE400 | zi)
+        add_b = pair16(0xD400 + (zi << 4))
+    return add_a, add_b, pair16(s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
 
 
 @triton.jit

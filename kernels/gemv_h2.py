@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 from qtool_kernels import occupancy
+from qtool_kernels._unpack import pair16
 from qtool_kernels.gemv import _store_rows, default_h2_config, h2_group_codes, h2_unit_codes
 from qtool_kernels.pdl import pdl_mode, pdl_wait, prefetch_l2
 from qtool_kernels.skinny import _num_sms, split_k_buffers, split_k_result
@@ -347,12 +348,6 @@ def _thread_zero(like, zero, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _pair16(b):
-    """16-bit pattern b (int32, 0..0xFFFF) in both halves."""
-    return b | (b << 16)
-
-
-@triton.jit
 def _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N: tl.constexpr):
     """Scale and zero of group g ([NQ, 1] or a scalar) for the block's rows ([NQ, BLOCK_N])."""
     if MASK_N:
@@ -370,21 +365,21 @@ def _consts(s, z, BITS: tl.constexpr):
     the in-place fields (W4: o = 64; W3: 128, 16; W2: 256, 64, 16). Integer ops only: o + z
     is exact in fp16 with bit pattern bits(o) + z/ulp(o): 0x5400 + 16z for 64 + z (ulp 1/16),
     0x5800 + 8z for 128 + z, 0x5C00 + 4z for 256 + z, 0x4C00 + 64z for 16 + z."""
-    s2 = _pair16(s.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32))
+    s2 = pair16(s.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32))
     z = z.to(tl.int32)
-    zo = _pair16(0x6400 + z)
+    zo = pair16(0x6400 + z)
     if BITS == 4:
-        z1 = _pair16(0xD400 + 16 * z)
+        z1 = pair16(0xD400 + 16 * z)
         z2 = z1
         z3 = z1
     elif BITS == 3:  # fields at bits 3 and 6: −(128 + z), −(16 + z)
-        z1 = _pair16(0xD800 + 8 * z)
-        z2 = _pair16(0xCC00 + 64 * z)
+        z1 = pair16(0xD800 + 8 * z)
+        z2 = pair16(0xCC00 + 64 * z)
         z3 = z2
     else:
-        z1 = _pair16(0xDC00 + 4 * z)
-        z2 = _pair16(0xD400 + 16 * z)
-        z3 = _pair16(0xCC00 + 64 * z)
+        z1 = pair16(0xDC00 + 4 * z)
+        z2 = pair16(0xD400 + 16 * z)
+        z3 = pair16(0xCC00 + 64 * z)
     return s2, zo, z1, z2, z3
 
 
