@@ -1,12 +1,20 @@
 """GPU timing that does not flatter: medians of CUDA-event timings, weights rotated out of L2.
 
-Every timed call works on its own copy of the weights (enough copies to exceed twice the
-L2 cache), so nothing is served from cache, and the copies are replayed from one CUDA
-graph so that launch gaps do not count for the small cases.
+Every timed call works on its own copy of the weights (enough copies to exceed four times
+the L2 cache), so nothing is served from cache, and the copies are replayed from one CUDA
+graph so that launch gaps do not count for the small cases. The graph holds at least
+MIN_CALLS calls (the copies repeated in turn): a replay's own launch is then shared by them.
+
+Before each timed replay L2 is emptied by *reading* a 256 MB buffer. triton's do_bench
+zeroes one instead, which leaves L2 full of dirty lines that the timed kernels then write
+back to DRAM while they read: session 16 measured that as 4.6 µs of a 53 µs GEMV on the
+H100 (scripts/timing_probe.py, docs/benchmarks.md §Session 16). A decode step has no such
+flood of writes before its matmuls, and the copies already keep the weights out of cache.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -25,18 +33,54 @@ def copies_needed(nbytes: int, min_total: int | None = None, cap: int = 64) -> i
     return max(2, min(cap, -(-total // max(nbytes, 1))))
 
 
+FLUSH_BYTES = 256 * 2**20
+MIN_CALLS = 16
+_flush_buf: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def flush_l2() -> None:
+    """Evict L2 by reading FLUSH_BYTES (clean lines: nothing to write back later)."""
+    dev = torch.cuda.current_device()
+    if dev not in _flush_buf:
+        buf = torch.zeros(FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+        _flush_buf[dev] = (buf, torch.empty((), dtype=torch.int32, device="cuda"))
+    buf, sink = _flush_buf[dev]
+    torch.amax(buf, dim=0, out=sink)
+
+
 def median_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 200) -> float:
-    import triton.testing
+    """Median milliseconds of fn over ~rep_ms of repetitions, L2 flushed (read) before each."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        flush_l2()
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    events = []
+    for _ in range(max(1, int(rep_ms / estimate))):
+        flush_l2()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
 
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
-
-def time_rotated(calls: list[Callable[[], object]], use_graph: bool = True, rep_ms: float = 200) -> float:
+def time_rotated(calls: list[Callable[[], object]], use_graph: bool = True, rep_ms: float = 200,
+                 min_calls: int = MIN_CALLS) -> float:
     """Median seconds of one call, each of `calls` touching its own buffers.
 
-    With use_graph, the calls are captured back to back in one CUDA graph (warm-up run
-    first, so compilation and lazy caches stay out of the capture) and the graph's
-    replay time is divided by len(calls).
+    With use_graph, the calls are captured back to back in one CUDA graph, repeated in turn
+    until it holds at least min_calls of them (warm-up run first, so compilation and lazy
+    caches stay out of the capture), and the graph's replay time is divided by that count.
     """
     for c in calls:  # warm-up: compiles, autotunes, allocates
         c()
@@ -48,12 +92,14 @@ def time_rotated(calls: list[Callable[[], object]], use_graph: bool = True, rep_
             for c in calls:
                 c()
         torch.cuda.current_stream().wait_stream(stream)
+        rounds = max(1, -(-min_calls // len(calls)))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            for c in calls:
-                c()
+            for _ in range(rounds):
+                for c in calls:
+                    c()
         torch.cuda.synchronize()
-        ms = median_ms(graph.replay, rep_ms=rep_ms)
+        ms = median_ms(graph.replay, rep_ms=rep_ms) / rounds
         del graph
     else:
         state = {"i": 0}
