@@ -57,12 +57,14 @@ def dequantize_packed(
     group_size: int | None,
     K: int,
     dtype: torch.dtype,
-    block_n: int = 32,
-    block_k: int = 256,
+    block_n: int = 16,
+    block_k: int = 512,
     out: Tensor | None = None,
+    num_warps: int = 4,
 ) -> Tensor:
     """Dense Ŵ [N, K] in `dtype` (fp16/bf16) from the packed layout (row- or tile-major), into
-    `out` if given."""
+    `out` if given. The default 16 × 512 tile (4 warps) was the fastest of twelve on the H100
+    at 4096×11008 and 8192×8192 over W2/W3/W4 (81–89 % of copy; docs/benchmarks.md §Session 16)."""
     from qtool_kernels.tiles import fit_block_k, packed_geometry
 
     N, Wn, TN, TW = packed_geometry(qweight)
@@ -84,7 +86,7 @@ def dequantize_packed(
         qweight, scales, zeros, out, N, K, Wn, G,
         qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
         BITS=bits, GROUP=GROUP, GPB=gpb, BLOCK_N=block_n, BLOCK_K=block_k,
-        IS_BF16=dtype == torch.bfloat16, TILE_N=TN, TILE_W=TW, num_warps=4,
+        IS_BF16=dtype == torch.bfloat16, TILE_N=TN, TILE_W=TW, num_warps=num_warps,
     )
     return out
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -54,7 +55,8 @@ class KernelRow:
     weight_bytes: int
     weight_gbps: float
     copy_frac: float  # weight_gbps / device-to-device copy bandwidth
-    fwd_bwd_ratio: float | None = None  # (quant fwd + dX) / (fp16 fwd + dX), large M only
+    fwd_bwd_ratio: float | None = None  # (quant fwd + dX) / (fp16 fwd + dX), large M only, eager
+    fwd_bwd_graph_ratio: float | None = None  # the same, each replayed from a CUDA graph (GPU time)
 
 
 @dataclass
@@ -163,8 +165,27 @@ def bench_nf4(N: int, K: int, M: int, block_size: int, dtype: torch.dtype,
     return t, nbytes, path
 
 
-def bench_fwd_bwd(N: int, K: int, M: int, bits: int | str, group_size: int | None, dtype: torch.dtype) -> float:
-    """(quantized fwd + dX) / (fp16 fwd + dX) time, frozen weights (the LoRA-on-int-base case)."""
+def _graphed(fn: Callable[[], None]) -> Callable[[], None]:
+    """fn (forward + backward) captured in a CUDA graph after warm-up on a side stream; its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def bench_fwd_bwd(N: int, K: int, M: int, bits: int | str, group_size: int | None,
+                  dtype: torch.dtype) -> tuple[float, float]:
+    """(quantized fwd + dX) / (fp16 fwd + dX) time, frozen weights (the LoRA-on-int-base case):
+    (eager, graph). Eager counts what an eager training loop waits for, the host's Python and
+    launches included (they bound small layers); graph replays each from a CUDA graph, which
+    leaves the GPU's time."""
     import qtool_kernels as qk
 
     if bits == NF4:
@@ -183,7 +204,9 @@ def bench_fwd_bwd(N: int, K: int, M: int, bits: int | str, group_size: int | Non
 
     tq = time_rotated([quant], use_graph=False)
     td = time_rotated([dense], use_graph=False)
-    return tq / td
+    gq = time_rotated([_graphed(quant)], use_graph=False)
+    gd = time_rotated([_graphed(dense)], use_graph=False)
+    return tq / td, gq / gd
 
 
 def run(
@@ -211,12 +234,13 @@ def run(
             for bits in bits_list:
                 for g in ((NF4_BLOCK,) if bits == NF4 else groups):
                     tq, nbytes, path = bench_quant(N, K, M, bits, g, dtype, tile_major=tile_major)
-                    ratio = None
+                    ratio = graph_ratio = None
                     if M >= fwd_bwd_min_m:
-                        ratio = bench_fwd_bwd(N, K, M, bits, g, dtype)
+                        ratio, graph_ratio = bench_fwd_bwd(N, K, M, bits, g, dtype)
                     gbps = nbytes / tq / 1e9
                     row = KernelRow(name, N, K, M, bits, g, str(dtype).removeprefix("torch."), path,
-                                    tq * 1e6, t16 * 1e6, t16 / tq, nbytes, gbps, gbps * 1e9 / copy_bw, ratio)
+                                    tq * 1e6, t16 * 1e6, t16 / tq, nbytes, gbps, gbps * 1e9 / copy_bw, ratio,
+                                    graph_ratio)
                     rows.append(row)
                     if progress is not None:
                         progress(row)

@@ -13,12 +13,12 @@ def kernel_table(report: KernelReport, console: Console | None = None) -> None:
     t = Table(title=f"{report.gpu} · torch {report.torch} · triton {report.triton} · "
                     f"copy {report.copy_gbps:.0f} GB/s (read+write)")
     for col in ("shape", "N×K", "M", "bits", "g", "path", "quant µs", "fp16 µs", "speedup",
-                "weight GB/s", "% copy", "fwd+dX / fp16"):
+                "weight GB/s", "% copy", "fwd+dX / fp16", "graphed"):
         t.add_column(col, justify="right")
     for r in report.rows:
         t.add_row(r.shape, f"{r.N}×{r.K}", str(r.M), str(r.bits), fmt_group(r.group_size), r.path,
                   f"{r.quant_us:.1f}", f"{r.fp16_us:.1f}", f"{r.speedup:.2f}×", f"{r.weight_gbps:.0f}",
-                  f"{100 * r.copy_frac:.0f}%", fmt_opt(r.fwd_bwd_ratio))
+                  f"{100 * r.copy_frac:.0f}%", fmt_opt(r.fwd_bwd_ratio), fmt_opt(r.fwd_bwd_graph_ratio))
     console.print(t)
 
 

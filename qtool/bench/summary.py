@@ -13,14 +13,15 @@ def kernels_md(d: dict) -> str:
     lines = [f"GPU {d['gpu']}, torch {d['torch']}, triton {d['triton']}, "
              f"device-to-device copy {d['copy_gbps']:.0f} GB/s (read + write)", "",
              "| shape | N×K | M | bits | g | path | quant µs | fp16 µs | speedup | weight GB/s | % copy "
-             "| fwd+dX / fp16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fwd+dX / fp16 | graphed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         g = "ch" if r["group_size"] is None else r["group_size"]
         fb = "" if r["fwd_bwd_ratio"] is None else f"{r['fwd_bwd_ratio']:.3f}"
+        fg = "" if r.get("fwd_bwd_graph_ratio") is None else f"{r['fwd_bwd_graph_ratio']:.3f}"
         lines.append(f"| {r['shape']} | {r['N']}×{r['K']} | {r['M']} | {r['bits']} | {g} | {r['path']} | "
                      f"{r['quant_us']:.1f} | {r['fp16_us']:.1f} | {r['speedup']:.2f}× | "
-                     f"{r['weight_gbps']:.0f} | {100 * r['copy_frac']:.0f}% | {fb} |")
+                     f"{r['weight_gbps']:.0f} | {100 * r['copy_frac']:.0f}% | {fb} | {fg} |")
     return "\n".join(lines)
 
 
