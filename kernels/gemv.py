@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from qtool_kernels import occupancy
 from qtool_kernels._unpack import load3, load3_at
-from qtool_kernels.occupancy import slots, split_k_one_wave
+from qtool_kernels.occupancy import slots, split_k_one_wave, split_k_waves
 from qtool_kernels.pdl import pdl_mode, pdl_wait
 from qtool_kernels.skinny import (
     PER_CHANNEL,
@@ -780,7 +780,11 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
     bn = t.get("BLOCK_N", t.get("rows", 2 if bits == 3 else 4) * max(1, 32 // nq) * nw)
     n_tiles = triton.cdiv(N, bn)
     k_tiles = triton.cdiv(K, bk)
-    split_k = _split_k(n_tiles, k_tiles, t, n_sm, resident, 32)
+    if t.get("SPLIT_K"):
+        split_k = t["SPLIT_K"]
+    else:  # one wave, or 3 of shorter programs where one wave would be mostly idle slots
+        split_k = split_k_waves(n_tiles, k_tiles, slots(n_sm, t.get("programs_per_sm", 8), resident), 32,
+                                t.get("min_k_tiles", 4))
     cfg = {"H2": True, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "num_warps": nw, "num_stages": 1,
            "STAGES": t.get("STAGES", 1)}
     if t.get("maxnreg"):  # ptxas's register cap: more programs per SM (tuned per class)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 from qtool_kernels import gemv, occupancy
-from qtool_kernels.occupancy import resident_programs, split_k_one_wave
+from qtool_kernels.occupancy import resident_programs, split_k_one_wave, split_k_waves
 
 
 @pytest.mark.parametrize(("regs", "warps", "shared", "expected"), [
@@ -33,6 +33,30 @@ def test_split_fits_one_wave() -> None:
     assert split_k_one_wave(64, 32, 132 * 8, 16) == 8
     # 7B.down: 86 K tiles; 14 slices of 7 tiles would leave the 14th empty -> 13
     assert split_k_one_wave(64, 86, 132 * 7, 16) == 13
+
+
+def test_split_spreads_a_mostly_idle_wave() -> None:
+    # 70B.up W4 g128 (448 row blocks x 64 K tiles, 1,320 slots): one wave would be split 2,
+    # 896 programs (68 %); three waves of shorter programs instead: split 9 -> slices of 8 -> 8
+    assert split_k_one_wave(448, 64, 1320, 32, 2) == 2
+    assert split_k_waves(448, 64, 1320, 32, 2) == 8
+    # a full enough wave stays: 70B.down (97 %), 7B.down (87 %), W2 g64 70B.up (85 %)
+    assert split_k_waves(128, 224, 1188, 32, 2) == split_k_one_wave(128, 224, 1188, 32, 2) == 9
+    assert split_k_waves(64, 86, 1320, 32, 2) == 18
+    assert split_k_waves(224, 64, 1320, 32, 2) == 5
+    # K tiles run out first (7B.qo: 64 row blocks x 32 tiles, ≥ 2 each): the one-wave split
+    assert split_k_waves(64, 32, 1320, 32, 2) == 16
+
+
+@pytest.mark.parametrize("n_tiles", [1, 7, 64, 128, 448, 1792])
+@pytest.mark.parametrize("k_tiles", [1, 4, 9, 32, 86, 224])
+@pytest.mark.parametrize("slots", [132 * 3, 132 * 7, 132 * 10])
+def test_split_waves_invariants(n_tiles: int, k_tiles: int, slots: int) -> None:
+    one, split = split_k_one_wave(n_tiles, k_tiles, slots, 32, 2), split_k_waves(n_tiles, k_tiles, slots, 32, 2)
+    assert one <= split <= 32 and (split - 1) * -(-k_tiles // split) < k_tiles
+    if split > one:  # only when one wave would be under 80 % full, and never past 3 waves' worth of slices
+        assert n_tiles * one < 0.8 * slots and k_tiles // split >= 2
+        assert n_tiles * (split - 1) < 3 * slots
 
 
 @pytest.mark.parametrize("n_tiles", [1, 7, 64, 128, 448, 1792])
