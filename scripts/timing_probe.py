@@ -26,22 +26,6 @@ CASES = [  # (shape, M, bits, group)
 ]
 
 
-def _graph(calls, rounds):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(rounds):
-            for c in calls:
-                c()
-    torch.cuda.synchronize()
-    return g
-
-
 def _events(fn, flush, reps: int = 200) -> float:
     """Median ms of fn, each rep after flush() (None: replays back to back, total / reps)."""
     for _ in range(5):
@@ -68,13 +52,13 @@ def _events(fn, flush, reps: int = 200) -> float:
 
 
 def time_ways(calls, min_calls: int) -> dict[str, float]:
-    from qtool.bench.timing import median_ms
+    from qtool.bench.timing import capture_graph, median_ms
 
     for c in calls:
         c()
     torch.cuda.synchronize()
     rounds = max(1, -(-min_calls // len(calls)))
-    g1, gr = _graph(calls, 1), _graph(calls, rounds)
+    g1, gr = capture_graph(calls, 1), capture_graph(calls, rounds)
     buf = torch.empty(2**26, dtype=torch.int32, device="cuda")
     sink = torch.empty((), dtype=torch.int32, device="cuda")
     n1, nr = len(calls), len(calls) * rounds

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from qtool_kernels.gemv import gemv_path
 
-from qtool.bench.timing import copies_needed, copy_bandwidth, time_rotated
+from qtool.bench.timing import capture_graph, copies_needed, copy_bandwidth, time_rotated
 from qtool.nn.qlinear import tile_major_layout
 
 # (N out, K in). Llama-2-7B: q/k/v/o 4096×4096, gate/up 11008×4096, down 4096×11008;
@@ -165,21 +164,6 @@ def bench_nf4(N: int, K: int, M: int, block_size: int, dtype: torch.dtype,
     return t, nbytes, path
 
 
-def _graphed(fn: Callable[[], None]) -> Callable[[], None]:
-    """fn (forward + backward) captured in a CUDA graph after warm-up on a side stream; its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph.replay
-
-
 def bench_fwd_bwd(N: int, K: int, M: int, bits: int | str, group_size: int | None,
                   dtype: torch.dtype) -> tuple[float, float]:
     """(quantized fwd + dX) / (fp16 fwd + dX) time, frozen weights (the LoRA-on-int-base case):
@@ -204,8 +188,8 @@ def bench_fwd_bwd(N: int, K: int, M: int, bits: int | str, group_size: int | Non
 
     tq = time_rotated([quant], use_graph=False)
     td = time_rotated([dense], use_graph=False)
-    gq = time_rotated([_graphed(quant)], use_graph=False)
-    gd = time_rotated([_graphed(dense)], use_graph=False)
+    gq = time_rotated([capture_graph([quant], warmup=3).replay], use_graph=False)
+    gd = time_rotated([capture_graph([dense], warmup=3).replay], use_graph=False)
     return tq / td, gq / gd
 
 

@@ -74,6 +74,25 @@ def median_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 2
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+def capture_graph(calls: list[Callable[[], object]], rounds: int = 1, warmup: int = 1) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of `calls` in turn, `rounds` times, after `warmup` rounds on a side
+    stream (capture needs the lazy allocations and autograd buffers to exist already)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            for c in calls:
+                c()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for c in calls:
+                c()
+    torch.cuda.synchronize()
+    return graph
+
+
 def time_rotated(calls: list[Callable[[], object]], use_graph: bool = True, rep_ms: float = 200,
                  min_calls: int = MIN_CALLS) -> float:
     """Median seconds of one call, each of `calls` touching its own buffers.
@@ -86,19 +105,8 @@ def time_rotated(calls: list[Callable[[], object]], use_graph: bool = True, rep_
         c()
     torch.cuda.synchronize()
     if use_graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for c in calls:
-                c()
-        torch.cuda.current_stream().wait_stream(stream)
         rounds = max(1, -(-min_calls // len(calls)))
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(rounds):
-                for c in calls:
-                    c()
-        torch.cuda.synchronize()
+        graph = capture_graph(calls, rounds)
         ms = median_ms(graph.replay, rep_ms=rep_ms) / rounds
         del graph
     else:
