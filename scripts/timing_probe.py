@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
@@ -26,47 +25,39 @@ CASES = [  # (shape, M, bits, group)
 ]
 
 
-def _events(fn, flush, reps: int = 200) -> float:
-    """Median ms of fn, each rep after flush() (None: replays back to back, total / reps)."""
+def _back_to_back(fn, reps: int = 50) -> float:
+    """ms of fn replayed back to back with no flush between (total / reps)."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
-    if flush is None:
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(reps):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        return s.elapsed_time(e) / reps
-    times = []
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
     for _ in range(reps):
-        flush()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
         fn()
-        e.record()
-        times.append((s, e))
+    e.record()
     torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in times)
+    return s.elapsed_time(e) / reps
 
 
 def time_ways(calls, min_calls: int) -> dict[str, float]:
+    import triton.testing
+
     from qtool.bench.timing import capture_graph, median_ms
+
+    def zero_flushed(fn) -> float:  # session 15's timing: do_bench zeroes 256 MB before each rep
+        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
     for c in calls:
         c()
     torch.cuda.synchronize()
     rounds = max(1, -(-min_calls // len(calls)))
     g1, gr = capture_graph(calls, 1), capture_graph(calls, rounds)
-    buf = torch.empty(2**26, dtype=torch.int32, device="cuda")
-    sink = torch.empty((), dtype=torch.int32, device="cuda")
     n1, nr = len(calls), len(calls) * rounds
     out = {
-        "graph1/zero": median_ms(g1.replay) * 1e3 / n1,
-        "graphR/zero": median_ms(gr.replay) * 1e3 / nr,
-        "graph1/read": _events(g1.replay, lambda: torch.amax(buf, dim=0, out=sink)) * 1e3 / n1,
-        "graphR/none": _events(gr.replay, None, reps=50) * 1e3 / nr,
+        "graph1/zero": zero_flushed(g1.replay) * 1e3 / n1,
+        "graphR/zero": zero_flushed(gr.replay) * 1e3 / nr,
+        "graph1/read": median_ms(g1.replay) * 1e3 / n1,  # qtool.bench.timing's read-flush
+        "graphR/none": _back_to_back(gr.replay) * 1e3 / nr,
         "calls": nr,
     }
     del g1, gr
