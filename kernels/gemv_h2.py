@@ -1,4 +1,4 @@
-"""M = 1, fp16, W4/W3/W2: the GEMV in packed half2 arithmetic (inline PTX), ~3 instructions per code.
+"""M = 1, fp16, W4/W3/W2: the GEMV in packed half2 arithmetic (inline PTX), ~2.5 instructions per code.
 
 Only gemv.gemv_matmul imports this module, and only on CUDA outside the interpreter (the
 interpreter cannot run PTX); `EMULATE=True` swaps every PTX block for Triton integer/float
@@ -10,13 +10,14 @@ its reads are contiguous (tile-major codes, one-wave grids: docs/kernels.md §v1
 Here one LOP3 extracts two codes into an f16x2 register, `(w & 0x000F000F) | 0x64006400` =
 {1024 + c_i, 1024 + c_{i+4}} (W4; W2: 0x00030003, {c_i, c_{i+8}}); the fields at bits 4–7
 (W2: 2–7) are masked in place and their 16^-1 (4^-k) folded into an exact fma (Marlin's
-trick), so one shift serves a whole word. Per pair then three f16x2 ops: t = q − z (exact:
-integers), Ŵ = t·s (rounded once, as an fp16 dequantize rounds it), acc = Ŵ·x + acc.
-Scaling before the product keeps |Ŵ·x| small: x reaches thousands in down_proj inputs and
-x·(q − z) summed in fp16 could overflow. The f16x2 chain runs over one tile (W4: 16, W2:
+trick), so one shift serves a whole word. Per pair then two f16x2 ops: t = (q − z)·2^-E
+(one fma, exact) and acc = t·x + acc. The scale is applied once per chain, in fp32, when
+the chain is flushed (Σ s(q − z)x = s·Σ(q − z)x: a unit never spans groups); the power of
+two 2^-E keeps the fp16 chains clear of overflow for any fp16 x (x reaches thousands in
+down_proj inputs), see PRESCALE_LOG2. The f16x2 chain runs over one tile (W4: 16, W2 and W3:
 32 products per half and row) and is then added into fp32, so the fp16 rounding error
-does not grow with K. Compiled for sm_90 (Triton 3.6), W4 g128's K loop is 3.25
-instructions per code (the fp32 kernel's: 5.2).
+does not grow with K. Compiled for sm_90 (Triton 3.6), W4 g128's K loop is ~2.4
+instructions per code (the fp32 kernel's: 5.0).
 
 x pairs must match the code pairs ({x_i, x_{i+4}}): x is read as int32 words (fp16 pairs
 {x_2m, x_2m+1}, 128-bit loads) and permuted in registers by PRMT, once per thread and
@@ -52,6 +53,18 @@ from qtool_kernels.skinny import _num_sms, split_k_buffers, split_k_result
 from qtool_kernels.tiles import packed_geometry, words_per_tile
 from torch import Tensor
 
+# log2 of the power of two folded into t = (q − z)·2^-E: the largest that keeps a chain's
+# sum inside fp16 for |x| ≤ 65,504 (chain length × max|q − z| ≤ 2^E: W4 16 × 15, W3 32 × 7,
+# W2 32 × 3). A larger one would only push small products towards fp16's subnormals.
+PRESCALE_LOG2 = {4: 8, 3: 8, 2: 7}
+
+
+def pow2_f16(n: int) -> int:
+    """fp16 bit pattern of 2^-n (0 ≤ n ≤ 14: normal numbers only)."""
+    assert 0 <= n <= 14
+    return (15 - n) << 10
+
+
 # Every block writes its outputs last, from temporaries: without an early-clobber an output
 # may be given an input's register.
 # Pairs {x_i, x_{i+H}} from int32 words r_m = {x_2m, x_2m+1}: prmt 0x5410 takes the low
@@ -73,9 +86,16 @@ XPAIRS2_ASM = ("{\n.reg .b32 o0, o1, o2, o3, o4, o5, o6, o7;\n"
                          for i in range(8))
                + "".join(f"mov.b32 ${i}, o{i};\n" for i in range(8)) + "}")
 
+# Every product is t·x with t = (q − z)·2^-E exact (PRESCALE_LOG2: E = 8, W2 7), and each
+# chain's f16x2 sum is scaled by s·2^E in fp32 when it is flushed: no multiply by s per
+# code. 2^-E is what keeps the chains in fp16's range for any fp16 x: |t| ≤ 15·2^-8 (W4,
+# 16 products per half: ≤ 61,410), 7·2^-8 (W3, 32: ≤ 57,316), 3·2^-7 (W2, 32: ≤ 49,128).
+# A field reads v = 1024 + 2^p·q (p: its bit in the half), so t = v·2^-(p+E) − (1024·2^-p
+# + z)·2^-E in one fma, exact: both terms are fp16 numbers and so is their sum.
+
 # One W4 word (8 codes) of one row: $0 = acc out, $1 = word, $2 = acc in, $3 = 0x64006400,
-# $4 = {1024 + z}², $5 = {−(64 + z)}², $6 = {1/16}², $7 = {s}², $8..$11 = x pairs 0..3.
-# Pairs 1 and 3 sit at bits 4–7: 1024 + 16q, so q − z = (1024 + 16q)/16 − (64 + z), exact.
+# $4 = {−(1024 + z)·2^-E}², $5 = {−(64 + z)·2^-E}², $6 = {2^-E}², $7 = {2^-(4+E)}²,
+# $8..$11 = x pairs 0..3. Pairs 1 and 3 sit at bits 4–7 (p = 4).
 WORD4_ASM = """{
 .reg .b32 wh, t0, t1, t2, t3, a;
 shr.u32 wh, $1, 8;
@@ -83,14 +103,10 @@ lop3.b32 t0, $1, 0x000F000F, $3, 0xEA;
 lop3.b32 t1, $1, 0x00F000F0, $3, 0xEA;
 lop3.b32 t2, wh, 0x000F000F, $3, 0xEA;
 lop3.b32 t3, wh, 0x00F000F0, $3, 0xEA;
-sub.rn.f16x2 t0, t0, $4;
-fma.rn.f16x2 t1, t1, $6, $5;
-sub.rn.f16x2 t2, t2, $4;
-fma.rn.f16x2 t3, t3, $6, $5;
-mul.rn.f16x2 t0, t0, $7;
-mul.rn.f16x2 t1, t1, $7;
-mul.rn.f16x2 t2, t2, $7;
-mul.rn.f16x2 t3, t3, $7;
+fma.rn.f16x2 t0, t0, $6, $4;
+fma.rn.f16x2 t1, t1, $7, $5;
+fma.rn.f16x2 t2, t2, $6, $4;
+fma.rn.f16x2 t3, t3, $7, $5;
 fma.rn.f16x2 a, t0, $8, $2;
 fma.rn.f16x2 a, t1, $9, a;
 fma.rn.f16x2 a, t2, $10, a;
@@ -99,29 +115,17 @@ mov.b32 $0, a;
 }"""
 
 # One W2 word (16 codes): $0 = acc out, $1 = word, $2 = acc in, $3 = 0x64006400,
-# $4 = {1024 + z}², $5..$7 = {−(256 + z)}², {−(64 + z)}², {−(16 + z)}², $8..$10 = {4^-k}²
-# (k = 1, 2, 3), $11 = {s}², $12..$19 = x pairs 0..7. Field k of a byte (bits 2k) reads
-# 1024 + 4^k q; pairs 0..3 from the word, 4..7 from word >> 8.
+# $4..$7 = {−(1024·4^-k + z)·2^-E}², $8..$11 = {4^-k·2^-E}² (field k at bits 2k, k = 0..3),
+# $12..$19 = x pairs 0..7; pairs 0..3 from the word, 4..7 from word >> 8.
 _W2_MASKS = ("0x00030003", "0x000C000C", "0x00300030", "0x00C000C0")
 WORD2_ASM = ("{\n.reg .b32 wh, t, a;\nshr.u32 wh, $1, 8;\n"
              + "".join(
                  f"lop3.b32 t, {src}, {_W2_MASKS[k]}, $3, 0xEA;\n"
-                 + ("sub.rn.f16x2 t, t, $4;\n" if k == 0 else f"fma.rn.f16x2 t, t, ${7 + k}, ${4 + k};\n")
-                 + "mul.rn.f16x2 t, t, $11;\n"
+                 + f"fma.rn.f16x2 t, t, ${8 + k}, ${4 + k};\n"
                  + f"fma.rn.f16x2 a, t, ${12 + 4 * h + k}, {'$2' if h == k == 0 else 'a'};\n"
                  for h, src in enumerate(("$1", "wh")) for k in range(4))
              + "mov.b32 $0, a;\n}")
 
-# One W3 block (32 codes in 3 words; code j at bits 3j of w0 | w1 << 32 | w2 << 64) of one
-# row. No two 3-bit codes sit 16 bits apart, so a PRMT builds the pairs: two byte-aligned
-# 16-bit windows 3 bytes apart (stream bytes 0–1 and 3–4, 1–2 and 4–5, 6–7 and 9–10, 7–8
-# and 10–11) hold codes j and j + 8 at the same bit of each half. Fields at bits 0, 3, 6 are
-# masked in place (1024 + 2^p c: q − z = (1024 + 2^p c)·2^-p − (1024·2^-p + z), exact);
-# the rest after a shift by 9 or 7 lands them there. W3_WINDOWS: (operands, selector,
-# [(shift, field bits)]) in the order of the x pairs; the pairs are {c_j, c_{j+8}} for
-# j = W3_PAIR_ORDER. $0 = acc out, $1..$3 = w0..w2, $4 = acc in, $5 = 0x64006400,
-# $6 = {1024 + z}², $7 = {−(128 + z)}², $8 = {−(16 + z)}², $9 = {1/8}², $10 = {1/64}²,
-# $11 = {s}², $12..$27 = x pairs {x_j, x_{j+8}}. 4 PRMT + 4 shifts + 4 per pair: 2.25 per code.
 W3_WINDOWS = (("$1", "$2", 0x4310, ((0, (0, 3, 6)), (9, (0, 3)))),
               ("$1", "$2", 0x5421, ((7, (0, 3, 6)),)),
               ("$2", "$3", 0x6532, ((0, (0, 3, 6)), (9, (0, 3)))),
@@ -140,9 +144,7 @@ def _block3_asm() -> str:
                 src = "h"
             for p in fields:
                 lines.append(f"lop3.b32 t, {src}, 0x{(7 << p) * 0x10001:08X}, $5, 0xEA;")
-                lines.append("sub.rn.f16x2 t, t, $6;" if p == 0 else
-                             f"fma.rn.f16x2 t, t, {'$9, $7' if p == 3 else '$10, $8'};")
-                lines.append("mul.rn.f16x2 t, t, $11;")
+                lines.append(f"fma.rn.f16x2 t, t, ${9 + p // 3}, ${6 + p // 3};")
                 lines.append(f"fma.rn.f16x2 a, t, ${xi}, {acc};")
                 xi, acc = xi + 1, "a"
     return "\n".join([*lines, "mov.b32 $0, a;", "}"])
@@ -196,16 +198,6 @@ def _fma2(a, b, c):
 
 
 @triton.jit
-def _mul2(a, b):
-    return _pk(_lo(a) * _lo(b), _hi(a) * _hi(b))
-
-
-@triton.jit
-def _sub2(a, b):
-    return _pk(_lo(a) - _lo(b), _hi(a) - _hi(b))
-
-
-@triton.jit
 def _prmt_lo(a, b):  # 0x5410
     return (a & 0xFFFF) | (b << 16)
 
@@ -230,13 +222,8 @@ def _prmt_sel(a, b, SEL: tl.constexpr):
 
 
 @triton.jit
-def _emu_pair(w, MASK: tl.constexpr, magic, zo, zk, mk, s2, xp, acc, K: tl.constexpr):
-    t = (w & MASK) | magic
-    if K == 0:
-        t = _sub2(t, zo)
-    else:
-        t = _fma2(t, mk, zk)
-    return _fma2(_mul2(t, s2), xp, acc)
+def _emu_pair(w, MASK: tl.constexpr, magic, ck, mk, xp, acc):
+    return _fma2(_fma2((w & MASK) | magic, mk, ck), xp, acc)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -269,62 +256,62 @@ def _xpairs2(r0, r1, r2, r3, r4, r5, r6, r7, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _word4(w, acc, magic, zo, z1, m1, s2, x0, x1, x2, x3, EMULATE: tl.constexpr):
+def _word4(w, acc, magic, c0, c1, m0, m1, x0, x1, x2, x3, EMULATE: tl.constexpr):
     if EMULATE:
         wh = w >> 8  # arithmetic: the sign bits land at bits 24..31, never masked in
-        acc = _emu_pair(w, 0x000F000F, magic, zo, z1, m1, s2, x0, acc, 0)
-        acc = _emu_pair(w, 0x00F000F0, magic, zo, z1, m1, s2, x1, acc, 1)
-        acc = _emu_pair(wh, 0x000F000F, magic, zo, z1, m1, s2, x2, acc, 0)
-        return _emu_pair(wh, 0x00F000F0, magic, zo, z1, m1, s2, x3, acc, 1)
+        acc = _emu_pair(w, 0x000F000F, magic, c0, m0, x0, acc)
+        acc = _emu_pair(w, 0x00F000F0, magic, c1, m1, x1, acc)
+        acc = _emu_pair(wh, 0x000F000F, magic, c0, m0, x2, acc)
+        return _emu_pair(wh, 0x00F000F0, magic, c1, m1, x3, acc)
     return tl.inline_asm_elementwise(_WORD4, "=r,r,r,r,r,r,r,r,r,r,r,r",
-                                     [w, acc, magic, zo, z1, m1, s2, x0, x1, x2, x3],
+                                     [w, acc, magic, c0, c1, m0, m1, x0, x1, x2, x3],
                                      dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _word2(w, acc, magic, zo, z1, z2, z3, m1, m2, m3, s2, x0, x1, x2, x3, x4, x5, x6, x7,
+def _word2(w, acc, magic, c0, c1, c2, c3, m0, m1, m2, m3, x0, x1, x2, x3, x4, x5, x6, x7,
            EMULATE: tl.constexpr):
     if EMULATE:
         wh = w >> 8
-        acc = _emu_pair(w, 0x00030003, magic, zo, zo, m1, s2, x0, acc, 0)
-        acc = _emu_pair(w, 0x000C000C, magic, zo, z1, m1, s2, x1, acc, 1)
-        acc = _emu_pair(w, 0x00300030, magic, zo, z2, m2, s2, x2, acc, 2)
-        acc = _emu_pair(w, 0x00C000C0, magic, zo, z3, m3, s2, x3, acc, 3)
-        acc = _emu_pair(wh, 0x00030003, magic, zo, zo, m1, s2, x4, acc, 0)
-        acc = _emu_pair(wh, 0x000C000C, magic, zo, z1, m1, s2, x5, acc, 1)
-        acc = _emu_pair(wh, 0x00300030, magic, zo, z2, m2, s2, x6, acc, 2)
-        return _emu_pair(wh, 0x00C000C0, magic, zo, z3, m3, s2, x7, acc, 3)
+        acc = _emu_pair(w, 0x00030003, magic, c0, m0, x0, acc)
+        acc = _emu_pair(w, 0x000C000C, magic, c1, m1, x1, acc)
+        acc = _emu_pair(w, 0x00300030, magic, c2, m2, x2, acc)
+        acc = _emu_pair(w, 0x00C000C0, magic, c3, m3, x3, acc)
+        acc = _emu_pair(wh, 0x00030003, magic, c0, m0, x4, acc)
+        acc = _emu_pair(wh, 0x000C000C, magic, c1, m1, x5, acc)
+        acc = _emu_pair(wh, 0x00300030, magic, c2, m2, x6, acc)
+        return _emu_pair(wh, 0x00C000C0, magic, c3, m3, x7, acc)
     return tl.inline_asm_elementwise(_WORD2, "=r" + ",r" * 19,
-                                     [w, acc, magic, zo, z1, z2, z3, m1, m2, m3, s2, x0, x1, x2, x3, x4, x5, x6, x7],
+                                     [w, acc, magic, c0, c1, c2, c3, m0, m1, m2, m3, x0, x1, x2, x3, x4, x5, x6, x7],
                                      dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
-def _emu_fields(r, acc, magic, zo, z3, z6, m3, m6, s2, xa, xb, xc, NF: tl.constexpr):
+def _emu_fields(r, acc, magic, c0, c3, c6, m0, m3, m6, xa, xb, xc, NF: tl.constexpr):
     """The W3 fields at bits 0, 3 (and 6 if NF = 3) of r, against x pairs xa, xb, xc."""
-    acc = _emu_pair(r, 0x00070007, magic, zo, z3, m3, s2, xa, acc, 0)
-    acc = _emu_pair(r, 0x00380038, magic, zo, z3, m3, s2, xb, acc, 1)
+    acc = _emu_pair(r, 0x00070007, magic, c0, m0, xa, acc)
+    acc = _emu_pair(r, 0x00380038, magic, c3, m3, xb, acc)
     if NF == 3:
-        acc = _emu_pair(r, 0x01C001C0, magic, zo, z6, m6, s2, xc, acc, 1)
+        acc = _emu_pair(r, 0x01C001C0, magic, c6, m6, xc, acc)
     return acc
 
 
 @triton.jit
-def _block3(w0, w1, w2, acc, magic, zo, z3, z6, m3, m6, s2, x0, x1, x2, x3, x4, x5, x6, x7,
+def _block3(w0, w1, w2, acc, magic, c0, c3, c6, m0, m3, m6, x0, x1, x2, x3, x4, x5, x6, x7,
             x8, x9, x10, x11, x12, x13, x14, x15, EMULATE: tl.constexpr):
     if EMULATE:  # W3_WINDOWS with Triton ops (logical shifts: the sign bits masked off)
         r = _prmt_sel(w0, w1, 0x4310)
-        acc = _emu_fields(r, acc, magic, zo, z3, z6, m3, m6, s2, x0, x1, x2, 3)
-        acc = _emu_fields((r >> 9) & 0x7FFFFF, acc, magic, zo, z3, z6, m3, m6, s2, x3, x4, x4, 2)
+        acc = _emu_fields(r, acc, magic, c0, c3, c6, m0, m3, m6, x0, x1, x2, 3)
+        acc = _emu_fields((r >> 9) & 0x7FFFFF, acc, magic, c0, c3, c6, m0, m3, m6, x3, x4, x4, 2)
         r = (_prmt_sel(w0, w1, 0x5421) >> 7) & 0x1FFFFFF
-        acc = _emu_fields(r, acc, magic, zo, z3, z6, m3, m6, s2, x5, x6, x7, 3)
+        acc = _emu_fields(r, acc, magic, c0, c3, c6, m0, m3, m6, x5, x6, x7, 3)
         r = _prmt_sel(w1, w2, 0x6532)
-        acc = _emu_fields(r, acc, magic, zo, z3, z6, m3, m6, s2, x8, x9, x10, 3)
-        acc = _emu_fields((r >> 9) & 0x7FFFFF, acc, magic, zo, z3, z6, m3, m6, s2, x11, x12, x12, 2)
+        acc = _emu_fields(r, acc, magic, c0, c3, c6, m0, m3, m6, x8, x9, x10, 3)
+        acc = _emu_fields((r >> 9) & 0x7FFFFF, acc, magic, c0, c3, c6, m0, m3, m6, x11, x12, x12, 2)
         r = (_prmt_sel(w1, w2, 0x7643) >> 7) & 0x1FFFFFF
-        return _emu_fields(r, acc, magic, zo, z3, z6, m3, m6, s2, x13, x14, x15, 3)
+        return _emu_fields(r, acc, magic, c0, c3, c6, m0, m3, m6, x13, x14, x15, 3)
     return tl.inline_asm_elementwise(_BLOCK3, "=r" + ",r" * 27,
-                                     [w0, w1, w2, acc, magic, zo, z3, z6, m3, m6, s2, x0, x1, x2, x3, x4, x5, x6, x7,
+                                     [w0, w1, w2, acc, magic, c0, c3, c6, m0, m3, m6, x0, x1, x2, x3, x4, x5, x6, x7,
                                       x8, x9, x10, x11, x12, x13, x14, x15],
                                      dtype=tl.int32, is_pure=True, pack=1)
 
@@ -360,27 +347,28 @@ def _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N: tl.constexpr)
 
 
 @triton.jit
-def _consts(s, z, BITS: tl.constexpr):
-    """f16x2 constants from a row's scale and zero: {s}², {1024 + z}² and the −(o_k + z) of
-    the in-place fields (W4: o = 64; W3: 128, 16; W2: 256, 64, 16). Integer ops only: o + z
-    is exact in fp16 with bit pattern bits(o) + z/ulp(o): 0x5400 + 16z for 64 + z (ulp 1/16),
-    0x5800 + 8z for 128 + z, 0x5C00 + 4z for 256 + z, 0x4C00 + 64z for 16 + z."""
-    s2 = pair16(s.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.int32))
+def _consts(z, BITS: tl.constexpr, E: tl.constexpr):
+    """The fma addends −(1024·2^-p + z)·2^-E of a row's fields at bit p of a half (W4: p = 0, 4;
+    W3: 0, 3, 6; W2: 0, 2, 4, 6), from its integer zero z. Integer ops only: o + z is exact in
+    fp16 with bit pattern bits(o) + z/ulp(o) (0x6400 + z for 1024 + z, 0x5400 + 16z for
+    64 + z, 0x5800 + 8z for 128 + z, 0x5C00 + 4z for 256 + z, 0x4C00 + 64z for 16 + z), the
+    sign is 0x8000 and ·2^-E takes E from the exponent (E·0x400)."""
     z = z.to(tl.int32)
-    zo = pair16(0x6400 + z)
+    D: tl.constexpr = E * 0x400
+    c0 = pair16(0xE400 - D + z)
     if BITS == 4:
-        z1 = pair16(0xD400 + 16 * z)
-        z2 = z1
-        z3 = z1
+        c1 = pair16(0xD400 - D + 16 * z)
+        c2 = c1
+        c3 = c1
     elif BITS == 3:  # fields at bits 3 and 6: −(128 + z), −(16 + z)
-        z1 = pair16(0xD800 + 8 * z)
-        z2 = pair16(0xCC00 + 64 * z)
-        z3 = z2
+        c1 = pair16(0xD800 - D + 8 * z)
+        c2 = pair16(0xCC00 - D + 64 * z)
+        c3 = c2
     else:
-        z1 = pair16(0xDC00 + 4 * z)
-        z2 = pair16(0xD400 + 16 * z)
-        z3 = pair16(0xCC00 + 64 * z)
-    return s2, zo, z1, z2, z3
+        c1 = pair16(0xDC00 - D + 4 * z)
+        c2 = pair16(0xD400 - D + 16 * z)
+        c3 = pair16(0xCC00 - D + 64 * z)
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -391,66 +379,80 @@ def _load_x(x_ptr, xi, Kh, MASK_K: tl.constexpr):
 
 
 @triton.jit
-def _word(wj, acc, x_ptr, xi, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2,
+def _word(wj, acc, x_ptr, xi, Kh, magic, c0, c1, c2, c3, m0, m1, m2, m3,
           BITS: tl.constexpr, MASK_K: tl.constexpr, EMULATE: tl.constexpr):
     """acc += the products of one weight word per (row, quad) with its x (loaded here)."""
     r0, r1, r2, r3 = _split4(_load_x(x_ptr, xi, Kh, MASK_K))
     if BITS == 4:
         p0, p1, p2, p3 = _xpairs4(r0, r1, r2, r3, EMULATE)
-        acc = _word4(wj, acc, magic, zo, z1, m1, s2, p0, p1, p2, p3, EMULATE)
+        acc = _word4(wj, acc, magic, c0, c1, m0, m1, p0, p1, p2, p3, EMULATE)
     else:
         r4, r5, r6, r7 = _split4(_load_x(x_ptr, xi + 4, Kh, MASK_K))
         p0, p1, p2, p3, p4, p5, p6, p7 = _xpairs2(r0, r1, r2, r3, r4, r5, r6, r7, EMULATE)
-        acc = _word2(wj, acc, magic, zo, z1, z2, z3, m1, m2, m3, s2, p0, p1, p2, p3, p4, p5, p6, p7, EMULATE)
+        acc = _word2(wj, acc, magic, c0, c1, c2, c3, m0, m1, m2, m3, p0, p1, p2, p3, p4, p5, p6, p7, EMULATE)
     return acc
 
 
 @triton.jit
-def _tile(facc, w, s, z, x_ptr, xb, Kh, magic, m1, m2, m3,
-          BITS: tl.constexpr, MASK_K: tl.constexpr, EMULATE: tl.constexpr):
-    """facc [NQ, BLOCK_N] fp32 += one tile: its 4 words per (quad, row) chained in f16x2,
-    then the two halves added in fp32. xb: x word index of each quad's first code."""
-    XW: tl.constexpr = 16 // BITS  # x int32 words per weight word
-    s2, zo, z1, z2, z3 = _consts(s, z, BITS)
-    w0, w1, w2, w3 = _split4(w)
-    acc = tl.zeros(facc.shape, dtype=tl.int32)  # f16x2 {0, 0}
-    acc = _word(w0, acc, x_ptr, xb, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2, BITS, MASK_K, EMULATE)
-    acc = _word(w1, acc, x_ptr, xb + XW, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2, BITS, MASK_K, EMULATE)
-    acc = _word(w2, acc, x_ptr, xb + 2 * XW, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2, BITS, MASK_K, EMULATE)
-    acc = _word(w3, acc, x_ptr, xb + 3 * XW, Kh, magic, zo, z1, z2, z3, m1, m2, m3, s2, BITS, MASK_K, EMULATE)
-    return facc + _to_f32(acc, EMULATE)
+def _flush(facc, acc, s, EMULATE: tl.constexpr):
+    """facc += s·(lo + hi) of an f16x2 chain, in fp32 (s: the chain's scale)."""
+    return facc + s.to(tl.float32) * _to_f32(acc, EMULATE)
 
 
 @triton.jit
-def _blk3(acc, w0, w1, w2, s, z, x_ptr, xi, Kh, magic, m3, m6, MASK_K: tl.constexpr, EMULATE: tl.constexpr):
+def _tile(facc, w, s, z, x_ptr, xb, Kh, magic, m0, m1, m2, m3,
+          BITS: tl.constexpr, E: tl.constexpr, MASK_K: tl.constexpr, EMULATE: tl.constexpr):
+    """facc [NQ, BLOCK_N] fp32 += one tile: its 4 words per (quad, row) chained in f16x2,
+    then scaled and added in fp32. xb: x word index of each quad's first code."""
+    XW: tl.constexpr = 16 // BITS  # x int32 words per weight word
+    c0, c1, c2, c3 = _consts(z, BITS, E)
+    w0, w1, w2, w3 = _split4(w)
+    acc = tl.zeros(facc.shape, dtype=tl.int32)  # f16x2 {0, 0}
+    acc = _word(w0, acc, x_ptr, xb, Kh, magic, c0, c1, c2, c3, m0, m1, m2, m3, BITS, MASK_K, EMULATE)
+    acc = _word(w1, acc, x_ptr, xb + XW, Kh, magic, c0, c1, c2, c3, m0, m1, m2, m3, BITS, MASK_K, EMULATE)
+    acc = _word(w2, acc, x_ptr, xb + 2 * XW, Kh, magic, c0, c1, c2, c3, m0, m1, m2, m3, BITS, MASK_K, EMULATE)
+    acc = _word(w3, acc, x_ptr, xb + 3 * XW, Kh, magic, c0, c1, c2, c3, m0, m1, m2, m3, BITS, MASK_K, EMULATE)
+    return _flush(facc, acc, s, EMULATE)
+
+
+@triton.jit
+def _blk3(acc, w0, w1, w2, z, x_ptr, xi, Kh, magic, m0, m3, m6, E: tl.constexpr, MASK_K: tl.constexpr,
+          EMULATE: tl.constexpr):
     """acc += one W3 block (32 codes) per (unit, row); xi: the x words of its first 8 codes."""
-    s2, zo, z3, z6, _ = _consts(s, z, 3)
+    c0, c3, c6, _ = _consts(z, 3, E)
     r0, r1, r2, r3 = _split4(_load_x(x_ptr, xi, Kh, MASK_K))
     r4, r5, r6, r7 = _split4(_load_x(x_ptr, xi + 4, Kh, MASK_K))
     p0, p1, p2, p3, p4, p5, p6, p7 = _xpairs2(r0, r1, r2, r3, r4, r5, r6, r7, EMULATE)  # {x_j, x_j+8}
     r0, r1, r2, r3 = _split4(_load_x(x_ptr, xi + 8, Kh, MASK_K))
     r4, r5, r6, r7 = _split4(_load_x(x_ptr, xi + 12, Kh, MASK_K))
     p8, p9, p10, p11, p12, p13, p14, p15 = _xpairs2(r0, r1, r2, r3, r4, r5, r6, r7, EMULATE)  # j = 16..23
-    return _block3(w0, w1, w2, acc, magic, zo, z3, z6, m3, m6, s2, p0, p1, p2, p3, p4, p5, p6, p7,
+    return _block3(w0, w1, w2, acc, magic, c0, c3, c6, m0, m3, m6, p0, p1, p2, p3, p4, p5, p6, p7,
                    p8, p9, p10, p11, p12, p13, p14, p15, EMULATE)
 
 
 @triton.jit
-def _tile3(facc, wa, wb, wc, s0, z0, s1, z1, s2, z2, s3, z3, x_ptr, xb, Kh, magic, m3, m6,
-           MASK_K: tl.constexpr, EMULATE: tl.constexpr):
+def _tile3(facc, wa, wb, wc, s0, z0, s1, z1, s2, z2, s3, z3, x_ptr, xb, Kh, magic, m0, m3, m6,
+           E: tl.constexpr, GROUP: tl.constexpr, MASK_K: tl.constexpr, EMULATE: tl.constexpr):
     """facc += one W3 tile: per (unit, row) the 12 words wa | wb | wc (4 blocks of 3 words,
-    scales s0..s3), chained in f16x2 over two blocks at a time (32 products per half, as W2)."""
+    scales s0..s3), chained in f16x2 over two blocks at a time (32 products per half, as W2),
+    one block at a time for g32 (a chain takes one scale)."""
     a0, a1, a2, a3 = _split4(wa)
     b0, b1, b2, b3 = _split4(wb)
     c0, c1, c2, c3 = _split4(wc)
     acc = tl.zeros(facc.shape, dtype=tl.int32)
-    acc = _blk3(acc, a0, a1, a2, s0, z0, x_ptr, xb, Kh, magic, m3, m6, MASK_K, EMULATE)
-    acc = _blk3(acc, a3, b0, b1, s1, z1, x_ptr, xb + 16, Kh, magic, m3, m6, MASK_K, EMULATE)
-    facc += _to_f32(acc, EMULATE)
+    acc = _blk3(acc, a0, a1, a2, z0, x_ptr, xb, Kh, magic, m0, m3, m6, E, MASK_K, EMULATE)
+    if GROUP == 32:
+        facc = _flush(facc, acc, s0, EMULATE)
+        acc = tl.zeros(facc.shape, dtype=tl.int32)
+    acc = _blk3(acc, a3, b0, b1, z1, x_ptr, xb + 16, Kh, magic, m0, m3, m6, E, MASK_K, EMULATE)
+    facc = _flush(facc, acc, s1, EMULATE)
     acc = tl.zeros(facc.shape, dtype=tl.int32)
-    acc = _blk3(acc, b2, b3, c0, s2, z2, x_ptr, xb + 32, Kh, magic, m3, m6, MASK_K, EMULATE)
-    acc = _blk3(acc, c1, c2, c3, s3, z3, x_ptr, xb + 48, Kh, magic, m3, m6, MASK_K, EMULATE)
-    return facc + _to_f32(acc, EMULATE)
+    acc = _blk3(acc, b2, b3, c0, z2, x_ptr, xb + 32, Kh, magic, m0, m3, m6, E, MASK_K, EMULATE)
+    if GROUP == 32:
+        facc = _flush(facc, acc, s2, EMULATE)
+        acc = tl.zeros(facc.shape, dtype=tl.int32)
+    acc = _blk3(acc, c1, c2, c3, z3, x_ptr, xb + 48, Kh, magic, m0, m3, m6, E, MASK_K, EMULATE)
+    return _flush(facc, acc, s3, EMULATE)
 
 
 @triton.jit
@@ -480,7 +482,7 @@ def _gemv_h2_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr, FUSED: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
-    PDL: tl.constexpr = 0,
+    E: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     # x_ptr: x as int32 words (fp16 pairs). K8 = K / 8, Wn4 = words per row / 4; the word strides
     # come divided by 4 so that Triton knows 16-byte alignment (128-bit loads, masks constant
@@ -540,16 +542,20 @@ def _gemv_h2_kernel(
     # into a register for every PTX block (0.4 instructions per code)
     zero = _thread_zero(r2, zero, EMULATE)
     magic = zero + 0x64006400
-    if BITS == 2:
-        m1 = zero + 0x34003400  # {1/4}²
-        m2 = zero + 0x2C002C00
-    elif BITS == 3:
-        m1 = zero + 0x30003000  # {1/8}²
-        m2 = zero + 0x24002400  # {1/64}²
-    else:
-        m1 = zero + 0x2C002C00  # {1/16}²
+    # {2^-(p+E)}² for the fields at bit p of a half (pow2_f16(n) = (15 − n) << 10)
+    m0 = zero + ((15 - E) << 10) * 0x10001
+    if BITS == 2:  # p = 2, 4, 6
+        m1 = zero + ((13 - E) << 10) * 0x10001
+        m2 = zero + ((11 - E) << 10) * 0x10001
+        m3 = zero + ((9 - E) << 10) * 0x10001
+    elif BITS == 3:  # p = 3, 6
+        m1 = zero + ((12 - E) << 10) * 0x10001
+        m2 = zero + ((9 - E) << 10) * 0x10001
+        m3 = m2
+    else:  # p = 4
+        m1 = zero + ((11 - E) << 10) * 0x10001
         m2 = m1
-    m3 = zero + 0x24002400
+        m3 = m1
     if PER_CHANNEL:
         s, z = _load_sz(s_blk, z_blk, n_ok2, 0, stride_sg, stride_zg, MASK_N)
 
@@ -582,12 +588,12 @@ def _gemv_h2_kernel(
                 if GROUP == 64:
                     s3, z3 = s2, z2
             facc = _tile3(facc, w, wb, wc, s, z, s1, z1, s2, z2, s3, z3, x_ptr, t * (BLOCK_K // 2) + xq, Kh,
-                          magic, m1, m2, MASK_K, EMULATE)
+                          magic, m0, m1, m2, E, GROUP, MASK_K, EMULATE)
         else:
-            facc = _tile(facc, w, s, z, x_ptr, t * (BLOCK_K // 2) + xq, Kh, magic, m1, m2, m3, BITS, MASK_K,
-                         EMULATE)
+            facc = _tile(facc, w, s, z, x_ptr, t * (BLOCK_K // 2) + xq, Kh, magic, m0, m1, m2, m3, BITS, E,
+                         MASK_K, EMULATE)
 
-    y = tl.sum(facc, axis=0)
+    y = tl.sum(facc, axis=0) * (1 << E)  # the chains' 2^-E back (exact)
     _store_rows(out_ptr, stride_os, 0, pid_k, pid_k * 0, y_ptr, 0, cnt_ptr + pid_n, y, y, y, y,
                 b_ptr, offs_n, n_mask, 1, 1, SPLIT_K, HAS_BIAS, FUSED)
 
@@ -646,7 +652,8 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
         *(st // 4 for st in q_strides), *s_strides, *z_strides, stride_os,
         BITS=bits, GROUP=group_size or 0, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
-        PER_CHANNEL=group_size is None, FUSED=fused, STAGES=stages, EMULATE=emulate, PDL=pdl, **cfg,
+        PER_CHANNEL=group_size is None, FUSED=fused, STAGES=stages, EMULATE=emulate,
+        E=PRESCALE_LOG2[bits], PDL=pdl, **cfg,
     )
     if defaulted and resident is None and not emulate:
         occupancy.record(sig, compiled)

@@ -97,33 +97,39 @@ def _pair16(b):
     return b | (b << 16)
 
 
+def _pow2(n):
+    return (15 - n) << 10  # fp16 bits of 2^-n
+
+
+def _field_consts(z, E, fields):
+    """(fma addends, multipliers) of fields at bits p (1024 + 2^p q): −(1024·2^-p + z)·2^-E and
+    2^-(p+E) as f16x2 patterns, computed here in float64 and converted (the kernel builds them
+    with integer ops)."""
+    adds = [_pair16(_bits(-(1024.0 * 2.0**-p + z) * 2.0**-E)) for p in fields]
+    muls = [np.full(len(z), _pair16(_bits(np.array(2.0 ** -(p + E))))) for p in fields]
+    return adds, muls
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 def test_word_ptx_matches_fp16_arithmetic(bits: int) -> None:
-    """One word per row through XPAIRS + WORD: bit-exact against t = q − z, Ŵ = fp16(s·t),
-    acc = fp16(Ŵ·x + acc) over the pairs in order, lo and hi halves independent."""
+    """One word per row through XPAIRS + WORD: bit-exact against t = (q − z)·2^-E (exact),
+    acc = fp16(t·x + acc) over the pairs in order, lo and hi halves independent; x up to fp16's
+    largest values never overflows a chain of its kernel's length."""
     from qtool_kernels import gemv_h2 as h2
 
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
-    n, cpw = 4096, 32 // bits
+    n, cpw, E = 4096, 32 // bits, h2.PRESCALE_LOG2[bits]
     w = rng.integers(0, 2**32, n, dtype=np.int64)
     z = rng.integers(0, 2**bits, n)
-    s = rng.uniform(1e-3, 3e-2, n).astype(np.float16)
     x = rng.standard_normal((n, cpw)).astype(np.float16) * np.float16(rng.choice([1, 100, 3000], (n, 1)))
     acc0 = rng.standard_normal((n, 2)).astype(np.float16)
     xb = x.view(np.uint16).astype(np.int64)
     r = [xb[:, 2 * m] | (xb[:, 2 * m + 1] << 16) for m in range(cpw // 2)]  # int32 words of x
     pairs = run_ptx(h2.XPAIRS4_ASM if bits == 4 else h2.XPAIRS2_ASM, cpw // 2, r)
-    sb = s.view(np.uint16).astype(np.int64)
-    if bits == 4:
-        consts = [0x64006400, _pair16(0x6400 + z), _pair16(0xD400 + 16 * z), np.full(n, 0x2C002C00), _pair16(sb)]
-        asm = h2.WORD4_ASM
-    else:
-        consts = [0x64006400, _pair16(0x6400 + z), _pair16(0xDC00 + 4 * z), _pair16(0xD400 + 16 * z),
-                  _pair16(0xCC00 + 64 * z), np.full(n, 0x34003400), np.full(n, 0x2C002C00),
-                  np.full(n, 0x24002400), _pair16(sb)]
-        asm = h2.WORD2_ASM
-    acc_in = _bits(acc0[:, 0].astype(np.float64)) | (_bits(acc0[:, 1].astype(np.float64)) << 16)
-    (got,) = run_ptx(asm, 1, [w, acc_in, *consts, *pairs])
+    adds, muls = _field_consts(z, E, (0, 4) if bits == 4 else (0, 2, 4, 6))
+    (got,) = run_ptx(h2.WORD4_ASM if bits == 4 else h2.WORD2_ASM, 1,
+                     [w, _bits(acc0[:, 0].astype(np.float64)) | (_bits(acc0[:, 1].astype(np.float64)) << 16),
+                      0x64006400, *adds, *muls, *pairs])
 
     codes = np.stack([(w >> (bits * j)) & ((1 << bits) - 1) for j in range(cpw)], 1)
     half = cpw // 2
@@ -131,9 +137,21 @@ def test_word_ptx_matches_fp16_arithmetic(bits: int) -> None:
         a = acc0[:, h].astype(np.float64)
         for i in range(half):
             k = h * half + i
-            wq = (s.astype(np.float64) * (codes[:, k] - z)).astype(np.float16).astype(np.float64)
-            a = (wq * x[:, k].astype(np.float64) + a).astype(np.float16).astype(np.float64)
+            t = (codes[:, k] - z) * 2.0**-E
+            a = (t * x[:, k].astype(np.float64) + a).astype(np.float16).astype(np.float64)
         np.testing.assert_array_equal(_f16(got >> (16 * h)), a)
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_prescale_keeps_longest_chain_finite(bits: int) -> None:
+    """The worst chain the kernel runs (W4 16, W3 and W2 32 products per half, every |q − z| and
+    x at their largest, same sign) stays below fp16's 65,504, and 2^-E is the largest power
+    of two that does: PRESCALE_LOG2 is neither too small (needless subnormals) nor too large."""
+    from qtool_kernels import gemv_h2 as h2
+
+    E, chain = h2.PRESCALE_LOG2[bits], 16 if bits == 4 else 32
+    worst = chain * (2**bits - 1) * 65504.0
+    assert worst * 2.0**-E <= 65504.0 < worst * 2.0 ** -(E - 1)
 
 
 def test_block3_ptx_matches_fp16_arithmetic() -> None:
@@ -143,20 +161,17 @@ def test_block3_ptx_matches_fp16_arithmetic() -> None:
     from qtool_kernels import gemv_h2 as h2
 
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
-    n = 4096
+    n, E = 4096, h2.PRESCALE_LOG2[3]
     w = [rng.integers(0, 2**32, n, dtype=np.int64) for _ in range(3)]
     z = rng.integers(0, 8, n)
-    s = rng.uniform(1e-3, 3e-2, n).astype(np.float16)
     x = rng.standard_normal((n, 32)).astype(np.float16) * np.float16(rng.choice([1, 100, 3000], (n, 1)))
     acc0 = rng.standard_normal((n, 2)).astype(np.float16)
     xb = x.view(np.uint16).astype(np.int64)
     r = [xb[:, 2 * m] | (xb[:, 2 * m + 1] << 16) for m in range(16)]
     pairs = run_ptx(h2.XPAIRS2_ASM, 8, r[:8]) + run_ptx(h2.XPAIRS2_ASM, 8, r[8:])
-    sb = s.view(np.uint16).astype(np.int64)
-    consts = [0x64006400, _pair16(0x6400 + z), _pair16(0xD800 + 8 * z), _pair16(0xCC00 + 64 * z),
-              np.full(n, 0x30003000), np.full(n, 0x24002400), _pair16(sb)]
+    adds, muls = _field_consts(z, E, (0, 3, 6))
     acc_in = _bits(acc0[:, 0].astype(np.float64)) | (_bits(acc0[:, 1].astype(np.float64)) << 16)
-    (got,) = run_ptx(h2.BLOCK3_ASM, 1, [*w, acc_in, *consts, *pairs])
+    (got,) = run_ptx(h2.BLOCK3_ASM, 1, [*w, acc_in, 0x64006400, *adds, *muls, *pairs])
 
     stream = [int(a) | (int(b) << 32) | (int(c) << 64) for a, b, c in zip(*w, strict=True)]
     codes = np.array([[(v >> (3 * j)) & 7 for j in range(32)] for v in stream])
@@ -165,21 +180,26 @@ def test_block3_ptx_matches_fp16_arithmetic() -> None:
         a = acc0[:, h].astype(np.float64)
         for j in h2.W3_PAIR_ORDER:
             k = j + 8 * h
-            wq = (s.astype(np.float64) * (codes[:, k] - z)).astype(np.float16).astype(np.float64)
-            a = (wq * x[:, k].astype(np.float64) + a).astype(np.float16).astype(np.float64)
+            t = (codes[:, k] - z) * 2.0**-E
+            a = (t * x[:, k].astype(np.float64) + a).astype(np.float16).astype(np.float64)
         np.testing.assert_array_equal(_f16(got >> (16 * h)), a)
 
 
-def test_constant_encodings() -> None:
-    # bit patterns _consts builds with integer ops = the fp16 numbers they stand for
-    z = np.arange(64)
+@pytest.mark.parametrize("E", [7, 8])
+def test_constant_encodings(E: int) -> None:
+    # bit patterns _consts and the kernel build with integer ops = the fp16 numbers they stand for
+    z = np.arange(16)
     f = lambda v: np.asarray(v, dtype=np.float64).astype(np.float16).view(np.uint16).astype(np.int64)  # noqa: E731
-    assert (f(1024 + z) == 0x6400 + z).all()
-    assert (f(-(256 + z[:16])) == 0xDC00 + 4 * z[:16]).all()
-    assert (f(-(64 + z)) == 0xD400 + 16 * z).all()
-    assert (f(-(128 + z)) == 0xD800 + 8 * z).all()
-    assert (f(-(16 + z[:16])) == 0xCC00 + 64 * z[:16]).all()
-    assert [f(v) for v in (0.25, 1 / 8, 1 / 16, 1 / 64)] == [0x3400, 0x3000, 0x2C00, 0x2400]
+    D, s = E * 0x400, 2.0**-E
+    assert (f(-(1024 + z) * s) == 0xE400 - D + z).all()
+    assert (f(-(256 + z[:4]) * s) == 0xDC00 - D + 4 * z[:4]).all()
+    assert (f(-(64 + z) * s) == 0xD400 - D + 16 * z).all()
+    assert (f(-(128 + z[:8]) * s) == 0xD800 - D + 8 * z[:8]).all()
+    assert (f(-(16 + z[:8]) * s) == 0xCC00 - D + 64 * z[:8]).all()
+    assert all(f(2.0**-n) == _pow2(n) for n in range(15))
+    from qtool_kernels.gemv_h2 import pow2_f16
+
+    assert all(pow2_f16(n) == _pow2(n) for n in range(15))
 
 
 def test_unpack_ptx() -> None:
@@ -270,8 +290,8 @@ def test_h2_emulated_tile_major(bits, group_size, N, K, BN, BK, SK, tiled_scales
 
 @INTERP
 def test_h2_emulated_large_activations() -> None:
-    # a few channels of x in the thousands (down_proj inputs): products are scaled before
-    # the fp16 sums, so they stay far from the fp16 range
+    # a few channels of x in the thousands (down_proj inputs): t = (q − z)·2^-E keeps the
+    # fp16 chains inside the fp16 range
     from qtool_kernels.gemv_h2 import gemv_h2_matmul
 
     qweight, scales, zeros, x = _inputs(32, 512, 4, 128)
