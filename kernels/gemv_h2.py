@@ -335,15 +335,53 @@ def _thread_zero(like, zero, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N: tl.constexpr):
-    """Scale and zero of group g ([NQ, 1] or a scalar) for the block's rows ([NQ, BLOCK_N])."""
+def _load_rows(blk, n_ok2, g, stride_g, MASK_N: tl.constexpr):
+    """Group g's values ([NQ, 1] or a scalar index) of a scale or zero tensor for the block's
+    rows ([NQ, BLOCK_N])."""
     if MASK_N:
-        s = tl.load(s_blk + g * stride_sg, mask=n_ok2, other=0.0)
-        z = tl.load(z_blk + g * stride_zg, mask=n_ok2, other=0)
-    else:
-        s = tl.load(s_blk + g * stride_sg)
-        z = tl.load(z_blk + g * stride_zg)
-    return s, z
+        return tl.load(blk + g * stride_g, mask=n_ok2, other=0)
+    return tl.load(blk + g * stride_g)
+
+
+@triton.jit
+def _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N: tl.constexpr):
+    """Scale and zero of group g for the block's rows."""
+    return _load_rows(s_blk, n_ok2, g, stride_sg, MASK_N), _load_rows(z_blk, n_ok2, g, stride_zg, MASK_N)
+
+
+@triton.jit
+def _tile_groups(t, qo, G, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, UC: tl.constexpr, BITS: tl.constexpr,
+                 MASK_K: tl.constexpr):
+    """Group indices of tile t's units (W3 g32/g64: of their 4 blocks; else all four equal)."""
+    if BLOCK_K > GROUP:
+        g0 = _group_of(t, qo, G, BLOCK_K, GROUP, MASK_K)
+    else:  # the tile lies in one group: one index for all units
+        g0 = (t * BLOCK_K) // GROUP
+    g1, g2, g3 = g0, g0, g0
+    if BITS == 3 and GROUP < UC:
+        if GROUP == 32:
+            g1 = _group_of(t, qo + 32, G, BLOCK_K, GROUP, MASK_K)
+            g3 = _group_of(t, qo + 96, G, BLOCK_K, GROUP, MASK_K)
+        g2 = _group_of(t, qo + 64, G, BLOCK_K, GROUP, MASK_K)
+        if GROUP == 64:
+            g3 = g2
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _load_scales(s_blk, n_ok2, g0, g1, g2, g3, stride_sg, BITS: tl.constexpr, GROUP: tl.constexpr,
+                 UC: tl.constexpr, MASK_N: tl.constexpr):
+    """Scales of a tile's units (W3 g32/g64: of their 4 blocks; else the same four times)."""
+    s0 = _load_rows(s_blk, n_ok2, g0, stride_sg, MASK_N)
+    s1, s2, s3 = s0, s0, s0
+    if BITS == 3 and GROUP < UC:
+        if GROUP == 32:
+            s1 = _load_rows(s_blk, n_ok2, g1, stride_sg, MASK_N)
+            s3 = _load_rows(s_blk, n_ok2, g3, stride_sg, MASK_N)
+        s2 = _load_rows(s_blk, n_ok2, g2, stride_sg, MASK_N)
+        if GROUP == 64:
+            s3 = s2
+    return s0, s1, s2, s3
 
 
 @triton.jit
@@ -560,6 +598,12 @@ def _gemv_h2_kernel(
         s, z = _load_sz(s_blk, z_blk, n_ok2, 0, stride_sg, stride_zg, MASK_N)
 
     facc = tl.zeros([NQ, BLOCK_N], dtype=tl.float32)
+    if not PER_CHANNEL:
+        # Scales are loaded one tile ahead: they are needed only when a chain is flushed, so
+        # ptxas issues their loads late in the trip, and read in the same trip their latency
+        # came on top of the words' (session 17: grouped classes up to 1.5× slower)
+        g0, g1, g2, g3 = _tile_groups(tl.minimum(t_start, k_tiles - 1), qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
+        sn0, sn1, sn2, sn3 = _load_scales(s_blk, n_ok2, g0, g1, g2, g3, stride_sg, BITS, GROUP, UC, MASK_N)
     # STAGES > 1: Triton's pipeliner copies the words STAGES − 1 tiles ahead (cp.async)
     for t in tl.range(t_start, t_end, num_stages=STAGES):
         ptrs = qw_blk + t * stride_qt + rows + wq
@@ -569,24 +613,20 @@ def _gemv_h2_kernel(
             wc = _load_w(ptrs + 8, wq + 8, n_ok, Wn - t * WPT, MASKED)
         if not PER_CHANNEL:
             # each unit's own group: a tile may span groups (a unit never does, but for W3
-            # g32/g64, whose blocks get their own below)
-            if BLOCK_K > GROUP:
-                g = _group_of(t, qo, G, BLOCK_K, GROUP, MASK_K)
-            else:  # the tile lies in one group: one index for all units
-                g = (t * BLOCK_K) // GROUP
-            s, z = _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N)
+            # g32/g64, whose blocks get their own)
+            g0, g1, g2, g3 = _tile_groups(t, qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
+            z = _load_rows(z_blk, n_ok2, g0, stride_zg, MASK_N)
+            z1, z2, z3 = z, z, z
+            if BITS == 3 and GROUP < UC:  # W3 g32/g64: blocks of one unit in 2 or 4 groups
+                z1 = _load_rows(z_blk, n_ok2, g1, stride_zg, MASK_N)
+                z2 = _load_rows(z_blk, n_ok2, g2, stride_zg, MASK_N)
+                z3 = _load_rows(z_blk, n_ok2, g3, stride_zg, MASK_N)
+            s, s1, s2, s3 = sn0, sn1, sn2, sn3
+            h0, h1, h2, h3 = _tile_groups(tl.minimum(t + 1, k_tiles - 1), qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
+            sn0, sn1, sn2, sn3 = _load_scales(s_blk, n_ok2, h0, h1, h2, h3, stride_sg, BITS, GROUP, UC, MASK_N)
+        else:
+            s1, s2, s3, z1, z2, z3 = s, s, s, z, z, z
         if BITS == 3:
-            s1, z1, s2, z2, s3, z3 = s, z, s, z, s, z
-            if not PER_CHANNEL and GROUP < UC:  # W3 g32/g64: blocks of one unit in 2 or 4 groups
-                if GROUP == 32:
-                    s1, z1 = _load_sz(s_blk, z_blk, n_ok2, _group_of(t, qo + 32, G, BLOCK_K, GROUP, MASK_K),
-                                      stride_sg, stride_zg, MASK_N)
-                    s3, z3 = _load_sz(s_blk, z_blk, n_ok2, _group_of(t, qo + 96, G, BLOCK_K, GROUP, MASK_K),
-                                      stride_sg, stride_zg, MASK_N)
-                s2, z2 = _load_sz(s_blk, z_blk, n_ok2, _group_of(t, qo + 64, G, BLOCK_K, GROUP, MASK_K),
-                                  stride_sg, stride_zg, MASK_N)
-                if GROUP == 64:
-                    s3, z3 = s2, z2
             facc = _tile3(facc, w, wb, wc, s, z, s1, z1, s2, z2, s3, z3, x_ptr, t * (BLOCK_K // 2) + xq, Kh,
                           magic, m0, m1, m2, E, GROUP, MASK_K, EMULATE)
         else:
