@@ -848,8 +848,10 @@ def splits(quick: bool, m1: bool = False, tiles: bool = False, g128: bool = Fals
           f"copy={bw / 1e9:.0f} GB/s", flush=True)
     shipped = sk._tuned
     if m1:
-        runs = [(name, 1, cls, [None]) for name in ("70B.down", "70B.up") for cls in ((4, 128), (3, 128), (2, 64))]
-        sks = [None, 8, 12, 16, 24, 32, 48]
+        classes = ((4, 128), (3, 128), (2, 64), (2, 128), (2, None)) if "--s17" in sys.argv else ((4, 128), (3, 128), (2, 64))
+        runs = [(name, 1, cls, [None]) for name in ("70B.down", "70B.up") for cls in classes]
+        sks = ([None, 8, 10, 12, 14, 16, 19, 20, 23, 24, 28, 32] if "--s17" in sys.argv  # session 17, call D
+               else [None, 8, 12, 16, 24, 32, 48])
     elif g64:
         runs = [(name, M, (4, 64), list(ENTRIES64)) for M in (16, 4) for name in ("70B.down", "70B.up", "7B.down")]
         sks = [None]
