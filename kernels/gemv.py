@@ -789,4 +789,6 @@ def default_h2_config(N: int, K: int, bits: int, group_size: int | None, n_sm: i
            "STAGES": t.get("STAGES", 1)}
     if t.get("maxnreg"):  # ptxas's register cap: more programs per SM (tuned per class)
         cfg["maxnreg"] = t["maxnreg"]
+    if t.get("PREFETCH"):  # the next tile's words read during this one (gemv_h2.py)
+        cfg["PREFETCH"] = 1
     return cfg

@@ -494,12 +494,32 @@ def _tile3(facc, wa, wb, wc, s0, z0, s1, z1, s2, z2, s3, z3, x_ptr, xb, Kh, magi
 
 
 @triton.jit
-def _load_w(ptrs, wq, n_ok, left, MASKED: tl.constexpr):
-    """Words of the tile; `left`: words of the row from this tile on. (Cache hints on these
-    loads, .cg or evict_first, measured no faster: docs/kernels.md §v12.)"""
+def _load_w(ptrs, wq, n_ok, left, ok, WPT: tl.constexpr, MASKED: tl.constexpr, GATED: tl.constexpr):
+    """Words of the tile; `left`: words of the row from this tile on; GATED: none unless `ok`
+    (as no words left). (Cache hints on these loads, .cg or evict_first, measured no faster:
+    docs/kernels.md §v12.)"""
+    if GATED:
+        left = tl.where(ok, tl.minimum(left, WPT), 0)
+        if MASKED:
+            return tl.load(ptrs, mask=n_ok & (wq < left), other=0)
+        return tl.load(ptrs, mask=wq < left, other=0)
     if MASKED:
         return tl.load(ptrs, mask=n_ok & (wq < left), other=0)
     return tl.load(ptrs)
+
+
+@triton.jit
+def _load_words(qw_blk, t, ok, stride_qt, rows, wq, n_ok, Wn, WPT: tl.constexpr, BITS: tl.constexpr,
+                MASKED: tl.constexpr, GATED: tl.constexpr):
+    """Tile t's words: a quad per (unit, row), W3 three (for other bits the second and third
+    are the first). GATED: read only if `ok` (a prefetch past the program's last tile)."""
+    ptrs = qw_blk + t * stride_qt + rows + wq
+    w = _load_w(ptrs, wq, n_ok, Wn - t * WPT, ok, WPT, MASKED, GATED)
+    wb, wc = w, w
+    if BITS == 3:  # the unit's other two quads
+        wb = _load_w(ptrs + 4, wq + 4, n_ok, Wn - t * WPT, ok, WPT, MASKED, GATED)
+        wc = _load_w(ptrs + 8, wq + 8, n_ok, Wn - t * WPT, ok, WPT, MASKED, GATED)
+    return w, wb, wc
 
 
 @triton.jit
@@ -520,7 +540,7 @@ def _gemv_h2_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     PER_CHANNEL: tl.constexpr, FUSED: tl.constexpr, STAGES: tl.constexpr, EMULATE: tl.constexpr,
-    E: tl.constexpr, PDL: tl.constexpr = 0,
+    E: tl.constexpr, PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = 0,
 ):
     # x_ptr: x as int32 words (fp16 pairs). K8 = K / 8, Wn4 = words per row / 4; the word strides
     # come divided by 4 so that Triton knows 16-byte alignment (128-bit loads, masks constant
@@ -604,26 +624,32 @@ def _gemv_h2_kernel(
         # came on top of the words' (session 17: grouped classes up to 1.5× slower)
         g0, g1, g2, g3 = _tile_groups(tl.minimum(t_start, k_tiles - 1), qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
         sn0, sn1, sn2, sn3 = _load_scales(s_blk, n_ok2, g0, g1, g2, g3, stride_sg, BITS, GROUP, UC, MASK_N)
+        if PREFETCH:
+            zn0, zn1, zn2, zn3 = _load_scales(z_blk, n_ok2, g0, g1, g2, g3, stride_zg, BITS, GROUP, UC, MASK_N)
+    if PREFETCH:  # the words of tile t + 1 are read while tile t is unpacked
+        wn0, wn1, wn2 = _load_words(qw_blk, t_start, t_start < t_end, stride_qt, rows, wq, n_ok, Wn, WPT, BITS,
+                                    MASKED, True)
     # STAGES > 1: Triton's pipeliner copies the words STAGES − 1 tiles ahead (cp.async)
     for t in tl.range(t_start, t_end, num_stages=STAGES):
-        ptrs = qw_blk + t * stride_qt + rows + wq
-        w = _load_w(ptrs, wq, n_ok, Wn - t * WPT, MASKED)
-        if BITS == 3:  # the unit's other two quads
-            wb = _load_w(ptrs + 4, wq + 4, n_ok, Wn - t * WPT, MASKED)
-            wc = _load_w(ptrs + 8, wq + 8, n_ok, Wn - t * WPT, MASKED)
+        if PREFETCH:
+            w, wb, wc = wn0, wn1, wn2
+            wn0, wn1, wn2 = _load_words(qw_blk, t + 1, t + 1 < t_end, stride_qt, rows, wq, n_ok, Wn, WPT, BITS,
+                                        MASKED, True)
+        else:
+            w, wb, wc = _load_words(qw_blk, t, True, stride_qt, rows, wq, n_ok, Wn, WPT, BITS, MASKED, False)
         if not PER_CHANNEL:
             # each unit's own group: a tile may span groups (a unit never does, but for W3
             # g32/g64, whose blocks get their own)
-            g0, g1, g2, g3 = _tile_groups(t, qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
-            z = _load_rows(z_blk, n_ok2, g0, stride_zg, MASK_N)
-            z1, z2, z3 = z, z, z
-            if BITS == 3 and GROUP < UC:  # W3 g32/g64: blocks of one unit in 2 or 4 groups
-                z1 = _load_rows(z_blk, n_ok2, g1, stride_zg, MASK_N)
-                z2 = _load_rows(z_blk, n_ok2, g2, stride_zg, MASK_N)
-                z3 = _load_rows(z_blk, n_ok2, g3, stride_zg, MASK_N)
+            if PREFETCH:
+                z, z1, z2, z3 = zn0, zn1, zn2, zn3
+            else:
+                g0, g1, g2, g3 = _tile_groups(t, qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
+                z, z1, z2, z3 = _load_scales(z_blk, n_ok2, g0, g1, g2, g3, stride_zg, BITS, GROUP, UC, MASK_N)
             s, s1, s2, s3 = sn0, sn1, sn2, sn3
             h0, h1, h2, h3 = _tile_groups(tl.minimum(t + 1, k_tiles - 1), qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
             sn0, sn1, sn2, sn3 = _load_scales(s_blk, n_ok2, h0, h1, h2, h3, stride_sg, BITS, GROUP, UC, MASK_N)
+            if PREFETCH:
+                zn0, zn1, zn2, zn3 = _load_scales(z_blk, n_ok2, h0, h1, h2, h3, stride_zg, BITS, GROUP, UC, MASK_N)
         else:
             s1, s2, s3, z1, z2, z3 = s, s, s, z, z, z
         if BITS == 3:
@@ -660,6 +686,7 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
     cfg = {k: v for k, v in config.items() if k not in ("H2", "BLOCK_M")}
     BN, BK, SK = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("SPLIT_K")
     stages = int(cfg.pop("STAGES", 1))
+    prefetch = int(cfg.pop("PREFETCH", 0))
     cfg.setdefault("num_stages", 1)
     pdl = 0 if emulate else pdl_mode(x.device)
     if pdl:
@@ -693,7 +720,7 @@ def gemv_h2_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bi
         BITS=bits, GROUP=group_size or 0, BLOCK_N=BN, BLOCK_K=BK, SPLIT_K=SK,
         HAS_BIAS=bias is not None, EVEN_N=N % BN == 0, EVEN_K=K % BK == 0,
         PER_CHANNEL=group_size is None, FUSED=fused, STAGES=stages, EMULATE=emulate,
-        E=PRESCALE_LOG2[bits], PDL=pdl, **cfg,
+        E=PRESCALE_LOG2[bits], PREFETCH=prefetch, PDL=pdl, **cfg,
     )
     if defaulted and resident is None and not emulate:
         occupancy.record(sig, compiled)

@@ -653,6 +653,16 @@ H2_SETS = {
         (4, 128): [(64, 128, 2, 32, 1), (128, 128, 4, 16, 1), (128, 128, 8, 8, 1)],
         (3, 64): [(128, 128, 2, 16, 1), (64, 128, 1, 32, 1)],
     },
+    # call E: ptxas places loads by register pressure: at 80 registers W2 g128's fourth row
+    # of words was read a third of the way into the trip (a second exposed latency). Register
+    # caps (maxnreg raises ptxas's budget) and the next tile's words read during this one
+    "S17B": {
+        cls: [(*tile, more) for more in ({"maxnreg": 96}, {"maxnreg": 128}, {"PREFETCH": 1},
+                                         {"PREFETCH": 1, "maxnreg": 128}, {"PREFETCH": 1, "maxnreg": 168})]
+        for cls, tile in (((2, 64), (128, 128, 2, 16, 1)), ((2, 128), (128, 128, 2, 16, 1)),
+                          ((2, None), (64, 128, 2, 32, 1)), ((3, 128), (128, 128, 4, 16, 1)),
+                          ((4, 128), (64, 128, 4, 16, 1)))
+    },
 }
 
 
@@ -699,7 +709,8 @@ def h2(quick: bool, only: tuple[str, ...] = (), cand_set: str | None = None) -> 
                         e.update(e["H2"])
                     label = (f"{'h2 ' if e.get('H2') else 'fp32'} {e['BLOCK_N']}x{e['BLOCK_K']} w{e['num_warps']} "
                              f"pps{e['programs_per_sm']} st{e.get('STAGES', 1)}"
-                             + (f" r{e['maxnreg']}" if e.get("maxnreg") else ""))
+                             + (f" r{e['maxnreg']}" if e.get("maxnreg") else "")
+                             + (" pf" if e.get("PREFETCH") else ""))
                     t, nb, res = _steady(N, K, bits, g)
                     if t is not None:
                         print(f"{name} W{bits} g{g or 'ch'} {label:30s}{' shipped' if cand is None else '        '}: "

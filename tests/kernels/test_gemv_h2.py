@@ -216,25 +216,26 @@ def test_unpack_ptx() -> None:
 
 INTERP = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter run (CPU CI)")
 
-# (bits, group, N, K, config): partial N tiles, K tails (K % BLOCK_K), empty splits.
+# (bits, group, N, K, config): partial N tiles, K tails (K % BLOCK_K), empty splits; PREFETCH:
+# the next tile's words and zeros read a trip ahead (gated off past the program's last tile).
 CASES = [
-    (4, 128, 80, 576, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2}),  # last group 64 codes
+    (4, 128, 80, 576, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "PREFETCH": 1}),  # last group 64 codes
     (4, 128, 64, 1024, {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1}),  # even: unmasked loads
-    (4, 64, 48, 1088, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 8}),  # 17 tiles / 8 splits: 2 empty
+    (4, 64, 48, 1088, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 8, "PREFETCH": 1}),  # 17 tiles / 8 splits: 2 empty
     (4, 32, 40, 576, {"BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_K": 4}),
     (4, None, 80, 576, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}),
     (2, 64, 80, 576, {"BLOCK_N": 64, "BLOCK_K": 64, "SPLIT_K": 2}),
     (2, 128, 48, 1088, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 4}),  # last group 64 codes
-    (2, None, 40, 1024, {"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 3}),  # 4 tiles: one split empty
+    (2, None, 40, 1024, {"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 3, "PREFETCH": 1}),  # 4 tiles: one split empty
     # tiles over several groups (one scale per quad); K = 576: the last tile's quads past K
     # would index group 18 and 19 of 18
     (4, 32, 40, 576, {"BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2}),
-    (2, 64, 48, 1088, {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 3}),
+    (2, 64, 48, 1088, {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 3, "PREFETCH": 1}),
     # W3: units of 128 codes (12 words); rows of whole quads need K % 128 = 0, so the K tails
     # are tiles of 2 or 4 units with the last one(s) past K
-    (3, 128, 80, 640, {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 2}),  # 2 groups per tile, tail
+    (3, 128, 80, 640, {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 2, "PREFETCH": 1}),  # 2 groups per tile, tail
     (3, 64, 48, 1152, {"BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 3}),  # 2 groups per unit
-    (3, 32, 40, 640, {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1}),  # 4 groups per unit, tail
+    (3, 32, 40, 640, {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1, "PREFETCH": 1}),  # 4 groups per unit, tail
     (3, None, 64, 1152, {"BLOCK_N": 32, "BLOCK_K": 512, "SPLIT_K": 2}),
 ]
 
@@ -281,7 +282,8 @@ def test_h2_emulated_tile_major(bits, group_size, N, K, BN, BK, SK, tiled_scales
     ref = qk.reference_gemv(x, qweight, scales, zeros, bits, group_size)
     q = tile_major(qweight, BN, BK, bits)
     s, z = (groups_tile_major(scales, BN), groups_tile_major(zeros, BN)) if tiled_scales else (scales, zeros)
-    cfg = {"H2": True, "BLOCK_N": BN, "BLOCK_K": BK, "SPLIT_K": SK, "num_warps": 4, "STAGES": 2}
+    cfg = {"H2": True, "BLOCK_N": BN, "BLOCK_K": BK, "SPLIT_K": SK, "num_warps": 4, "STAGES": 2,
+           "PREFETCH": int(tiled_scales)}
     y = gemv_h2_matmul(x, q, s, z, bits, group_size, config=cfg, emulate=True)
     assert y.shape == (1, N) and rel_err(y, ref) < TOL[torch.float16]
     with pytest.raises(AssertionError, match="tile-major"):  # a config whose tile is not the layout's
