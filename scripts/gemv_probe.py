@@ -622,6 +622,7 @@ H2_CANDIDATES = {  # (BLOCK_N, BLOCK_K, num_warps, programs_per_sm, STAGES); the
     (3, 64): [(128, 128, 2, 16, 1), (64, 128, 1, 32, 1), (64, 128, 2, 32, 1)],
     (3, None): [(128, 128, 2, 16, 1), (64, 128, 1, 32, 1), (64, 128, 2, 32, 1)],
 }
+_PF128 = {"PREFETCH": 1, "maxnreg": 128}
 # `--set=NAME` times these instead; a 6th element holds more "H2" keys (maxnreg: ptxas's cap,
 # for more programs per SM)
 H2_SETS = {
@@ -665,15 +666,14 @@ H2_SETS = {
     },
     # call F: around call E's best (maxnreg 128 + PREFETCH): tiles, caps between
     "S17C": {
-        (3, 128): [(128, 256, 4, 16, 1), (128, 256, 4, 16, 1, {"PREFETCH": 1}),
-                   (128, 256, 4, 16, 1, {"PREFETCH": 1, "maxnreg": 128}), (128, 128, 4, 16, 1, {"PREFETCH": 1, "maxnreg": 112}),
-                   (128, 128, 4, 16, 1, {"PREFETCH": 1, "maxnreg": 144}), (256, 128, 8, 8, 1, {"PREFETCH": 1, "maxnreg": 128}),
-                   (128, 128, 2, 16, 1, {"PREFETCH": 1, "maxnreg": 128}), (64, 128, 2, 32, 1, {"PREFETCH": 1, "maxnreg": 128})],
-        (2, 64): [(128, 256, 4, 16, 1, {"PREFETCH": 1, "maxnreg": 128}), (128, 128, 2, 16, 1, {"PREFETCH": 1, "maxnreg": 112}),
-                  (128, 128, 2, 16, 1, {"maxnreg": 112}), (64, 128, 2, 32, 1, {"PREFETCH": 1, "maxnreg": 128})],
-        (2, 128): [(128, 256, 4, 16, 1, {"PREFETCH": 1, "maxnreg": 128}), (128, 128, 2, 16, 1, {"PREFETCH": 1, "maxnreg": 112}),
-                   (64, 128, 2, 32, 1, {"PREFETCH": 1, "maxnreg": 128})],
-        (3, 64): [(128, 128, 4, 16, 1, {"PREFETCH": 1, "maxnreg": 128}), (128, 128, 4, 16, 1, {"PREFETCH": 1})],
+        (3, 128): [(128, 256, 4, 16, 1), (128, 256, 4, 16, 1, {"PREFETCH": 1}), (128, 256, 4, 16, 1, _PF128),
+                   (128, 128, 4, 16, 1, dict(_PF128, maxnreg=112)), (128, 128, 4, 16, 1, dict(_PF128, maxnreg=144)),
+                   (256, 128, 8, 8, 1, _PF128), (128, 128, 2, 16, 1, _PF128), (64, 128, 2, 32, 1, _PF128)],
+        (2, 64): [(128, 256, 4, 16, 1, _PF128), (128, 128, 2, 16, 1, dict(_PF128, maxnreg=112)),
+                  (128, 128, 2, 16, 1, {"maxnreg": 112}), (64, 128, 2, 32, 1, _PF128)],
+        (2, 128): [(128, 256, 4, 16, 1, _PF128), (128, 128, 2, 16, 1, dict(_PF128, maxnreg=112)),
+                   (64, 128, 2, 32, 1, _PF128)],
+        (3, 64): [(128, 128, 4, 16, 1, _PF128), (128, 128, 4, 16, 1, {"PREFETCH": 1})],
     },
 }
 
@@ -871,7 +871,7 @@ def splits(quick: bool, m1: bool = False, tiles: bool = False, g128: bool = Fals
           f"copy={bw / 1e9:.0f} GB/s", flush=True)
     shipped = sk._tuned
     if m1:
-        classes = ((4, 128), (3, 128), (2, 64), (2, 128), (2, None)) if "--s17" in sys.argv else ((4, 128), (3, 128), (2, 64))
+        classes = ((4, 128), (3, 128), (2, 64)) + (((2, 128), (2, None)) if "--s17" in sys.argv else ())
         runs = [(name, 1, cls, [None]) for name in ("70B.down", "70B.up") for cls in classes]
         sks = ([None, 8, 10, 12, 14, 16, 19, 20, 23, 24, 28, 32] if "--s17" in sys.argv  # session 17, call D
                else [None, 8, 12, 16, 24, 32, 48])

@@ -62,7 +62,7 @@ def test_tile_major_layout_roundtrip() -> None:
     gen, seed = fresh_generator()
     print(f"seed={seed}")
     layers = []
-    for bits, g, (N, K) in [(4, 128, (128, 256)), (2, 64, (64, 512)), (3, 128, (64, 256)), (4, 128, (80, 256))]:
+    for bits, g, (N, K) in [(4, 128, (128, 256)), (2, 64, (128, 512)), (3, 128, (128, 256)), (4, 128, (80, 256))]:
         qw = rtn(torch.randn(N, K, generator=gen), QuantSpec(bits, g))
         layers.append(QuantLinear.from_quantized(qw, bits, g, None))
     # a task's frozen Δs (after swap-scales): codes go tile-major, s₀ + Δs stays in row order
