@@ -369,19 +369,20 @@ def _tile_groups(t, qo, G, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, UC: tl.co
 
 
 @triton.jit
-def _load_scales(s_blk, n_ok2, g0, g1, g2, g3, stride_sg, BITS: tl.constexpr, GROUP: tl.constexpr,
+def _load_groups(blk, n_ok2, g0, g1, g2, g3, stride_g, BITS: tl.constexpr, GROUP: tl.constexpr,
                  UC: tl.constexpr, MASK_N: tl.constexpr):
-    """Scales of a tile's units (W3 g32/g64: of their 4 blocks; else the same four times)."""
-    s0 = _load_rows(s_blk, n_ok2, g0, stride_sg, MASK_N)
-    s1, s2, s3 = s0, s0, s0
+    """Scales (or zeros) of a tile's units: W3 g32/g64 one per block of the 4, else the same
+    four times."""
+    v0 = _load_rows(blk, n_ok2, g0, stride_g, MASK_N)
+    v1, v2, v3 = v0, v0, v0
     if BITS == 3 and GROUP < UC:
         if GROUP == 32:
-            s1 = _load_rows(s_blk, n_ok2, g1, stride_sg, MASK_N)
-            s3 = _load_rows(s_blk, n_ok2, g3, stride_sg, MASK_N)
-        s2 = _load_rows(s_blk, n_ok2, g2, stride_sg, MASK_N)
+            v1 = _load_rows(blk, n_ok2, g1, stride_g, MASK_N)
+            v3 = _load_rows(blk, n_ok2, g3, stride_g, MASK_N)
+        v2 = _load_rows(blk, n_ok2, g2, stride_g, MASK_N)
         if GROUP == 64:
-            s3 = s2
-    return s0, s1, s2, s3
+            v3 = v2
+    return v0, v1, v2, v3
 
 
 @triton.jit
@@ -623,9 +624,9 @@ def _gemv_h2_kernel(
         # ptxas issues their loads late in the trip, and read in the same trip their latency
         # came on top of the words' (session 17: grouped classes up to 1.5× slower)
         g0, g1, g2, g3 = _tile_groups(tl.minimum(t_start, k_tiles - 1), qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
-        sn0, sn1, sn2, sn3 = _load_scales(s_blk, n_ok2, g0, g1, g2, g3, stride_sg, BITS, GROUP, UC, MASK_N)
+        sn0, sn1, sn2, sn3 = _load_groups(s_blk, n_ok2, g0, g1, g2, g3, stride_sg, BITS, GROUP, UC, MASK_N)
         if PREFETCH:
-            zn0, zn1, zn2, zn3 = _load_scales(z_blk, n_ok2, g0, g1, g2, g3, stride_zg, BITS, GROUP, UC, MASK_N)
+            zn0, zn1, zn2, zn3 = _load_groups(z_blk, n_ok2, g0, g1, g2, g3, stride_zg, BITS, GROUP, UC, MASK_N)
     if PREFETCH:  # the words of tile t + 1 are read while tile t is unpacked
         wn0, wn1, wn2 = _load_words(qw_blk, t_start, t_start < t_end, stride_qt, rows, wq, n_ok, Wn, WPT, BITS,
                                     MASKED, True)
@@ -644,12 +645,12 @@ def _gemv_h2_kernel(
                 z, z1, z2, z3 = zn0, zn1, zn2, zn3
             else:
                 g0, g1, g2, g3 = _tile_groups(t, qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
-                z, z1, z2, z3 = _load_scales(z_blk, n_ok2, g0, g1, g2, g3, stride_zg, BITS, GROUP, UC, MASK_N)
+                z, z1, z2, z3 = _load_groups(z_blk, n_ok2, g0, g1, g2, g3, stride_zg, BITS, GROUP, UC, MASK_N)
             s, s1, s2, s3 = sn0, sn1, sn2, sn3
             h0, h1, h2, h3 = _tile_groups(tl.minimum(t + 1, k_tiles - 1), qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
-            sn0, sn1, sn2, sn3 = _load_scales(s_blk, n_ok2, h0, h1, h2, h3, stride_sg, BITS, GROUP, UC, MASK_N)
+            sn0, sn1, sn2, sn3 = _load_groups(s_blk, n_ok2, h0, h1, h2, h3, stride_sg, BITS, GROUP, UC, MASK_N)
             if PREFETCH:
-                zn0, zn1, zn2, zn3 = _load_scales(z_blk, n_ok2, h0, h1, h2, h3, stride_zg, BITS, GROUP, UC, MASK_N)
+                zn0, zn1, zn2, zn3 = _load_groups(z_blk, n_ok2, h0, h1, h2, h3, stride_zg, BITS, GROUP, UC, MASK_N)
         else:
             s1, s2, s3, z1, z2, z3 = s, s, s, z, z, z
         if BITS == 3:

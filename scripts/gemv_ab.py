@@ -104,7 +104,7 @@ def bench_class(shape: str, bits: int, g: int, t16: float, copy_bw: float, n_sm:
 def sass_counts() -> dict:
     """SASS instructions per code in the K loop of both kernels, compiled for sm_90 here (no
     GPU): W4 g128 and W2 g64 at their default tiles for 70B.down (loop = the longest
-    backward-branch span; codes per trip = tiles per trip × tile codes / threads). The
+    backward-branch span; codes per trip = tile codes / threads). The
     launches are captured from gemv_matmul / gemv_h2_matmul themselves (kernels/offline.py)."""
     import qtool_kernels.gemv as gemv
     from qtool_kernels import offline
@@ -125,7 +125,7 @@ def sass_counts() -> dict:
             gemv_h2_matmul(x, q, s, z, bits, g, config=h)
         old, new = (offline.k_loop(offline.compile_launch(la).sass) for la in got)
         old_codes = c["BLOCK_N"] * c["BLOCK_K"] / (32 * c["num_warps"])
-        new_codes = 2 * h["BLOCK_N"] * h["BLOCK_K"] / (32 * h["num_warps"])  # two tiles per trip
+        new_codes = h["BLOCK_N"] * h["BLOCK_K"] / (32 * h["num_warps"])  # one tile per trip (since §v11)
         key = f"W{bits} g{g}"
         out[key] = {"fp32": {"per_code": sum(old.values()) / old_codes, "ops": dict(old.most_common())},
                     "h2": {"per_code": sum(new.values()) / new_codes, "ops": dict(new.most_common())}}
