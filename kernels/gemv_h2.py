@@ -344,12 +344,6 @@ def _load_rows(blk, n_ok2, g, stride_g, MASK_N: tl.constexpr):
 
 
 @triton.jit
-def _load_sz(s_blk, z_blk, n_ok2, g, stride_sg, stride_zg, MASK_N: tl.constexpr):
-    """Scale and zero of group g for the block's rows."""
-    return _load_rows(s_blk, n_ok2, g, stride_sg, MASK_N), _load_rows(z_blk, n_ok2, g, stride_zg, MASK_N)
-
-
-@triton.jit
 def _tile_groups(t, qo, G, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, UC: tl.constexpr, BITS: tl.constexpr,
                  MASK_K: tl.constexpr):
     """Group indices of tile t's units (W3 g32/g64: of their 4 blocks; else all four equal)."""
@@ -501,11 +495,10 @@ def _load_w(ptrs, wq, n_ok, left, ok, WPT: tl.constexpr, MASKED: tl.constexpr, G
     docs/kernels.md §v12.)"""
     if GATED:
         left = tl.where(ok, tl.minimum(left, WPT), 0)
-        if MASKED:
-            return tl.load(ptrs, mask=n_ok & (wq < left), other=0)
-        return tl.load(ptrs, mask=wq < left, other=0)
     if MASKED:
         return tl.load(ptrs, mask=n_ok & (wq < left), other=0)
+    if GATED:
+        return tl.load(ptrs, mask=wq < left, other=0)
     return tl.load(ptrs)
 
 
@@ -616,7 +609,8 @@ def _gemv_h2_kernel(
         m2 = m1
         m3 = m1
     if PER_CHANNEL:
-        s, z = _load_sz(s_blk, z_blk, n_ok2, 0, stride_sg, stride_zg, MASK_N)
+        s = _load_rows(s_blk, n_ok2, 0, stride_sg, MASK_N)
+        z = _load_rows(z_blk, n_ok2, 0, stride_zg, MASK_N)
 
     facc = tl.zeros([NQ, BLOCK_N], dtype=tl.float32)
     if not PER_CHANNEL:

@@ -642,7 +642,7 @@ H2_SETS = {
         (2, 128): [(128, 128, 8, 8, 1), (128, 256, 8, 8, 1)],
         (3, 64): [(128, 128, 4, 16, 1), (256, 128, 8, 8, 1)],
     },
-    # session 17 call C: the loop lost its per-code scale multiply (W2 g64 loop 668 -> 547
+    # session 17 call C: the loop lost its per-code scale multiply (W2 g64 loop 668 -> 540
     # instructions per tile) and reads scales one tile ahead: tiles again
     "S17": {
         (2, 64): [(128, 128, 4, 16, 1), (64, 128, 2, 32, 1), (128, 256, 4, 16, 1), (256, 128, 4, 8, 1),
