@@ -11,11 +11,13 @@ Examples:
   qtool finetune smollm2-apiq-w2/ --method lora --adapter smollm2-apiq-w2/adapter --task bbc-topic
 """
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from qtool import dist
 from qtool.cli import options as o
 from qtool.errors import QtoolError
 
@@ -64,6 +66,8 @@ def finetune(
     = ",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
     adapter: Annotated[Path | None, typer.Option(help="lora/qlora: start from this adapter dir (ApiQ/LoftQ "
                                                  "sidecar)")] = None,
+    num_processes: Annotated[int, typer.Option(help="data-parallel processes (one per GPU; CPU processes "
+                                               "without CUDA), started through accelerate's launcher")] = 1,
     device: o.Device = "auto",
     seed: o.Seed = 0,
     overwrite: o.Overwrite = False,
@@ -94,6 +98,12 @@ def finetune(
             raise QtoolError(f"--rank must be ≥ 1, got {rank}")
         if not 0 <= dropout < 1:
             raise QtoolError(f"--dropout must be in [0, 1), got {dropout}")
+    if num_processes != 1 or dist.launched():
+        from qtool.cli import launch
+
+        launch.check(num_processes, batch_size * grad_accum, device)
+        if num_processes > 1:
+            raise typer.Exit(launch.relaunch(num_processes, sys.argv[1:]))
     o.seed_everything(seed)
     cfg = TrainConfig(lr=lr or recipe["lr"], epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                       grad_accum=grad_accum, seqlen=seqlen,
@@ -102,7 +112,7 @@ def finetune(
                       eval_samples=eval_samples, save_every=eval_every if save_every is None else save_every,
                       state_dir=state_dir, resume=resume, seed=seed, grad_checkpoint=grad_checkpoint,
                       device=device, keep=keep, quiet=quiet, schedule=schedule or recipe["schedule"], optim=optim)
-    con = o.console(quiet)
+    con = o.console(quiet or not dist.is_main())
     if method == "peqa":
         from qtool.methods.peqa import describe, finetune_checkpoint
 
@@ -120,4 +130,6 @@ def finetune(
     first = f"{r.initial[m]:.4f} → " if r.initial else ""
     con.print(f"validation {m}: {first}{r.best[m]:.4f} (kept step {r.best['step']} of {r.steps}), "
               f"{r.tokens_per_s:,.0f} tokens/s over {r.train_seconds:.1f} s on {r.device}")
-    o.write_json(json_out, describe(res))
+    if dist.is_main():
+        o.write_json(json_out, describe(res))
+    dist.shutdown()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
+from qtool import dist
 from qtool.artifact.adapter import AdapterSpec, check_adapter, read_adapter, save_adapter
 from qtool.data.tasks import Task
 from qtool.errors import QtoolError
@@ -111,6 +112,9 @@ def finetune_lora(model: nn.Module, tokenizer, info: dict, task: Task, config: T
         module, _, part = key.partition(".lora_")
         kept.setdefault(module, {})["lora_" + part] = t
     metric = result.best.get(result.metric, float("nan"))
+    n = sum(p.numel() for p in params.values())
+    if not dist.is_main():  # data-parallel run: the other processes hold the same adapter and write nothing
+        return LoraResult(Path(out), 0, n, result, init)
     size = save_adapter(out, kept, spec, info.get("fingerprint", ""), init=f"{init}+trained" if init != "default"
                         else "trained", overwrite=overwrite, method=method, task=task.name,
                         steps=result.best.get("step", result.steps), total_steps=result.total_steps,
@@ -118,7 +122,6 @@ def finetune_lora(model: nn.Module, tokenizer, info: dict, task: Task, config: T
                         metric=repr(float(metric)), optim=config.optim, schedule=config.schedule,
                         seqlen=config.seqlen, batch_size=config.batch_size * config.grad_accum,
                         task_source=task.source)
-    n = sum(p.numel() for p in params.values())
     return LoraResult(Path(out), size, n, result, init)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from qtool import dist
 from qtool.artifact.delta import save_delta
 from qtool.data.tasks import Task
 from qtool.errors import QtoolError
@@ -91,6 +92,8 @@ def finetune_peqa(model: nn.Module, tokenizer, info: dict, task: Task, config: T
         remove_scale_deltas(model)
     kept: dict[str, Tensor] = result.params
     metric = result.best.get(result.metric, float("nan"))
+    if not dist.is_main():  # data-parallel run: the other processes hold the same Δs and write nothing
+        return PeqaResult(out, 0, sum(t.numel() for t in kept.values()), result)
     size = save_delta(out, kept, info, method="peqa", task=task.name,
                       steps=result.best.get("step", result.steps), total_steps=result.total_steps,
                       lr=repr(config.lr), seed=config.seed,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from qtool import dist
 from qtool.train.data import IGNORE, Encoded, TokenizedTask, collate, eval_subset
 from qtool.train.loss import nll_per_row
 
@@ -48,6 +49,8 @@ def evaluate(model: nn.Module, tt: TokenizedTask, batch_size: int, device: torch
 
 
 def _score(model, seqs: list[Encoded], pad_id: int, batch_size: int, device, ctx):
+    if dist.world_size() > 1:
+        return _score_shared(model, seqs, pad_id, batch_size, device, ctx)
     nlls, counts = [], []
     for b0 in range(0, len(seqs), batch_size):
         batch = collate(seqs[b0:b0 + batch_size], pad_id).to(device)
@@ -56,3 +59,20 @@ def _score(model, seqs: list[Encoded], pad_id: int, batch_size: int, device, ctx
         nlls.append(s.float().cpu())
         counts.append(n.cpu())
     return torch.cat(nlls).double(), torch.cat(counts).double()
+
+
+def _score_shared(model, seqs: list[Encoded], pad_id: int, batch_size: int, device, ctx):
+    """Data-parallel scoring: each process scores every world-th sequence into its slots of
+    zero-filled vectors, and the sum over processes fills them all (adding zeros is exact)."""
+    w, r = dist.world_size(), dist.rank()
+    nll, cnt = torch.zeros(len(seqs), dtype=torch.float64), torch.zeros(len(seqs), dtype=torch.float64)
+    mine = list(range(r, len(seqs), w))
+    for b0 in range(0, len(mine), batch_size):
+        idx = mine[b0:b0 + batch_size]
+        batch = collate([seqs[i] for i in idx], pad_id).to(device)
+        with ctx():
+            s, n = nll_per_row(model, batch.input_ids, batch.attention_mask, batch.labels)
+        nll[idx], cnt[idx] = s.float().cpu().double(), n.cpu().double()
+    both = torch.stack([nll, cnt])
+    dist.all_reduce_(both)
+    return both[0], both[1]

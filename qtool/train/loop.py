@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from qtool import dist
 from qtool.data.tasks import Task
 from qtool.errors import QtoolError
 from qtool.nn.qlinear import dense_cache
-from qtool.train.data import BatchOrder, TokenizedTask, collate, tokenize_task
+from qtool.train.data import IGNORE, BatchOrder, TokenizedTask, collate, tokenize_task
 from qtool.train.evaluate import evaluate
 from qtool.train.loss import nll_per_row
 from qtool.train.optim import build_optimizer
@@ -163,8 +164,16 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
     device = _device(config.device)
     accelerator = _accelerator(device, config.mixed_precision)
     device = accelerator.device
+    world, rank = dist.world_size(), dist.rank()
+    global_batch = config.batch_size * config.grad_accum
+    if global_batch % world:
+        raise QtoolError(f"{world} processes do not divide the global batch of {global_batch} sequences "
+                         "(--batch-size × --grad-accum)")
     tt = task if isinstance(task, TokenizedTask) else tokenize_task(task, tokenizer, config.seqlen)
     order = BatchOrder(len(tt.train), config.batch_size, config.seed)
+    # Per-sequence counts, so that every process knows the whole step's normaliser and tokens
+    # without a collective (a sequence's targets are its labels after the first position).
+    n_targets_of = [sum(t != IGNORE for t in e.labels[1:]) for e in tt.train] if world > 1 else []
     steps_per_epoch = order.per_epoch // config.grad_accum
     if steps_per_epoch < 1:
         raise QtoolError(f"one optimizer step needs {config.batch_size * config.grad_accum} sequences; "
@@ -227,7 +236,7 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
         return m
 
     def save(step: int) -> None:
-        if state_path is None:
+        if state_path is None or not dist.is_main():
             return
         rng_cuda = list(torch.cuda.get_rng_state_all()) if device.type == "cuda" else []
         optim = optimizer_state(optimizer, params)
@@ -251,14 +260,28 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
         model.train()
         if start == 0:
             initial = last_eval = run_eval(0)
-        with progress_bar(config.quiet) as bar:
+        with progress_bar(config.quiet or not dist.is_main()) as bar:
             ptask = bar.add_task(f"train {tt.task.name}", total=total, completed=start)
             for step in range(start, total):
                 for group in optimizer.param_groups:
                     group["lr"] = config.lr * lr_at(step, total, warmup, config.schedule)
-                micro = [collate([tt.train[i] for i in order.indices(k)], tt.pad_id)
-                         for k in range(step * config.grad_accum, (step + 1) * config.grad_accum)]
-                n_targets = sum(b.n_targets for b in micro)
+                ks = range(step * config.grad_accum, (step + 1) * config.grad_accum)
+                if world == 1:
+                    micro = [collate([tt.train[i] for i in order.indices(k)], tt.pad_id) for k in ks]
+                    n_targets = sum(b.n_targets for b in micro)
+                    step_tokens = sum(b.n_tokens for b in micro)
+                else:
+                    # The step's global batch (the same sequences, in the same order, as one
+                    # process would take) split into one contiguous share per process, in
+                    # micro-batches of at most --batch-size; dropout draws are seeded by
+                    # (seed, step, rank), so a resumed run needs no per-process generator state.
+                    seqs = [i for k in ks for i in order.indices(k)]
+                    n_targets = sum(n_targets_of[i] for i in seqs)
+                    step_tokens = sum(len(tt.train[i].input_ids) for i in seqs)
+                    mine = [seqs[j] for j in dist.shard(len(seqs))]
+                    micro = [collate([tt.train[i] for i in mine[j:j + config.batch_size]], tt.pad_id)
+                             for j in range(0, len(mine), config.batch_size)]
+                    torch.manual_seed((config.seed * 1_000_003 + step) * 4099 + rank)
                 t0 = time.perf_counter()
                 step_nll = 0.0
                 for b in micro:
@@ -268,6 +291,8 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
                         loss = sums.sum() / n_targets  # per-token mean over the whole accumulated step
                     accelerator.backward(loss)
                     step_nll += float(sums.detach().sum())
+                if world > 1:  # every process holds its share's gradient: the sum is the step's gradient
+                    (step_nll,) = dist.all_reduce_grads_([params[n] for n in names], [step_nll])
                 norm = accelerator.clip_grad_norm_([params[n] for n in names], config.max_grad_norm)
                 if math.isfinite(step_nll) and torch.isfinite(torch.as_tensor(norm)).item():
                     optimizer.step()
@@ -282,7 +307,7 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds += time.perf_counter() - t0
-                tokens += sum(b.n_tokens for b in micro)
+                tokens += step_tokens
                 done = step + 1
                 if (config.eval_every and done % config.eval_every == 0) or done == total:
                     last_eval = run_eval(done)
