@@ -122,3 +122,35 @@ def shard(n: int) -> range:
     w, r = world_size(), rank()
     per = n // w
     return range(r * per, (r + 1) * per)
+
+
+def windows(calib: Tensor) -> Tensor:
+    """This process's calibration windows: every world-th one, starting at its rank."""
+    w = world_size()
+    if w == 1:
+        return calib
+    if calib.shape[0] < w:
+        from qtool.errors import QtoolError
+
+        raise QtoolError(f"{calib.shape[0]} calibration windows cannot be shared by {w} processes")
+    return calib[rank()::w]
+
+
+def merge_mean_(H: Tensor, n: int) -> tuple[Tensor, int]:
+    """Each process holds the mean H of its own n samples; returns the mean over all processes'
+    samples (sum of H·n over processes, divided by the total n), the same on every process."""
+    if world_size() == 1:
+        return H, n
+    total = all_reduce_(torch.tensor([float(n)], dtype=torch.float64, device=H.device))
+    H.mul_(n)
+    all_reduce_(H)
+    m = int(total.item())
+    H.div_(m)
+    return H, m
+
+
+def same_everywhere_(*tensors: Tensor | None) -> None:
+    """Give every process rank 0's values (a result each process computed, made bit-identical)."""
+    for t in tensors:
+        if t is not None:
+            broadcast_(t, 0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from qtool import dist
 from qtool.artifact.adapter import AdapterSpec, save_adapter
 from qtool.artifact.checkpoint import save_checkpoint
 from qtool.data import calib as calib_mod
@@ -113,6 +114,8 @@ def quantize(cfg: QuantizeConfig) -> dict:
         def write_adapter(tmp: Path, written: dict) -> None:
             save_adapter(tmp / ADAPTER_DIR, tensors, spec, written["fingerprint"], init=cfg.method, **fields)
 
+    if not dist.is_main():  # data-parallel calibration: every process holds the same model; rank 0 writes
+        return info
     info = save_checkpoint(model, tok, info, cfg.output, cfg.overwrite, extra=write_adapter)
     if adapter is not None:
         info = {**info, "adapter": str(cfg.output / ADAPTER_DIR)}

@@ -67,6 +67,7 @@ def quantize(
     quiet: o.Quiet = False,
     json_out: o.JsonOut = None,
 ) -> None:
+    from qtool import dist
     from qtool.errors import QtoolError
     from qtool.methods import ApiqOptions, QuantizeOptions
     from qtool.methods.apiq import TRAINED
@@ -91,6 +92,8 @@ def quantize(
         spec = QuantSpec(bits, o.parse_group_size(group_size or "128"), symmetric)
         g = "c" if spec.group_size is None else spec.group_size
     dev = o.resolve_device(device)
+    dist.init(cpu=dev.type == "cpu")  # under `accelerate launch`: calibration shared by the processes
+    quiet = quiet or not dist.is_main()
     sdt = o.resolve_dtype(scale_dtype, dev)
     out = output or Path(f"{Path(model).stem}-{method}-w{bits}g{g}")
     o.seed_everything(seed)
@@ -105,6 +108,9 @@ def quantize(
                          lora_rank=rank, lora_alpha=alpha, loftq_iters=loftq_iters, lora_targets=lora_targets,
                          apiq=apiq)
     info = run(cfg)
+    if not dist.is_main():  # rank 0 wrote the checkpoint and reports
+        dist.shutdown()
+        return
     st = info["stats"]
     what = f"block {g}{' + double quant' if double_quant else ''}" if nf4_block else f"W{bits} g{g}"
     bpp = f", {st['bits_per_param']:.3f} bits/param" if "bits_per_param" in st else ""
@@ -117,6 +123,7 @@ def quantize(
             err = f": block output MSE {st['block_loss_before']:.4g} → {st['block_loss_after']:.4g}"
         o.console(quiet).print(f"wrote {info['adapter']} (LoRA r {rank}, alpha {alpha:g}, init {method}{err})")
     o.write_json(json_out, {"output": str(out), **info})
+    dist.shutdown()
 
 
 def _check_apiq(method: str, apiq, opts, out: Path, overwrite: bool):

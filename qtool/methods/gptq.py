@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qtool import dist
 from qtool.methods import QuantizeOptions, register
 from qtool.methods.blocks import capture_inputs, propagate, run_block
 from qtool.methods.progress import progress_bar
@@ -80,6 +81,8 @@ def collect_hessians(block: nn.Module, names: list[str], xs, kwargs, device) -> 
     finally:
         for h in hooks:
             h.remove()
+    for name in names:  # data-parallel calibration: each process saw its own windows
+        Hs[name], counts[name] = dist.merge_mean_(Hs[name], counts[name])
     return Hs
 
 
@@ -89,7 +92,7 @@ def quantize_gptq(model: nn.Module, opts: QuantizeOptions, calib: torch.Tensor) 
     device = opts.device
     use_cache = model.config.use_cache
     model.config.use_cache = False
-    inputs = capture_inputs(model, calib, device)
+    inputs = capture_inputs(model, dist.windows(calib), device)
     xs = inputs.x
     layers = decoder_layers(model)
     stats: dict[str, dict] = {}
@@ -106,6 +109,7 @@ def quantize_gptq(model: nn.Module, opts: QuantizeOptions, calib: torch.Tensor) 
                 lins = [block.get_submodule(name) for name in group]
                 W = torch.cat([lin.weight.float() for lin in lins])
                 qw, st = gptq(W, H, opts.spec, opts.block_size, opts.damp, opts.act_order, opts.scale_dtype)
+                dist.same_everywhere_(qw.codes, qw.scale, qw.zero, qw.perm)
                 row = 0
                 for name, lin in zip(group, lins, strict=True):
                     n = lin.out_features
@@ -126,6 +130,7 @@ def quantize_gptq(model: nn.Module, opts: QuantizeOptions, calib: torch.Tensor) 
         n = 0
         for x in xs:
             H, n = accumulate_hessian(H, n, norm(x.to(device)))
+        H, n = dist.merge_mean_(H, n)
         quantize_lm_head(model, opts, H)
         norm.to("cpu")
     model.config.use_cache = use_cache
