@@ -1,0 +1,147 @@
+"""Data parallelism on CPU (gloo): two processes started by accelerate's launcher against one.
+
+One launch runs every scenario of tests/dist_worker.py (process start costs seconds); the
+one-process references run here meanwhile. docs/distributed.md describes what is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import dist_worker as w
+import pytest
+import torch
+from cli_util import run_cli
+from peqa_util import saved_tiny_checkpoint
+from safetensors.torch import load_file
+
+from qtool.cli import launch
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(two-process outputs, one-process references, one-process GPTQ result)."""
+    two, one = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("one")
+    w.interrupted_peqa(two / "cut1.safetensors")  # a one-process state for the two processes to resume
+    cmd = launch.launch_command(2, [])[:-2] + [str(TESTS / "dist_worker.py"), str(two)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        w.peqa(one / "peqa.safetensors")
+        w.lora(one / "lora", "lora")
+        w.lora(one / "qlora", "qlora")
+        gptq = w.gptq_hessians(w.CALIB)
+    finally:
+        log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-4000:]
+    return two, one, gptq
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max())
+
+
+def test_two_processes_train_what_one_does(runs):
+    # Exact equality, measured: each process holds one of the one-process run's two
+    # micro-batches (same sequences, same shapes), and the all-reduce adds the same two fp32
+    # gradients that backward accumulated in one process (a + b = b + a). With more than two
+    # shares the summation order would differ and equality would hold to fp32 rounding only.
+    two, one, _ = runs
+    _assert_same(load_file(two / "peqa.safetensors"), load_file(one / "peqa.safetensors"))
+    for m in ("lora", "qlora"):
+        _assert_same(load_file(two / m / "adapter_model.safetensors"), load_file(one / m / "adapter_model.safetensors"))
+
+
+def test_only_rank_0_writes(runs):
+    two, _, _ = runs
+    r0, r1 = (json.loads((two / f"writes.rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r1["replaced"] == []
+    assert set(r0["replaced"]) == {"peqa.train/state.safetensors", "peqa.safetensors", "lora.train/state.safetensors",
+                                  "lora", "qlora.train/state.safetensors", "qlora", "cut2.train/state.safetensors",
+                                  "cut1.train/state.safetensors", "from1.safetensors"}
+    assert not [p for p in two.rglob("*") if p.name.startswith(".")]  # no temp file left behind
+
+
+def test_killed_run_resumes_with_another_process_count(runs, tmp_path):
+    two, one, _ = runs
+    straight = load_file(one / "peqa.safetensors")
+    _assert_same(load_file(two / "from1.safetensors"), straight)  # killed with 1 process, finished with 2
+    w.peqa(tmp_path / "from2.safetensors", state_dir=two / "cut2.train", resume=True)
+    _assert_same(load_file(tmp_path / "from2.safetensors"), straight)  # killed with 2, finished with 1
+
+
+def test_gptq_hessians_shared_by_two_processes(runs):
+    two, _, (Hs, state) = runs
+    H0, H1 = (load_file(two / f"hessians.rank{r}.safetensors") for r in (0, 1))
+    assert H0.keys() == Hs.keys() and len(Hs) == 8  # 2 blocks × 4 input groups
+    for k in Hs:
+        assert torch.equal(H0[k], H1[k])  # every process solves the same H
+        # fp32 summation order: one running mean over 6 windows vs two means of 3 merged;
+        # measured 1.7e-7 of the largest entry (about one fp32 ulp), bound 1e-6.
+        err = (H0[k] - Hs[k]).abs().max() / Hs[k].abs().max()
+        assert err < 1e-6, (k, err)
+    _assert_same(load_file(two / "gptq.rank0.safetensors"), load_file(two / "gptq.rank1.safetensors"))
+    _assert_same(load_file(two / "gptq.rank0.safetensors"), state)
+
+
+def test_launch_command_passes_the_command_on():
+    cmd = launch.launch_command(4, ["finetune", "ck", "--num-processes", "4", "--batch-size", "8",
+                                    "--num-processes=4", "-o", "x.safetensors"])
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and "--multi_gpu" in cmd
+    assert cmd[cmd.index("qtool") - 1:] == ["-m", "qtool", "finetune", "ck", "--batch-size", "8", "-o",
+                                            "x.safetensors"]
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    d = tmp_path / "ck"
+    saved_tiny_checkpoint(d, 4, 32)
+    return d
+
+
+def test_finetune_num_processes_relaunches(ckpt, tmp_path, capsys, monkeypatch):
+    got = {}
+
+    def fake(n, argv):
+        got.update(n=n, argv=argv)
+        return 0
+
+    monkeypatch.setattr(launch, "relaunch", fake)
+    code, _, err = run_cli(capsys, "finetune", ckpt, "--task", "bbc-news", "--num-processes", 2, "--batch-size", 4,
+                           "--device", "cpu")
+    assert code == 0, err
+    assert got["n"] == 2 and got["argv"][:2] == ["finetune", str(ckpt)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-processes", 3, "--batch-size", 4], "does not divide the global batch of 4"),
+    (["--num-processes", 0], "must be ≥ 1"),
+])
+def test_finetune_num_processes_refusals(ckpt, capsys, args, message):
+    code, _, err = run_cli(capsys, "finetune", ckpt, "--task", "bbc-news", "--device", "cpu", *args)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_more_processes_than_gpus_is_refused(ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    code, _, err = run_cli(capsys, "finetune", ckpt, "--task", "bbc-news", "--num-processes", 4, "--device", "auto")
+    assert code == 2 and err.count("\n") == 1 and "only 2 CUDA GPU(s)" in err, err
+
+
+def test_python_m_qtool_is_the_cli(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["qtool", "finetune", "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("qtool", run_name="__main__")
+    assert e.value.code == 0 and "--num-processes" in capsys.readouterr().out
