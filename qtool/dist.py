@@ -154,3 +154,11 @@ def same_everywhere_(*tensors: Tensor | None) -> None:
     for t in tensors:
         if t is not None:
             broadcast_(t, 0)
+
+
+def mean(x: float) -> float:
+    """The mean of a per-process number over the processes (each process weighs the same)."""
+    w = world_size()
+    if w == 1:
+        return x
+    return all_reduce_(torch.tensor([x], dtype=torch.float64)).item() / w

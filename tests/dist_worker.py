@@ -25,6 +25,7 @@ from qtool.train import TrainConfig
 TEXT = "the cat sat on the mat. " * 8
 STEPS, SAVE_EVERY = 4, 2
 CALIB = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(5))
+APIQ_EPOCHS = 4
 
 
 def lm_task() -> Task:
@@ -116,6 +117,56 @@ def gptq_hessians(calib: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[st
     return Hs, state
 
 
+def apiq_run(calib: torch.Tensor, seed: int = 0) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+    """ApiQ-bw on a tiny fp model: ([block output MSE before, after calibration] per block, the
+    calibrated blocks' state)."""
+    from qtool.methods import ApiqOptions, quantize_model
+    from qtool.quant.grid import QuantSpec
+
+    model = tiny_llama(0)
+    stats = quantize_model(model, QuantSpec(2, 32), "apiq-bw", calib=calib, quiet=True, lora_rank=4, seed=seed,
+                           apiq=ApiqOptions(epochs=APIQ_EPOCHS))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if "layers" in k}
+    return [[b["loss_before"], b["loss_after"]] for b in stats["blocks"]], state
+
+
+def fsdp_peqa_grads(shard: bool) -> tuple[dict[str, torch.Tensor], float]:
+    """One PEQA forward and backward on a tiny W4 g32 model, with FSDP (each block and the root
+    sharded over the processes, packed weights in float storage) or without. Returns the loss,
+    logits and Δs gradients (gathered whole), and the share of the packed bytes this process holds."""
+    from qtool.methods.peqa import trainable_scales
+    from qtool.nn.replace import quant_linears
+
+    model, _, info = quantized_tiny(4, 32)
+    trainable_scales(model, info)
+    held = 1.0
+    if shard:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from qtool import dist
+        from qtool.models.load import decoder_layers
+        from qtool.nn.fsdp_storage import SUFFIX, to_float_storage
+
+        packed = to_float_storage(model)
+        mesh = init_device_mesh("cpu", (dist.world_size(),))
+        for block in decoder_layers(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        local = sum(p.to_local().numel() * 4 for n, p in model.named_parameters() if n.endswith(SUFFIX))
+        held = local / packed
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))  # the same on every process
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+
+    def whole(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    res = {"loss": out.loss.detach().reshape(1), "logits": out.logits.detach()}
+    res.update({f"grad.{n}": whole(m.scale_delta.grad).contiguous() for n, m in quant_linears(model).items()})
+    return res, held
+
+
 def main(out: Path) -> None:
     from qtool import dist
 
@@ -140,7 +191,12 @@ def main(out: Path) -> None:
     Hs, state = gptq_hessians(CALIB)
     save_file(Hs, str(out / f"hessians.rank{r}.safetensors"))
     save_file(state, str(out / f"gptq.rank{r}.safetensors"))
-    (out / f"writes.rank{r}.json").write_text(json.dumps({"world": dist.world_size(), "replaced": replaced}))
+    fsdp, held = fsdp_peqa_grads(shard=True)
+    save_file(fsdp, str(out / f"fsdp.rank{r}.safetensors"))
+    apiq, state = apiq_run(CALIB)
+    save_file(state, str(out / f"apiq.rank{r}.safetensors"))
+    (out / f"writes.rank{r}.json").write_text(json.dumps({"world": dist.world_size(), "replaced": replaced,
+                                                          "apiq": apiq, "fsdp_held": held}))
     dist.shutdown()
 
 

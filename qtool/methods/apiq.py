@@ -40,6 +40,7 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from qtool import dist
 from qtool.artifact.atomic import atomic_file
 from qtool.errors import QtoolError
 from qtool.methods import QuantizeOptions, register
@@ -342,7 +343,7 @@ def fit(wrappers: list[ClipLoraLinear], inputs_of: Callable[[int], tuple[Tensor,
     init = _snapshot(params)
     res = FitResult()
     lr_scale = 1.0
-    use_graph = graphable(params, cuda_graphs)
+    use_graph = graphable(params, cuda_graphs) and dist.world_size() == 1  # no collectives inside a graph
     for attempt in range(cfg.max_retries + 1):
         groups = [{"params": clip, "lr": cfg.lr_clip * lr_scale, "weight_decay": cfg.weight_decay}]
         if lora:
@@ -400,6 +401,12 @@ def _eager_step(loss_fn: Callable[..., Tensor], params: list[nn.Parameter], opt:
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(*inputs)
         loss.backward()
+        w = dist.world_size()
+        if w > 1:  # data-parallel: one step is the mean over the processes' windows (a batch of w windows)
+            (total,) = dist.all_reduce_grads_(params, [float(loss)])
+            for p in params:
+                p.grad.div_(w)
+            loss = torch.tensor(total / w, device=loss.device)
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
@@ -480,7 +487,7 @@ def block_loss(block: nn.Module, xs: Windows, targets: Windows, kwargs: dict, de
     for j in range(len(xs)):
         with autocast_for(device):
             total.append(_mse(run_block(block, xs.get(j, device), kwargs), targets.get(j, device)))
-    return torch.stack(total).sum().item() / max(len(xs), 1) if total else 0.0
+    return dist.mean(torch.stack(total).sum().item() / max(len(xs), 1) if total else 0.0)
 
 
 def calibrate_block(block: nn.Module, index: int, X: Windows, Xq: Windows, kwargs: dict, cfg: ApiqConfig,
@@ -527,7 +534,7 @@ def calibrate_block(block: nn.Module, index: int, X: Windows, Xq: Windows, kwarg
                 out = run_block(block, Xq.get(j, device), kwargs)
                 after.append(_mse(out, T.get(j, device)))
             Xq.put(j, out)
-    res.loss_after = torch.stack(after).sum().item() / max(n, 1) if after else 0.0
+    res.loss_after = dist.mean(torch.stack(after).sum().item() / max(n, 1) if after else 0.0)
     if cfg.epochs == 0 and saved is None:
         res.loss_before = res.loss_after
     res.seconds = time.perf_counter() - t0
@@ -643,6 +650,8 @@ class CalibState:
             return
         if resume:
             warn(f"--resume: no state in {path}; starting from the first block")
+        if not dist.is_main():  # data-parallel calibration: rank 0 writes the state
+            return
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
@@ -662,7 +671,7 @@ class CalibState:
         return load_file(str(self._file(index))), self.blocks[str(index)]
 
     def save(self, index: int, tensors: dict[str, Tensor], stats: dict) -> None:
-        if self.path is None:
+        if self.path is None or not dist.is_main():
             return
         with atomic_file(self._file(index)) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", "qtool.kind": STATE_FORMAT})
@@ -700,7 +709,10 @@ def calibrate_model(model: nn.Module, opts: QuantizeOptions, calib: Tensor, meth
     store = choose_store(opts.apiq.offload, device, activation_bytes(model, calib, cfg))
     use_cache = model.config.use_cache
     model.config.use_cache = False
-    inputs = capture_inputs(model, calib, device, store=torch.device("cpu") if store.type == "cpu" else store)
+    if calib.shape[0] % dist.world_size():  # every process takes as many steps as the others
+        raise QtoolError(f"{dist.world_size()} processes do not divide the {calib.shape[0]} calibration windows")
+    inputs = capture_inputs(model, dist.windows(calib), device,
+                            store=torch.device("cpu") if store.type == "cpu" else store)
     X = Windows(store, inputs.x)
     Xq = Windows(store, X)
     del inputs.x[:]
