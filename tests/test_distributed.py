@@ -142,7 +142,7 @@ def test_finetune_num_processes_relaunches(ckpt, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(launch, "relaunch", fake)
     code, _, err = run_cli(capsys, "finetune", ckpt, "--task", "bbc-news", "--num-processes", 2, "--batch-size", 4,
                            "--device", "cpu")
-    assert code == 0, err
+    assert code == 0, err  # the launcher's exit code
     assert got["n"] == 2 and got["argv"][:2] == ["finetune", str(ckpt)]
 
 
@@ -153,6 +153,14 @@ def test_finetune_num_processes_relaunches(ckpt, tmp_path, capsys, monkeypatch):
 def test_finetune_num_processes_refusals(ckpt, capsys, args, message):
     code, _, err = run_cli(capsys, "finetune", ckpt, "--task", "bbc-news", "--device", "cpu", *args)
     assert code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_bad_input_is_refused_before_the_processes_start(tmp_path, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr(launch, "relaunch", lambda n, argv: started.append(n) or 1)
+    code, _, err = run_cli(capsys, "finetune", tmp_path / "missing", "--task", "bbc-news", "--num-processes", 2,
+                           "--device", "cpu")
+    assert code == 2 and err.count("\n") == 1 and "not found" in err and not started, err
 
 
 def test_more_processes_than_gpus_is_refused(ckpt, capsys, monkeypatch):

@@ -103,7 +103,8 @@ def finetune(
 
         launch.check(num_processes, batch_size * grad_accum, device)
         if num_processes > 1:
-            raise typer.Exit(launch.relaunch(num_processes, sys.argv[1:]))
+            _preflight(model_dir, method, task, data, fmt, output, overwrite, adapter)
+            sys.exit(launch.relaunch(num_processes, sys.argv[1:]))
     o.seed_everything(seed)
     cfg = TrainConfig(lr=lr or recipe["lr"], epochs=epochs, max_steps=max_steps, batch_size=batch_size,
                       grad_accum=grad_accum, seqlen=seqlen,
@@ -133,3 +134,28 @@ def finetune(
     if dist.is_main():
         o.write_json(json_out, describe(res))
     dist.shutdown()
+
+
+def _preflight(model_dir: Path, method: str, task: str | None, data: Path | None, fmt: str | None,
+               output: Path | None, overwrite: bool, adapter: Path | None) -> None:
+    """The input checks each process would make first, made once before the processes start, so
+    that bad input is one line and exit 2 here rather than N lines and the launcher's report."""
+    from qtool.artifact.checkpoint import read_manifest
+    from qtool.data.tasks import load_task
+
+    t = load_task(task, data, fmt)
+    out = output or Path(f"{t.name}.safetensors" if method == "peqa" else f"{t.name}-{method}")
+    if out.exists() and not overwrite:
+        raise QtoolError(f"output {out} exists (use --overwrite)")
+    info = read_manifest(Path(model_dir))
+    if method == "peqa":
+        from qtool.methods.peqa import check_trainable
+
+        check_trainable(info)
+    else:
+        from qtool.artifact.adapter import read_adapter
+        from qtool.methods.lora import check_base
+
+        check_base(info, method)
+        if adapter is not None:
+            read_adapter(adapter)
