@@ -162,3 +162,10 @@ def mean(x: float) -> float:
     if w == 1:
         return x
     return all_reduce_(torch.tensor([x], dtype=torch.float64)).item() / w
+
+
+def total(x: float) -> float:
+    """The sum of a per-process number over the processes."""
+    if world_size() == 1:
+        return x
+    return all_reduce_(torch.tensor([x], dtype=torch.float64)).item()

@@ -22,6 +22,12 @@ for n in 1 2 4; do
   qtool finetune synth-nf4 --method qlora "${COMMON[@]}" --num-processes "$n" -o "qlora-$n" \
     --json "qlora-$n.json"
 done
+for n in 2 4; do
+  qtool finetune synth-w4 --method peqa "${COMMON[@]}" --num-processes "$n" --fsdp -o "peqa-fsdp-$n.safetensors" \
+    --json "peqa-fsdp-$n.json"
+  qtool finetune synth-nf4 --method qlora "${COMMON[@]}" --num-processes "$n" --fsdp -o "qlora-fsdp-$n" \
+    --json "qlora-fsdp-$n.json"
+done
 
 GPTQ=(quantize -m llama3-8b-synth --method gptq --bits 4 --group-size 128 --calib-n 128 --calib-seqlen 2048
       --overwrite --quiet)
@@ -38,6 +44,9 @@ for m in ("peqa", "qlora"):
     for n in (1, 2, 4):
         t = json.load(open(f"{m}-{n}.json"))["tokens_per_s"]
         print(f"{m} {n} GPU(s): {t:,.0f} tokens/s, scaling efficiency {t / (n * one):.2f}")
+    for n in (2, 4):
+        r = json.load(open(f"{m}-fsdp-{n}.json"))
+        print(f"{m} --fsdp {n} GPUs: {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_memory_bytes'] / 2**30:.2f} GiB per GPU")
 for n in (1, 2, 4):
     st = json.load(open(f"gptq-{n}.json"))["stats"]
     print(f"gptq {n} GPU(s): {st['seconds']:.1f} s calibration + quantization, proxy loss {st['proxy_loss_total']:.6g}")

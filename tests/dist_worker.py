@@ -63,18 +63,18 @@ def nf4_tiny():
     return model, byte_tokenizer(), info
 
 
-def lora(out: Path, method: str):
+def lora(out: Path, method: str, **kw):
     from qtool.methods.lora import RECIPES, LoraOptions, finetune_lora
 
     model, tok, info = nf4_tiny() if method == "qlora" else quantized_tiny(4, None)
     r = RECIPES[method]
     c = cfg(lr=r["lr"] * 10, schedule=r["schedule"], warmup_ratio=r["warmup_ratio"],
-            state_dir=out.with_name(out.name + ".train"))
+            state_dir=out.with_name(out.name + ".train"), **kw)
     # Dropout 0: with dropout the masks of one process and of two differ (docs/distributed.md).
     return finetune_lora(model, tok, info, lm_task(), c, LoraOptions(rank=4, alpha=8.0, dropout=0.0), out, method)
 
 
-def interrupted_peqa(out: Path) -> None:
+def interrupted_peqa(out: Path, **kw) -> None:
     """A run killed right after its first periodic save (at step SAVE_EVERY), on every process."""
     from qtool.train import loop
 
@@ -87,7 +87,7 @@ def interrupted_peqa(out: Path) -> None:
 
     loop.lr_at = dying
     try:
-        peqa(out)
+        peqa(out, **kw)
     except KeyboardInterrupt:
         pass
     finally:
@@ -186,6 +186,9 @@ def main(out: Path) -> None:
         lora(out / "qlora", "qlora")
         interrupted_peqa(out / "cut2.safetensors")
         peqa(out / "from1.safetensors", state_dir=out / "cut1.train", resume=True)
+        peqa(out / "peqa-fsdp.safetensors", fsdp=True)
+        lora(out / "qlora-fsdp", "qlora", fsdp=True)
+        interrupted_peqa(out / "cut2f.safetensors", fsdp=True)
     finally:
         os.replace = real_replace
     Hs, state = gptq_hessians(CALIB)

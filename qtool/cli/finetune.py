@@ -68,6 +68,8 @@ def finetune(
                                                  "sidecar)")] = None,
     num_processes: Annotated[int, typer.Option(help="data-parallel processes (one per GPU; CPU processes "
                                                "without CUDA), started through accelerate's launcher")] = 1,
+    fsdp: Annotated[bool, typer.Option(help="shard the quantized base, the trainable values and their "
+                                       "optimizer state over the processes (FSDP2; with --num-processes)")] = False,
     device: o.Device = "auto",
     seed: o.Seed = 0,
     overwrite: o.Overwrite = False,
@@ -83,6 +85,8 @@ def finetune(
 
     if optim not in OPTIMIZERS:
         raise QtoolError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")
+    if fsdp and dora:
+        raise QtoolError("--fsdp does not support --dora yet (DoRA reads the packed base outside its forward)")
     if schedule is not None and schedule not in ("cosine", "constant"):
         raise QtoolError(f"--schedule must be cosine or constant, got {schedule!r}")
     if method == "peqa":
@@ -112,7 +116,8 @@ def finetune(
                       weight_decay=weight_decay, max_grad_norm=max_grad_norm, eval_every=eval_every,
                       eval_samples=eval_samples, save_every=eval_every if save_every is None else save_every,
                       state_dir=state_dir, resume=resume, seed=seed, grad_checkpoint=grad_checkpoint,
-                      device=device, keep=keep, quiet=quiet, schedule=schedule or recipe["schedule"], optim=optim)
+                      device=device, keep=keep, quiet=quiet, schedule=schedule or recipe["schedule"], optim=optim,
+                      fsdp=fsdp)
     con = o.console(quiet or not dist.is_main())
     if method == "peqa":
         from qtool.methods.peqa import describe, finetune_checkpoint

@@ -67,12 +67,19 @@ def _score_shared(model, seqs: list[Encoded], pad_id: int, batch_size: int, devi
     w, r = dist.world_size(), dist.rank()
     nll, cnt = torch.zeros(len(seqs), dtype=torch.float64), torch.zeros(len(seqs), dtype=torch.float64)
     mine = list(range(r, len(seqs), w))
-    for b0 in range(0, len(mine), batch_size):
-        idx = mine[b0:b0 + batch_size]
+    # Every process runs the same number of forwards (FSDP gathers weights in each one): a
+    # process with one sequence fewer scores a repeat of its last one and drops the result.
+    per = -(-len(seqs) // w)
+    for b0 in range(0, per, batch_size):
+        idx = [mine[min(i, len(mine) - 1)] if mine else 0 for i in range(b0, min(b0 + batch_size, per))]
+        keep = [i < len(mine) for i in range(b0, min(b0 + batch_size, per))]
         batch = collate([seqs[i] for i in idx], pad_id).to(device)
         with ctx():
             s, n = nll_per_row(model, batch.input_ids, batch.attention_mask, batch.labels)
-        nll[idx], cnt[idx] = s.float().cpu().double(), n.cpu().double()
+        s, n = s.float().cpu().double(), n.cpu().double()
+        for j, (i, k) in enumerate(zip(idx, keep, strict=True)):
+            if k:
+                nll[i], cnt[i] = s[j], n[j]
     both = torch.stack([nll, cnt])
     dist.all_reduce_(both)
     return both[0], both[1]

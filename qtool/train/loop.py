@@ -67,6 +67,7 @@ class TrainConfig:
     quiet: bool = False
     schedule: str = "cosine"  # cosine | constant (both after the linear warm-up)
     optim: str = "adamw"  # adamw | paged_adamw (qtool.train.optim)
+    fsdp: bool = False  # shard the model over the processes (qtool.train.fsdp)
 
     def resume_key(self, task: str, total_steps: int) -> dict:
         """Fields that a resumed run must share with the run that saved the state."""
@@ -140,6 +141,10 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         getattr(model, f"{prefix}_checkpointing_disable")()
 
 
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
 def _better(a: float, b: float | None, higher: bool) -> bool:
     return b is None or (a > b if higher else a < b)
 
@@ -185,6 +190,13 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
     metric = tt.task.metric
 
     model.to(device)
+    whole = _identity
+    if config.fsdp:
+        from qtool.train import fsdp
+
+        if config.optim != "adamw" or optimizer_factory is not None:
+            raise QtoolError("--fsdp trains with --optim adamw only (its moments are sharded with the parameters)")
+        params, whole = fsdp.shard(model, params, device), fsdp.whole
     names = list(params)
     if optimizer_factory is not None:
         optimizer = optimizer_factory([params[n] for n in names])
@@ -207,7 +219,10 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
                 if st.params[n].shape != params[n].shape:
                     shape = tuple(st.params[n].shape)
                     raise QtoolError(f"--resume: {n} has shape {shape} in the saved state")
-                params[n].copy_(st.params[n])
+                params[n].copy_(fsdp.place(st.params[n], params[n]) if config.fsdp else st.params[n])
+        if config.fsdp:  # each process keeps its shard of the saved moments
+            st.optim = {n: {k: v if k == "step" else fsdp.place(v, params[n]) for k, v in o.items()}
+                        for n, o in st.optim.items()}
         restore_optimizer(optimizer, params, st.optim)
         if st.rng_cpu is not None:
             torch.set_rng_state(st.rng_cpu)
@@ -218,7 +233,7 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
         initial = history[0] if history and history[0].get("step") == 0 else None
 
     def snapshot() -> dict[str, Tensor]:
-        return {n: params[n].detach().float().cpu().clone() for n in names}
+        return {n: whole(params[n].detach()).float().cpu().clone() for n in names}
 
     train_peak = 0
 
@@ -236,11 +251,16 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
         return m
 
     def save(step: int) -> None:
-        if state_path is None or not dist.is_main():
+        if state_path is None or not (dist.is_main() or config.fsdp):
             return
         rng_cuda = list(torch.cuda.get_rng_state_all()) if device.type == "cuda" else []
         optim = optimizer_state(optimizer, params)
-        save_state(state_path, TrainState(step, snapshot(), best_params, optim, torch.get_rng_state(),
+        if config.fsdp:  # gathering the shards is a collective: every process takes part
+            optim = {n: {k: whole(v) for k, v in o.items()} for n, o in optim.items()}
+        current = snapshot()
+        if not dist.is_main():
+            return
+        save_state(state_path, TrainState(step, current, best_params, optim, torch.get_rng_state(),
                                           rng_cuda, key, history, best, tokens, seconds))
 
     if config.grad_checkpoint:
@@ -254,7 +274,7 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
     bad = skipped = 0
     last_eval: dict | None = history[-1] if history else None
     # No kernels on the CPU: a frozen base (LoRA, QLoRA) is dequantized once for the run.
-    cache = dense_cache(model) if device.type == "cpu" else contextlib.nullcontext()
+    cache = dense_cache(model) if device.type == "cpu" and not config.fsdp else contextlib.nullcontext()
     try:
         cache.__enter__()
         model.train()
@@ -289,11 +309,15 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
                     with accelerator.autocast():
                         sums, _ = nll_per_row(model, b.input_ids, b.attention_mask, b.labels)
                         loss = sums.sum() / n_targets  # per-token mean over the whole accumulated step
+                        if config.fsdp:  # FSDP averages the processes' gradients (qtool.train.fsdp)
+                            loss = loss * world
                     accelerator.backward(loss)
                     step_nll += float(sums.detach().sum())
-                if world > 1:  # every process holds its share's gradient: the sum is the step's gradient
+                if config.fsdp:  # FSDP's reduce-scatter summed the gradients
+                    step_nll = dist.total(step_nll)
+                elif world > 1:  # every process holds its share's gradient: the sum is the step's gradient
                     (step_nll,) = dist.all_reduce_grads_([params[n] for n in names], [step_nll])
-                norm = accelerator.clip_grad_norm_([params[n] for n in names], config.max_grad_norm)
+                norm = whole(accelerator.clip_grad_norm_([params[n] for n in names], config.max_grad_norm))
                 if math.isfinite(step_nll) and torch.isfinite(torch.as_tensor(norm)).item():
                     optimizer.step()
                     bad = 0
