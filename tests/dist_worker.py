@@ -189,6 +189,7 @@ def main(out: Path) -> None:
         peqa(out / "peqa-fsdp.safetensors", fsdp=True)
         lora(out / "qlora-fsdp", "qlora", fsdp=True)
         interrupted_peqa(out / "cut2f.safetensors", fsdp=True)
+        peqa(out / "from1f.safetensors", state_dir=out / "cut1.train", resume=True, fsdp=True)
     finally:
         os.replace = real_replace
     Hs, state = gptq_hessians(CALIB)

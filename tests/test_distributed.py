@@ -71,7 +71,8 @@ def test_only_rank_0_writes(runs):
                                   "lora", "qlora.train/state.safetensors", "qlora", "cut2.train/state.safetensors",
                                   "cut1.train/state.safetensors", "from1.safetensors",
                                   "peqa-fsdp.train/state.safetensors", "peqa-fsdp.safetensors",
-                                  "qlora-fsdp.train/state.safetensors", "qlora-fsdp", "cut2f.train/state.safetensors"}
+                                  "qlora-fsdp.train/state.safetensors", "qlora-fsdp", "cut2f.train/state.safetensors",
+                                  "from1f.safetensors"}
     assert not [p for p in two.rglob("*") if p.name.startswith(".")]  # no temp file left behind
 
 
@@ -99,6 +100,8 @@ def test_fsdp_training_matches_one_process(runs, tmp_path):
     _assert_close(load_file(two / "peqa-fsdp.safetensors"), straight, 1e-5)
     _assert_close(load_file(two / "qlora-fsdp" / "adapter_model.safetensors"),
                   load_file(one / "qlora" / "adapter_model.safetensors"), 1e-5)
+    # a one-process state is sharded on resume (killed with 1 process, finished by 2 under FSDP)
+    _assert_close(load_file(two / "from1f.safetensors"), straight, 1e-5)
     # the training state holds whole values (gathered from the shards): one process resumes it
     w.peqa(tmp_path / "from2f.safetensors", state_dir=two / "cut2f.train", resume=True)
     _assert_close(load_file(tmp_path / "from2f.safetensors"), straight, 1e-5)
@@ -172,6 +175,9 @@ def test_finetune_num_processes_relaunches(ckpt, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--num-processes", 3, "--batch-size", 4], "does not divide the global batch of 4"),
     (["--num-processes", 0], "must be ≥ 1"),
+    (["--fsdp"], "--fsdp shards the model over several processes"),
+    (["--fsdp", "--num-processes", 2, "--batch-size", 2, "--optim", "paged_adamw"], "--optim adamw only"),
+    (["--fsdp", "--num-processes", 2, "--batch-size", 2, "--method", "lora", "--dora"], "does not support --dora"),
 ])
 def test_finetune_num_processes_refusals(ckpt, capsys, args, message):
     code, _, err = run_cli(capsys, "finetune", ckpt, "--task", "bbc-news", "--device", "cpu", *args)

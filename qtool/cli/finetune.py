@@ -85,6 +85,10 @@ def finetune(
 
     if optim not in OPTIMIZERS:
         raise QtoolError(f"--optim must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")
+    if fsdp and num_processes < 2 and not dist.launched():
+        raise QtoolError("--fsdp shards the model over several processes: add --num-processes N (N ≥ 2)")
+    if fsdp and optim != "adamw":
+        raise QtoolError("--fsdp trains with --optim adamw only (its moments are sharded with the parameters)")
     if fsdp and dora:
         raise QtoolError("--fsdp does not support --dora yet (DoRA reads the packed base outside its forward)")
     if schedule is not None and schedule not in ("cosine", "constant"):
