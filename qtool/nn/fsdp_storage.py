@@ -11,8 +11,9 @@ pre-hook puts the integer view back under the buffer's name each time the layer 
 FSDP's own pre-forward hook (on the enclosing block) has gathered the full parameter, and a
 forward hook takes it away again (the buffer is None between forwards). The view shares the
 gathered storage, which FSDP frees after forward and refills in place before backward, so
-what autograd saved stays valid. Apply FSDP to the blocks and the root only (not to
-the packed layers themselves, whose own hook order would then be FSDP's after ours).
+what autograd saved stays valid. Apply FSDP to modules that contain packed layers (the
+blocks), never to a packed layer itself: its FSDP hook would run after ours, and our view would
+see the shard.
 
 Scales, zeros and biases stay buffers: at 4 bits, group 128 they are about 5 % of the packed
 weight, replicated on every rank.
