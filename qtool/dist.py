@@ -16,6 +16,8 @@ import os
 import torch
 from torch import Tensor
 
+from qtool.errors import QtoolError
+
 
 def launched() -> bool:
     """True in a process started by a launcher for more than one process."""
@@ -130,8 +132,6 @@ def windows(calib: Tensor) -> Tensor:
     if w == 1:
         return calib
     if calib.shape[0] < w:
-        from qtool.errors import QtoolError
-
         raise QtoolError(f"{calib.shape[0]} calibration windows cannot be shared by {w} processes")
     return calib[rank()::w]
 
