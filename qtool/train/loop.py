@@ -192,11 +192,12 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
     model.to(device)
     whole = _identity
     if config.fsdp:
-        from qtool.train import fsdp
+        from qtool.train.fsdp import place, shard
+        from qtool.train.fsdp import whole as whole_fsdp
 
         if config.optim != "adamw" or optimizer_factory is not None:
             raise QtoolError("--fsdp trains with --optim adamw only (its moments are sharded with the parameters)")
-        params, whole = fsdp.shard(model, params, device), fsdp.whole
+        params, whole = shard(model, params, device), whole_fsdp
     names = list(params)
     if optimizer_factory is not None:
         optimizer = optimizer_factory([params[n] for n in names])
@@ -219,9 +220,9 @@ def train(model: nn.Module, tokenizer, task: Task | TokenizedTask, params: dict[
                 if st.params[n].shape != params[n].shape:
                     shape = tuple(st.params[n].shape)
                     raise QtoolError(f"--resume: {n} has shape {shape} in the saved state")
-                params[n].copy_(fsdp.place(st.params[n], params[n]) if config.fsdp else st.params[n])
+                params[n].copy_(place(st.params[n], params[n]) if config.fsdp else st.params[n])
         if config.fsdp:  # each process keeps its shard of the saved moments
-            st.optim = {n: {k: v if k == "step" else fsdp.place(v, params[n]) for k, v in o.items()}
+            st.optim = {n: {k: v if k == "step" else place(v, params[n]) for k, v in o.items()}
                         for n, o in st.optim.items()}
         restore_optimizer(optimizer, params, st.optim)
         if st.rng_cpu is not None:
