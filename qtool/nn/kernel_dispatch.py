@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from torch import Tensor
-
-if TYPE_CHECKING:
-    from qtool.nn.nf4linear import NF4Linear
-    from qtool.nn.qlinear import QuantLinear
+from torch import Tensor, nn
 
 
 def _entry(name: str) -> Callable | None:
@@ -28,11 +23,11 @@ def _entry(name: str) -> Callable | None:
     return getattr(qtool_kernels, name, None)
 
 
-def quant_linear(layer: QuantLinear, x: Tensor) -> Tensor | None:
+def quant_linear(layer: nn.Module, x: Tensor) -> Tensor | None:
     fn = _entry("quant_linear")
     return None if fn is None else fn(layer, x)
 
 
-def nf4_linear(layer: NF4Linear, x: Tensor) -> Tensor | None:
+def nf4_linear(layer: nn.Module, x: Tensor) -> Tensor | None:
     fn = _entry("nf4_linear")
     return None if fn is None else fn(layer, x)

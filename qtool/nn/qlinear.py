@@ -141,9 +141,9 @@ def dense_cache(model: nn.Module, dtype: torch.dtype = torch.float32) -> Iterato
     CPU evaluation, generation and CPU LoRA training over a frozen base, where unpacking on
     every call dominates the run time. Layers whose scales train (PEQA's Δs) are skipped:
     their Ŵ changes every step."""
-    from qtool.nn.nf4linear import NF4Linear
-
-    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, NF4Linear))
+    # Every packed layer type (QuantLinear, NF4Linear) carries a `_dense` slot; matching on
+    # it keeps this module free of imports of the other layer types.
+    layers = [m for m in model.modules() if hasattr(m, "_dense") and hasattr(m, "dequantize")
               and getattr(m, "scale_delta", None) is None]
     try:
         for m in layers:

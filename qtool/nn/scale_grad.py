@@ -19,16 +19,11 @@ so no N×K float tensor outlives one layer's forward or backward.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from qtool.quant.pack import unpack
-
-if TYPE_CHECKING:
-    from qtool.nn.qlinear import QuantLinear
 
 ROUTES = ("auto", "y0", "dw")
 
@@ -135,7 +130,7 @@ class ScaleLinearFunction(torch.autograd.Function):
         return dX, ds, None, None, None, None, None, None, None
 
 
-def scale_trainable_linear(layer: QuantLinear, x: Tensor, route: str = "auto") -> Tensor:
+def scale_trainable_linear(layer: nn.Module, x: Tensor, route: str = "auto") -> Tensor:
     """QuantLinear's forward while its `scale_delta` trains (x already act-order permuted).
 
     Autocast is resolved here, outside the Function: x is cast to the autocast dtype and the
