@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from qtool.artifact import safetensors_io as st
 from qtool.artifact.checkpoint import dump_manifest as _write_manifest  # the name tests patch
 from qtool.artifact.delta import ScaleDelta, check_delta, read_delta
 from qtool.errors import QtoolError
@@ -140,11 +140,7 @@ class SwapReport:
 
 
 def _read_scales(path: Path) -> dict[str, Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise QtoolError(f"{path}: cannot read scales ({e})") from None
+    return st.load(path, "scales file")[0]
 
 
 def _read_manifest(model_dir: Path) -> dict:
@@ -241,14 +237,14 @@ def swap_scales_dir(model_dir: Path, delta_path: Path, out_dir: Path | None = No
     applied = info.get(APPLIED_KEY)
     base_name = BASE_SCALES_FILE if applied else SCALES_FILE
     base_path = _verified(model_dir, info, base_name)
-    base = _read_scales(base_path)
-    with safe_open(str(base_path), framework="pt") as f:
-        scales_meta = dict(f.metadata() or {})
+    base, scales_meta = st.load(base_path, "scales file")
     new = {}
     for mod in info["modules"]:
         s0 = base.get(f"{mod}.scales")
         if s0 is None:
             raise QtoolError(f"{model_dir}: {base_name} has no scales for {mod}")
+        if not s0.is_floating_point() or s0.shape != delta.tensors[mod].shape or not torch.isfinite(s0).all():
+            raise QtoolError(f"{model_dir}: {base_name} holds bad scales for {mod} (dtype, shape or NaN)")
         new[f"{mod}.scales"] = combine_scales(s0, delta.tensors[mod])
     delta_sha = sha256_file(delta.path)
     with _staging(model_dir, out_dir, overwrite) as tmp:
