@@ -89,7 +89,14 @@ def _base_scales(model: nn.Module) -> dict[str, Tensor]:
             raise QtoolError("this model was loaded with task scales swapped in; install_scale_api needs its "
                              "directory to find the base scales")
         saved = _read_scales(ckpt / BASE_SCALES_FILE)
-        base = {n: saved[f"{n}.scales"] for n in _quant_linears(model)}
+        layers = _quant_linears(model)
+        missing = [n for n in layers if f"{n}.scales" not in saved]
+        if missing:
+            raise QtoolError(f"{ckpt / BASE_SCALES_FILE} has no scales for {missing[0]}")
+        base = {n: saved[f"{n}.scales"] for n in layers}
+        for n, layer in layers.items():
+            if base[n].shape != layer.scales.shape or base[n].dtype != layer.scales.dtype:
+                raise QtoolError(f"{ckpt / BASE_SCALES_FILE}: scales of {n} do not match the checkpoint's")
     else:
         base = {n: m.scales.detach().to("cpu", copy=True) for n, m in _quant_linears(model).items()}
     model._qtool_base_scales = base

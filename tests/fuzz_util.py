@@ -53,7 +53,7 @@ def flips(data: bytes, rng: random.Random, k: int, region: str) -> list[tuple[st
     return out
 
 
-def header_edits(data: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
+def header_edits(data: bytes, rng: random.Random, tensors: int = 4) -> list[tuple[str, bytes]]:
     """Well-formed JSON headers that say something wrong about the tensors."""
     n, header, body = split(data)
     names = [k for k in header if k != "__metadata__"]
@@ -64,7 +64,7 @@ def header_edits(data: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
         fn(h)
         out.append((kind, join(h, body)))
 
-    for name in names[:4]:
+    for name in names[:tensors]:
         e = header[name]
         same = [d for d in DTYPES if st.DTYPE_BYTES[d] == st.DTYPE_BYTES[e["dtype"]] and d != e["dtype"]]
         other = [d for d in DTYPES if st.DTYPE_BYTES[d] != st.DTYPE_BYTES[e["dtype"]]]

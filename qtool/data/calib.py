@@ -83,8 +83,9 @@ def save(calib: CalibrationSet, path: Path, overwrite: bool = False) -> None:
         st.seal(tmp)
 
 
-def load(path: Path, tokenizer=None) -> CalibrationSet:
-    """Read a calibration file; with a tokenizer, refuse one made with another tokenizer."""
+def load(path: Path, tokenizer=None, vocab_size: int | None = None) -> CalibrationSet:
+    """Read a calibration file; with a tokenizer, refuse one made with another tokenizer; with
+    the model's vocab_size (its embedding rows), refuse ids outside it."""
     path = Path(path)
     header = st.read_header(path) if path.is_file() else None
     if header is None:
@@ -104,6 +105,6 @@ def load(path: Path, tokenizer=None) -> CalibrationSet:
     if tokenizer is not None and meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
         raise QtoolError(f"{path} was made with a different tokenizer than this model's; "
                          "rebuild it with `qtool calibrate --model ...`")
-    if hasattr(tokenizer, "__len__") and (int(ids.min()) < 0 or int(ids.max()) >= len(tokenizer)):
-        raise QtoolError(f"{path}: token ids outside the tokenizer's vocabulary (0..{len(tokenizer) - 1})")
+    if vocab_size is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise QtoolError(f"{path}: token ids outside the model's vocabulary (0..{vocab_size - 1})")
     return CalibrationSet(ids, meta)
