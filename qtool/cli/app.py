@@ -1,6 +1,6 @@
 """The `qtool` Typer app: registers one module per command and maps errors to exit codes.
 
-Exit codes: 0 success, 2 bad usage or input (QtoolError, Typer usage errors),
+Exit codes: 0 success, 2 bad usage or input (QtoolError, Typer usage errors, a full disk),
 1 unexpected failure (a one-line message; set QTOOL_DEBUG=1 for the traceback).
 """
 
