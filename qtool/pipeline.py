@@ -69,7 +69,7 @@ def quantize(cfg: QuantizeConfig) -> dict:
     if cfg.method in NEEDS_CALIBRATION:
         max_len = calib_mod.model_max_seqlen(model.config)
         if cfg.calib_path is not None:
-            cs = calib_mod.load(cfg.calib_path, tok)
+            cs = calib_mod.load(cfg.calib_path, tok, getattr(model.config, "vocab_size", None))
         else:
             cs = calib_mod.build(tok, "bbc", cfg.calib_n, cfg.calib_seqlen, cfg.seed, max_len)
         if cs.input_ids.shape[1] > max_len:

@@ -17,8 +17,7 @@ Linux), so a reader sees either the old or the new checkpoint, never a half-swap
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
+import ctypes  # noqa: F401 (tests patch swap.ctypes.util)
 import errno
 import os
 import shutil
@@ -29,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from qtool.artifact import safetensors_io as st
+from qtool.artifact.atomic import clean_stale, dir_lock, disk_errors, exchange, fsync_tree
 from qtool.artifact.checkpoint import dump_manifest as _write_manifest  # the name tests patch
 from qtool.artifact.delta import ScaleDelta, check_delta, read_delta
 from qtool.errors import QtoolError
@@ -89,7 +89,14 @@ def _base_scales(model: nn.Module) -> dict[str, Tensor]:
             raise QtoolError("this model was loaded with task scales swapped in; install_scale_api needs its "
                              "directory to find the base scales")
         saved = _read_scales(ckpt / BASE_SCALES_FILE)
-        base = {n: saved[f"{n}.scales"] for n in _quant_linears(model)}
+        layers = _quant_linears(model)
+        missing = [n for n in layers if f"{n}.scales" not in saved]
+        if missing:
+            raise QtoolError(f"{ckpt / BASE_SCALES_FILE} has no scales for {missing[0]}")
+        base = {n: saved[f"{n}.scales"] for n in layers}
+        for n, layer in layers.items():
+            if base[n].shape != layer.scales.shape or base[n].dtype != layer.scales.dtype:
+                raise QtoolError(f"{ckpt / BASE_SCALES_FILE}: scales of {n} do not match the checkpoint's")
     else:
         base = {n: m.scales.detach().to("cpu", copy=True) for n, m in _quant_linears(model).items()}
     model._qtool_base_scales = base
@@ -140,11 +147,7 @@ class SwapReport:
 
 
 def _read_scales(path: Path) -> dict[str, Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise QtoolError(f"{path}: cannot read scales ({e})") from None
+    return st.load(path, "scales file")[0]
 
 
 def _read_manifest(model_dir: Path) -> dict:
@@ -176,22 +179,7 @@ def _link_or_copy(src: Path, dst: Path) -> bool:
         return False
 
 
-def _exchange(a: Path, b: Path) -> None:
-    """Swap two directory entries atomically (Linux renameat2 RENAME_EXCHANGE); elsewhere fall
-    back to two renames, leaving a window of microseconds in which `b` is absent."""
-    libc_name = ctypes.util.find_library("c")
-    fn = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
-    if fn is not None:
-        AT_FDCWD, RENAME_EXCHANGE = -100, 2
-        if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-            raise OSError(err, os.strerror(err), str(b))
-    tmp = b.with_name(f".{b.name}.old-{os.getpid()}")
-    os.replace(b, tmp)
-    os.replace(a, b)
-    os.replace(tmp, a)
+_exchange = exchange  # the name tests call
 
 
 @contextlib.contextmanager
@@ -205,14 +193,17 @@ def _staging(model_dir: Path, out_dir: Path | None, overwrite: bool):
         if out_dir.exists() and not overwrite:
             raise QtoolError(f"output {out_dir} exists (use --overwrite)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.swap-"))
+    clean_stale(target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.swap-{os.getpid()}-"))
     try:
-        yield tmp
-        if out_dir is None or out_dir.exists():
-            _exchange(tmp, target)  # tmp now holds the old directory
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        with disk_errors(target):
+            yield tmp
+            fsync_tree(tmp)
+            if out_dir is None or out_dir.exists():
+                _exchange(tmp, target)  # tmp now holds the old directory
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -232,7 +223,16 @@ def _populate(src: Path, dst: Path, skip: set[str]) -> tuple[int, int]:
 
 def swap_scales_dir(model_dir: Path, delta_path: Path, out_dir: Path | None = None,
                     overwrite: bool = False) -> SwapReport:
-    """Write s₀ + Δs as the checkpoint's scales (in place, or into a new directory `out_dir`)."""
+    """Write s₀ + Δs as the checkpoint's scales (in place, or into a new directory `out_dir`).
+
+    Holds the checkpoint's lock (atomic.dir_lock) throughout: a second swap-scales on the
+    same directory waits for this one, then starts from what it wrote."""
+    _read_manifest(Path(model_dir))  # a missing or foreign directory fails before any wait
+    with dir_lock(Path(model_dir), "swapping the scales of"):
+        return _swap_scales_dir(model_dir, delta_path, out_dir, overwrite)
+
+
+def _swap_scales_dir(model_dir: Path, delta_path: Path, out_dir: Path | None, overwrite: bool) -> SwapReport:
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     info = _read_manifest(model_dir)
@@ -241,14 +241,14 @@ def swap_scales_dir(model_dir: Path, delta_path: Path, out_dir: Path | None = No
     applied = info.get(APPLIED_KEY)
     base_name = BASE_SCALES_FILE if applied else SCALES_FILE
     base_path = _verified(model_dir, info, base_name)
-    base = _read_scales(base_path)
-    with safe_open(str(base_path), framework="pt") as f:
-        scales_meta = dict(f.metadata() or {})
+    base, scales_meta = st.load(base_path, "scales file")
     new = {}
     for mod in info["modules"]:
         s0 = base.get(f"{mod}.scales")
         if s0 is None:
             raise QtoolError(f"{model_dir}: {base_name} has no scales for {mod}")
+        if not s0.is_floating_point() or s0.shape != delta.tensors[mod].shape or not torch.isfinite(s0).all():
+            raise QtoolError(f"{model_dir}: {base_name} holds bad scales for {mod} (dtype, shape or NaN)")
         new[f"{mod}.scales"] = combine_scales(s0, delta.tensors[mod])
     delta_sha = sha256_file(delta.path)
     with _staging(model_dir, out_dir, overwrite) as tmp:
@@ -270,7 +270,13 @@ def swap_scales_dir(model_dir: Path, delta_path: Path, out_dir: Path | None = No
 
 
 def restore_base_dir(model_dir: Path, out_dir: Path | None = None, overwrite: bool = False) -> SwapReport:
-    """Put the base scales back: the directory returns to its original bytes."""
+    """Put the base scales back: the directory returns to its original bytes (under the lock)."""
+    _read_manifest(Path(model_dir))
+    with dir_lock(Path(model_dir), "swapping the scales of"):
+        return _restore_base_dir(model_dir, out_dir, overwrite)
+
+
+def _restore_base_dir(model_dir: Path, out_dir: Path | None, overwrite: bool) -> SwapReport:
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     info = _read_manifest(model_dir)

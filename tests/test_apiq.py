@@ -324,7 +324,9 @@ def _files(d):
     out = {}
     for p in sorted(d.rglob("*.safetensors")):
         with safe_open(str(p), framework="pt") as f:
-            out[p.relative_to(d).as_posix()] = (f.metadata(), {k: f.get_tensor(k) for k in f.keys()})
+            # qtool.sha256 hashes the file's bytes, which differ with the metadata order
+            meta = {k: v for k, v in (f.metadata() or {}).items() if k != "qtool.sha256"}
+            out[p.relative_to(d).as_posix()] = (meta, {k: f.get_tensor(k) for k in f.keys()})
     return out
 
 

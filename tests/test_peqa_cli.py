@@ -74,7 +74,9 @@ def test_finetune_refusals(ckpt, tmp_path):
     # a checkpoint whose modules are not integer-grid (e.g. NF4 later) is refused before loading
     manifest = json.loads((d / "qtool.json").read_text())
     name = next(iter(manifest["modules"]))
-    manifest["modules"][name]["kind"] = "nf4"
+    entry = manifest["modules"][name]
+    manifest["modules"][name] = {"kind": "nf4", "block_size": 64, "double_quant": True, "bias": entry["bias"],
+                                 "in_features": entry["in_features"], "out_features": entry["out_features"]}
     (d / "qtool.json").write_text(json.dumps(manifest))
     good = alpaca_file(tmp_path / "ok.json", 12)
     r = invoke("finetune", d, "--task", "alpaca", "--data", good, "-o", tmp_path / "x.safetensors")

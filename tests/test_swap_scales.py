@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from qtool import swap
+from qtool.artifact import safetensors_io as st
 from qtool.artifact.checkpoint import load_checkpoint, read_manifest
 from qtool.artifact.delta import apply_delta, expected_shape, read_delta, remove_delta, save_delta
 from qtool.errors import QtoolError
@@ -164,7 +165,8 @@ def test_refuses_wrong_names_shapes_dtypes(ckpt, tmp_path):
     before = snapshot(d)
     for case, (tensors, msg) in cases.items():
         p = tmp_path / f"{case}.safetensors"
-        save_file(tensors, str(p), metadata=good.meta)
+        save_file(tensors, str(p), metadata=st.seal_metadata(good.meta))
+        st.seal(p)  # a well-formed file whose content is wrong, not a damaged one
         with pytest.raises(QtoolError, match=msg):
             swap.swap_scales_dir(d, p)
     assert snapshot(d) == before

@@ -10,22 +10,27 @@ A directory with
                              metadata: format = pt, qtool.kind = lora-adapter, qtool.format_version,
                              qtool.base_fingerprint (the int/NF4 base it was trained or initialised
                              on), qtool.init (default | apiq-bw | apiq-lw | loftq | trained),
-                             and free-form qtool.<field> (task, steps, lr, seed, metric ...)
+                             and free-form qtool.<field> (task, steps, lr, seed, metric ...),
+                             qtool.config_sha256 (sha256 of adapter_config.json's bytes),
+                             qtool.sha256 (content hash of the file, checked on read; PEFT
+                             ignores metadata other than `format`)
 <module> is the Hugging Face module name (`model.layers.0.self_attn.q_proj`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from qtool import __version__
+from qtool.artifact import safetensors_io as st
 from qtool.artifact.atomic import atomic_dir
 from qtool.errors import QtoolError
 
@@ -100,9 +105,12 @@ def save_adapter(out_dir: Path, tensors: dict[str, dict[str, Tensor]], spec: Ada
     meta = {"format": "pt", "qtool.kind": KIND, "qtool.format_version": FORMAT_VERSION,
             "qtool.base_fingerprint": str(base_fingerprint), "qtool.init": init, "qtool.version": __version__}
     meta.update({f"qtool.{k}": str(v) for k, v in fields.items()})
+    config = (json.dumps(spec.peft_config(base_name), indent=2) + "\n").encode()
+    meta["qtool.config_sha256"] = hashlib.sha256(config).hexdigest()
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        (tmp / CONFIG).write_text(json.dumps(spec.peft_config(base_name), indent=2) + "\n")
-        save_file(data, str(tmp / WEIGHTS), metadata=meta)
+        (tmp / CONFIG).write_bytes(config)
+        save_file(data, str(tmp / WEIGHTS), metadata=st.seal_metadata(meta))
+        st.seal(tmp / WEIGHTS)
     return (out_dir / WEIGHTS).stat().st_size
 
 
@@ -114,26 +122,18 @@ def read_adapter(path: Path) -> Adapter:
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
             raise QtoolError(f"{path}: missing {name}")
-    try:
-        cfg = json.loads((path / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QtoolError(f"{path / CONFIG}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
-        raise QtoolError(f"{path / CONFIG}: not a LoRA adapter config (peft_type {cfg.get('peft_type')!r})")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("use_rslora"):
-        raise QtoolError(f"{path / CONFIG}: rank_pattern, alpha_pattern and use_rslora are not supported")
-    try:
-        spec = AdapterSpec(int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0)),
-                           bool(cfg.get("use_dora", False)), tuple(cfg.get("target_modules") or ()))
-    except (KeyError, TypeError, ValueError) as e:
-        raise QtoolError(f"{path / CONFIG}: missing or bad field ({e})") from None
-    try:
-        with safe_open(str(path / WEIGHTS), framework="pt") as f:
-            meta = f.metadata() or {}
-            flat = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise QtoolError(f"{path / WEIGHTS}: cannot read ({e})") from None
+    spec = _read_config(path / CONFIG)
+    flat, meta = st.load(path / WEIGHTS, "adapter weights")
+    if any(k.startswith("qtool.") for k in meta):  # ours: sealed. PEFT's own carry no qtool metadata.
+        if meta.get("qtool.kind") != KIND:
+            raise QtoolError(f"{path / WEIGHTS}: not a LoRA adapter (qtool.kind={str(meta.get('qtool.kind'))[:40]!r})")
+        st.check_seal(path / WEIGHTS, meta, "make the adapter again (qtool quantize / finetune)")
+        if meta.get("qtool.config_sha256") != hashlib.sha256((path / CONFIG).read_bytes()).hexdigest():
+            raise QtoolError(f"{path / CONFIG} was changed after qtool wrote it (sha256 differs from "
+                             f"{WEIGHTS}'s qtool.config_sha256): make the adapter again")
     bad = [k for k in flat if not k.startswith(PREFIX)]
+    if not flat:
+        raise QtoolError(f"{path / WEIGHTS}: holds no LoRA tensors")
     if bad:
         raise QtoolError(f"{path / WEIGHTS}: unexpected tensor {bad[0]} (PEFT keys start with {PREFIX})")
     # PEFT may name the adapter inside keys ("lora_A.default.weight") in some versions: accept both.
@@ -149,7 +149,55 @@ def read_adapter(path: Path) -> Adapter:
         m = parts.get("lora_magnitude_vector")
         if spec.dora != (m is not None):
             raise QtoolError(f"{path / WEIGHTS}: {module} magnitude vector does not match use_dora={spec.dora}")
+        if m is not None and tuple(m.shape) != (B.shape[0],):
+            raise QtoolError(f"{path / WEIGHTS}: {module} magnitude vector has shape {tuple(m.shape)}, "
+                             f"expected ({B.shape[0]},)")
+        for part, t in parts.items():
+            if not t.is_floating_point():
+                raise QtoolError(f"{path / WEIGHTS}: {module}.{part} is {str(t.dtype).removeprefix('torch.')}, "
+                                 "not a floating-point tensor")
+            if not torch.isfinite(t).all():
+                raise QtoolError(f"{path / WEIGHTS}: {module}.{part} holds NaN or infinite values")
     return Adapter(spec, tensors, meta, path)
+
+
+def _read_config(path: Path) -> AdapterSpec:
+    """adapter_config.json, field by field: PEFT's LoraConfig subset that qtool implements."""
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:
+        raise QtoolError(f"{path}: not valid JSON ({str(e).splitlines()[0][:80]})") from None
+    except OSError as e:
+        raise QtoolError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
+        peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
+        raise QtoolError(f"{path}: not a LoRA adapter config (peft_type {str(peft_type)[:40]!r})")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("use_rslora"):
+        raise QtoolError(f"{path}: rank_pattern, alpha_pattern and use_rslora are not supported")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    dropout, dora = cfg.get("lora_dropout", 0.0), cfg.get("use_dora", False)
+    targets = cfg.get("target_modules") or []
+    if not _is_int(r) or not 1 <= r <= 65536:
+        raise QtoolError(f"{path}: r must be an integer in [1, 65536], got {str(r)[:40]}")
+    if not _is_number(alpha) or not math.isfinite(alpha) or alpha == 0:
+        raise QtoolError(f"{path}: lora_alpha must be a finite non-zero number, got {str(alpha)[:40]}")
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        raise QtoolError(f"{path}: lora_dropout must be in [0, 1), got {str(dropout)[:40]}")
+    if not isinstance(dora, bool):
+        raise QtoolError(f"{path}: use_dora must be true or false, got {str(dora)[:40]}")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise QtoolError(f"{path}: target_modules must be a list of names")
+    return AdapterSpec(r, float(alpha), float(dropout), dora, tuple(targets))
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def check_adapter(adapter: Adapter, layers: dict, fingerprint: str | None, where: str = "the model") -> None:

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from qtool import __version__
+from qtool.artifact import manifest as mf
+from qtool.artifact import safetensors_io as st
 from qtool.artifact.atomic import atomic_dir
 from qtool.errors import QtoolError
 from qtool.models.load import sha256_file
@@ -38,9 +39,10 @@ from qtool.nn.qlinear import QuantLinear
 from qtool.nn.replace import nf4_linears, quant_linears, quantized_linears, set_module
 from qtool.quant import nf4
 
-FORMAT = "qtool-checkpoint"
-FORMAT_VERSION = 1
-MANIFEST = "qtool.json"
+FORMAT = mf.FORMAT
+FORMAT_VERSION = mf.FORMAT_VERSION
+MANIFEST = mf.MANIFEST
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 SCALES_FILE = "scales.safetensors"
 SHARD_BYTES = 2 * 1024**3
 QUANT_SUFFIXES = ("qweight", "zeros", "perm", "bias")
@@ -64,15 +66,17 @@ def library_versions() -> dict[str, str]:
             "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
-def base_fingerprint(model: nn.Module) -> str:
+def base_fingerprint(model: nn.Module, scales: dict[str, torch.Tensor] | None = None) -> str:
     """Identity of the integer base: codes, zero-points, perms and the base scales (and for NF4
     layers their codes and absmax constants, after those of the integer layers).
 
-    Computed once at quantization and stored; swapping a task's scales does not change it."""
+    Computed once at quantization and stored; swapping a task's scales does not change it.
+    `scales` (module name -> s₀) stands in for the live scales when a task's are swapped in."""
     h = hashlib.sha256()
     for name, layer in sorted(quant_linears(model).items()):
         h.update(name.encode())
-        for t in (layer.qweight, layer.zeros, layer.perm, layer.scales):
+        s0 = layer.scales if scales is None else scales[name]
+        for t in (layer.qweight, layer.zeros, layer.perm, s0):
             if t is not None:
                 h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     for name, layer in sorted(nf4_linears(model).items()):
@@ -199,40 +203,54 @@ def read_manifest(path: Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise QtoolError(f"checkpoint {path} not found (expected a directory made by `qtool quantize`)")
-    mf = path / MANIFEST
-    if not mf.is_file():
+    manifest = path / MANIFEST
+    if not manifest.is_file():
         raise QtoolError(f"{path} is not a qtool checkpoint (no {MANIFEST})")
     try:
-        info = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QtoolError(f"{mf}: corrupted manifest ({e})") from None
-    if info.get("format") != FORMAT:
-        raise QtoolError(f"{mf}: not a qtool checkpoint manifest")
-    if info.get("format_version") != FORMAT_VERSION:
-        raise QtoolError(f"{path}: checkpoint format version {info.get('format_version')} is not supported "
-                         f"by qtool {__version__} (reads version {FORMAT_VERSION})")
-    return info
+        if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            raise QtoolError(f"{manifest}: {manifest.stat().st_size} bytes, too large for a manifest")
+        info = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:
+        raise QtoolError(f"{manifest}: corrupted manifest ({str(e).splitlines()[0][:80]})") from None
+    except OSError as e:
+        raise QtoolError(f"{manifest}: cannot read ({e.strerror or e})") from None
+    return mf.validate(info, path)
 
 
 def verify_files(path: Path, info: dict) -> None:
-    for name, digest in info.get("files", {}).items():
+    """sha256 of every file the manifest lists; every file a loader may read must be listed."""
+    mf.check_directory(path, info)
+    for name, digest in info["files"].items():
         f = Path(path) / name
-        if not f.is_file():
+        if not f.is_file() or f.is_symlink() and not f.resolve().is_relative_to(Path(path).resolve()):
             raise QtoolError(f"{path}: file {name} listed in {MANIFEST} is missing")
         if sha256_file(f) != digest:
             raise QtoolError(f"{path}: {name} is corrupted or truncated (sha256 mismatch)")
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("model*.safetensors")) + [path / SCALES_FILE]
-    out = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    out[k] = sf.get_tensor(k)
-        except (SafetensorError, OSError) as e:
-            raise QtoolError(f"{f}: cannot read ({e})") from None
+def _shard_names(path: Path, info: dict) -> list[str]:
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return ["model.safetensors"]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        raise QtoolError(f"{index}: not a safetensors index (weight_map)") from None
+    for name in names:
+        if not isinstance(name, str) or name not in info["files"] or not name.endswith(".safetensors"):
+            raise QtoolError(f"{index}: shard {str(name)[:60]!r} is not a file listed in {MANIFEST}")
+    return names
+
+
+def _read_tensors(path: Path, info: dict) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name in [*_shard_names(path, info), SCALES_FILE]:
+        tensors, _ = st.load(path / name, "checkpoint file")
+        clash = set(tensors) & set(out)
+        if clash:
+            raise QtoolError(f"{path}: tensor {sorted(clash)[0]} is stored twice")
+        out.update(tensors)
     return out
 
 
@@ -240,7 +258,8 @@ def _check_tables(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Pop the stored NF4 tables and refuse a checkpoint whose tables differ from qtool's."""
     for key, table in ((NF4_LEVELS_KEY, nf4.nf4_levels), (DQ_MAP_KEY, nf4.dynamic_map)):
         stored = state.pop(key, None)
-        if stored is not None and not torch.equal(stored, table()):
+        if stored is not None and (stored.shape != table().shape or stored.dtype != table().dtype
+                                   or not torch.equal(stored, table())):
             raise QtoolError(f"{path}: {key} differs from the NF4 table this qtool implements")
 
 
@@ -249,18 +268,24 @@ def build_skeleton(path: Path, info: dict) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(path))
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+    try:  # config.json is covered by the manifest's sha256; this catches what transformers refuses
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 (any refusal by transformers is a bad input here)
+        raise QtoolError(f"{path}/config.json: not a usable model config ({_first_line(e)})") from None
     dtype_of = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
     for name, m in info["modules"].items():
-        if m.get("kind") not in ("int", "nf4"):
-            raise QtoolError(f"{path}: module {name} has kind {m.get('kind')!r}, not supported by this qtool")
-        old = model.get_submodule(name)
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise QtoolError(f"{path}: module {name[:80]} of {MANIFEST} is not in the model") from None
+        if (getattr(old, "in_features", None), getattr(old, "out_features", None)) != (m["in_features"],
+                                                                                       m["out_features"]):
+            raise QtoolError(f"{path}: module {name} is not a {m['in_features']}→{m['out_features']} Linear "
+                             "in config.json's model")
         bias_dtype = old.bias.dtype if getattr(old, "bias", None) is not None else torch.float32
         if m["kind"] == "nf4":
-            if m.get("block_size") not in nf4.BLOCK_SIZES:
-                raise QtoolError(f"{path}: module {name} has nf4 block size {m.get('block_size')!r}")
             set_module(model, name, NF4Linear(m["in_features"], m["out_features"], m["block_size"],
                                               bool(m["double_quant"]), m["bias"], bias_dtype, device="meta"))
             continue
@@ -278,9 +303,12 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", verify: bool
     if verify:
         verify_files(path, info)
     model = build_skeleton(path, info)
-    state = _read_tensors(path)
+    state = _read_tensors(path, info)
     _check_tables(path, state)
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # a size mismatch: the tensors are not those of the manifest's model
+        raise QtoolError(f"{path}: tensors do not match the model ({_first_line(e).strip()[:160]})") from None
     tied = set(info.get("tied", []))
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
@@ -291,19 +319,68 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", verify: bool
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise QtoolError(f"{path}: no data for {leftover[:3]}")
-    for name, layer in quant_linears(model).items():
-        # the kernels build −(1024 + z) etc. as bit patterns (kernels/_unpack.pairs4_consts):
-        # a zero-point outside the b-bit grid would be dequantized wrongly, not refused
-        if layer.zeros.numel() and int(layer.zeros.max()) >= 1 << layer.bits:
-            raise QtoolError(f"{path}: {name}.zeros holds a zero-point outside the {layer.bits}-bit grid")
+    _check_loaded(path, model, info)
     from qtool.swap import install_scale_api
 
     # Before any cast or move: captures the base scales for model.load_scales / restore.
     install_scale_api(model, info, path)
+    if verify and base_fingerprint(model, model._qtool_base_scales) != info["fingerprint"]:
+        raise QtoolError(f"{path}: fingerprint in {MANIFEST} does not match the stored codes and base scales")
     model.to(device).eval()
     tokenizer = None
     if with_tokenizer:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 (tokenizer files are covered by the manifest's sha256)
+            raise QtoolError(f"{path}: cannot load the tokenizer ({_first_line(e)})") from None
     return Checkpoint(model, tokenizer, info, path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def _check_loaded(path: Path, model: nn.Module, info: dict) -> None:
+    """Tensors against the manifest: dtypes, value ranges, finiteness (shapes were checked by
+    load_state_dict against the layers the manifest built)."""
+    dtype_of = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    for name, layer in quant_linears(model).items():
+        entry = info["modules"][name]
+        want = {"qweight": torch.int32, "zeros": torch.uint8, "scales": dtype_of[entry["scale_dtype"]],
+                "perm": torch.int64}
+        for key, dtype in want.items():
+            t = getattr(layer, key)
+            if t is not None and t.dtype != dtype:
+                raise QtoolError(f"{path}: {name}.{key} is {str(t.dtype).removeprefix('torch.')}, "
+                                 f"expected {str(dtype).removeprefix('torch.')}")
+        # the kernels build −(1024 + z) etc. as bit patterns (kernels/_unpack.pairs4_consts):
+        # a zero-point outside the b-bit grid would be dequantized wrongly, not refused
+        if layer.zeros.numel() and int(layer.zeros.max()) >= 1 << layer.bits:
+            raise QtoolError(f"{path}: {name}.zeros holds a zero-point outside the {layer.bits}-bit grid")
+        if not torch.isfinite(layer.scales).all():
+            raise QtoolError(f"{path}: {name}.scales holds NaN or infinite values")
+        if layer.perm is not None and not torch.equal(layer.perm.sort().values, torch.arange(layer.in_features)):
+            raise QtoolError(f"{path}: {name}.perm is not a permutation of the {layer.in_features} inputs")
+    for name, layer in nf4_linears(model).items():
+        for key in ("absmax", "absmax_scale", "absmax_mean"):
+            t = getattr(layer, key, None)
+            if t is not None and (t.dtype != torch.float32 or not torch.isfinite(t).all()):
+                raise QtoolError(f"{path}: {name}.{key} is not finite float32")
+        for key in ("nf4_codes", "absmax_q"):
+            t = getattr(layer, key, None)
+            if t is not None and t.dtype != torch.uint8:
+                raise QtoolError(f"{path}: {name}.{key} is not uint8")
+    quantized = set(quantized_linears(model))
+    params = dict(model.named_parameters())
+    for name, t in [*params.items(), *model.named_buffers()]:
+        if name.rpartition(".")[0] in quantized:
+            continue
+        if not t.is_floating_point():
+            if name in params:
+                raise QtoolError(f"{path}: {name} is {str(t.dtype).removeprefix('torch.')}, not floating point")
+            continue
+        if not torch.isfinite(t).all():
+            raise QtoolError(f"{path}: {name} holds NaN or infinite values")

@@ -11,6 +11,7 @@ Metadata (all strings, as safetensors requires):
   qtool.task, qtool.steps, qtool.lr, qtool.seed
   qtool.metric_name, qtool.metric   final validation metric of the kept Δs (e.g. loss or accuracy)
   qtool.version                 the qtool that wrote it
+  qtool.sha256                  content hash of the whole file (qtool/artifact/safetensors_io.py)
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from qtool import __version__
+from qtool.artifact import safetensors_io as st
 from qtool.artifact.atomic import atomic_file
 from qtool.errors import QtoolError
 
@@ -72,25 +73,20 @@ def save_delta(path: Path, tensors: dict[str, Tensor], info: dict, **fields: obj
     data = {name: t.detach().to("cpu", DTYPE).contiguous() for name, t in sorted(tensors.items())}
     path = Path(path)
     with atomic_file(path) as tmp:
-        save_file(data, str(tmp), metadata=meta)
+        save_file(data, str(tmp), metadata=st.seal_metadata(meta))
+        st.seal(tmp)
     return path.stat().st_size
 
 
 def read_delta(path: Path) -> ScaleDelta:
     path = Path(path)
-    if not path.is_file():
-        raise QtoolError(f"task delta {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise QtoolError(f"{path}: not a readable safetensors file ({e})") from None
+    tensors, meta = st.load(path, "task delta")
     if meta.get("qtool.kind") != KIND:
         raise QtoolError(f"{path}: not a qtool scale-delta file (qtool.kind={meta.get('qtool.kind')!r})")
     if meta.get("qtool.format_version") != FORMAT_VERSION:
         raise QtoolError(f"{path}: scale-delta format version {meta.get('qtool.format_version')!r} is not "
                          f"supported by qtool {__version__} (reads {FORMAT_VERSION})")
+    st.check_seal(path, meta, "train it again with `qtool finetune`")
     return ScaleDelta(tensors, meta, path)
 
 

@@ -1,6 +1,6 @@
 """The `qtool` Typer app: registers one module per command and maps errors to exit codes.
 
-Exit codes: 0 success, 2 bad usage or input (QtoolError, Typer usage errors),
+Exit codes: 0 success, 2 bad usage or input (QtoolError, Typer usage errors, a full disk),
 1 unexpected failure (a one-line message; set QTOOL_DEBUG=1 for the traceback).
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -20,6 +21,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("qtool")
+    except metadata.PackageNotFoundError:  # run from a source tree without installing
+        from qtool import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"qtool {_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Quantize a Hugging Face causal LM to packed 2/3/4/8-bit integers and fine-tune it per task."""
 
 
 def _register() -> None:
@@ -36,6 +62,25 @@ def _register() -> None:
 _register()
 
 
+def _is_click_error(e: BaseException) -> bool:
+    """A click ClickException (UsageError, BadParameter, NoSuchOption, MissingParameter...).
+
+    Recognised by its interface, not its class: typer >= 0.2x vendors click as `typer._click`,
+    whose exceptions are not `click.exceptions.ClickException`, and older typer uses click itself."""
+    return (isinstance(getattr(e, "exit_code", None), int) and callable(getattr(e, "format_message", None))
+            and callable(getattr(e, "show", None)))
+
+
+def _one_line(e: BaseException) -> str:
+    """click's message on one line, pointing at the command's --help for usage errors."""
+    message = " ".join(str(e.format_message()).split())
+    ctx = getattr(e, "ctx", None)
+    path = getattr(ctx, "command_path", None)
+    if path and getattr(e, "exit_code", None) == 2:
+        return f"error: {message} (see `{path} --help`)"
+    return f"error: {message}"
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
@@ -47,11 +92,14 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(1)
-    except Exception as e:  # click usage errors carry their own exit code (2)
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
+    except Exception as e:
+        if _is_click_error(e):
+            if type(e).__name__ == "NoArgsIsHelpError":  # `qtool` alone: the help is the message
+                help_text = str(e.format_message())  # empty where Typer already printed it with rich
+                if help_text.strip():
+                    typer.echo(help_text, err=True)
+            else:
+                typer.echo(_one_line(e), err=True)
             sys.exit(e.exit_code)
         if os.environ.get("QTOOL_DEBUG"):
             raise

@@ -6,14 +6,16 @@ import json
 import random
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
-from rich.console import Console
 
 from qtool.errors import QtoolError
 from qtool.models.builtin import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # torch and rich load when a command runs, so `qtool --help` starts fast
+    import torch
+    from rich.console import Console
 
 Model = Annotated[str, typer.Option("--model", "-m", help="HF model dir, .gguf file, or built-in name "
                                     "(smollm2-135m, gemma3-270m)")]
@@ -27,11 +29,13 @@ JsonOut = Annotated[Path | None, typer.Option("--json", help="also write machine
                                               "('-' for stdout)")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}  # accepted name -> torch attribute
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -42,19 +46,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
         raise QtoolError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 def seed_everything(seed: int) -> None:
+    import torch
+
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 def console(quiet: bool = False) -> Console:
+    from rich.console import Console
+
     return Console(quiet=quiet, highlight=False)
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from qtool.artifact import safetensors_io as st
 from qtool.artifact.atomic import atomic_file
 from qtool.data.corpus import corpus_sha256, load_texts
 from qtool.errors import QtoolError
@@ -78,23 +78,33 @@ def save(calib: CalibrationSet, path: Path, overwrite: bool = False) -> None:
     if path.exists() and not overwrite:
         raise QtoolError(f"{path} exists (use --overwrite)")
     with atomic_file(path) as tmp:
-        save_file({"input_ids": calib.input_ids.to(torch.int32).contiguous()}, str(tmp), metadata=calib.meta)
+        save_file({"input_ids": calib.input_ids.to(torch.int32).contiguous()}, str(tmp),
+                  metadata=st.seal_metadata(calib.meta))
+        st.seal(tmp)
 
 
-def load(path: Path, tokenizer=None) -> CalibrationSet:
-    """Read a calibration file; with a tokenizer, refuse one made with another tokenizer."""
+def load(path: Path, tokenizer=None, vocab_size: int | None = None) -> CalibrationSet:
+    """Read a calibration file; with a tokenizer, refuse one made with another tokenizer; with
+    the model's vocab_size (its embedding rows), refuse ids outside it."""
     path = Path(path)
-    if not path.is_file():
+    header = st.read_header(path) if path.is_file() else None
+    if header is None:
         raise QtoolError(f"calibration file {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("qtool.kind") != KIND or "input_ids" not in f.keys():
-                raise QtoolError(f"{path} is not a qtool calibration file")
-            ids = f.get_tensor("input_ids").to(torch.int64)
-    except SafetensorError as e:
-        raise QtoolError(f"{path}: corrupted or not a safetensors file ({e})") from None
+    if header.metadata.get("qtool.kind") != KIND or set(header.tensors) != {"input_ids"}:
+        raise QtoolError(f"{path} is not a qtool calibration file")
+    info = header.tensors["input_ids"]
+    if info.dtype not in ("I32", "I64") or len(info.shape) != 2 or 0 in info.shape:
+        raise QtoolError(f"{path}: input_ids must be a non-empty int32 [N, seqlen] tensor, "
+                         f"got {info.dtype} {list(info.shape)}")
+    tensors, meta = st.load(path, "calibration file")
+    st.check_seal(path, meta, "make it again with `qtool calibrate`")
+    ids = tensors["input_ids"].to(torch.int64)
+    for key, value in (("n", ids.shape[0]), ("seqlen", ids.shape[1])):
+        if meta.get(key) is not None and meta[key] != str(value):
+            raise QtoolError(f"{path}: metadata says {key}={meta[key][:20]}, but input_ids has {value}")
     if tokenizer is not None and meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
         raise QtoolError(f"{path} was made with a different tokenizer than this model's; "
                          "rebuild it with `qtool calibrate --model ...`")
+    if vocab_size is not None and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise QtoolError(f"{path}: token ids outside the model's vocabulary (0..{vocab_size - 1})")
     return CalibrationSet(ids, meta)
