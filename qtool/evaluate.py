@@ -80,7 +80,7 @@ def run(cfg: EvalConfig) -> dict:
         del base
     rows.append(_score(label, model, tok, ids, cfg, seqlen))
     if cfg.deltas:
-        from qtool.artifact.delta import apply_delta, remove_delta
+        from qtool.artifact.scales import apply_delta, remove_delta
 
         for d in cfg.deltas:
             apply_delta(model, d, info, checkpoint_dir=path)

@@ -23,115 +23,30 @@ import os
 import shutil
 import tempfile
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from torch import Tensor, nn
 
 from qtool.artifact import safetensors_io as st
 from qtool.artifact.atomic import clean_stale, dir_lock, disk_errors, exchange, fsync_tree
 from qtool.artifact.checkpoint import dump_manifest as _write_manifest  # the name tests patch
-from qtool.artifact.delta import ScaleDelta, check_delta, read_delta
+from qtool.artifact.delta import check_delta, read_delta
+from qtool.artifact.scales import (  # noqa: F401 (combine_scales, install_scale_api: the API's old home)
+    APPLIED_KEY,
+    BASE_SCALES_FILE,
+    SCALES_FILE,
+    _read_scales,
+    combine_scales,
+    install_scale_api,
+    load_scales,
+    restore_base_scales,
+)
 from qtool.errors import QtoolError
 from qtool.models.load import sha256_file
 
 MANIFEST = "qtool.json"
-SCALES_FILE = "scales.safetensors"
-BASE_SCALES_FILE = "base_scales.safetensors"
-APPLIED_KEY = "scale_delta"
-
-
-def combine_scales(s0: Tensor, delta: Tensor) -> Tensor:
-    """s = s₀ + Δs, added in fp32 and rounded once to s₀'s dtype (the stored scale dtype)."""
-    s = (s0.float() + delta.to(s0.device, torch.float32)).to(s0.dtype)
-    if not torch.isfinite(s).all():
-        raise QtoolError("s0 + Δs overflows the scale dtype")
-    return s
-
-
-# ---------------------------------------------------------------- in memory
-
-
-def _quant_linears(model: nn.Module) -> dict:
-    from qtool.nn.replace import quant_linears
-
-    return quant_linears(model)
-
-
-def install_scale_api(model: nn.Module, info: dict, path: Path | None = None) -> nn.Module:
-    """Give a loaded checkpoint's model `model.load_scales(path)` and `model.restore_base_scales()`.
-
-    `info` is the checkpoint manifest (its fingerprint validates every Δs); `path` is the
-    checkpoint directory, needed when it was loaded with a Δs already swapped in (the base
-    scales are then read from base_scales.safetensors)."""
-    model._qtool_info = info
-    model._qtool_dir = Path(path) if path is not None else None
-    model.load_scales = types.MethodType(load_scales, model)
-    model.restore_base_scales = types.MethodType(restore_base_scales, model)
-    # Capture s0 now, in the stored dtype, before anything (e.g. a cast to bf16 for
-    # evaluation) can change the live scales.
-    _base_scales(model)
-    return model
-
-
-def _base_scales(model: nn.Module) -> dict[str, Tensor]:
-    """The base s₀ of every QuantLinear, captured once (the first time a Δs is applied)."""
-    base = getattr(model, "_qtool_base_scales", None)
-    if base is not None:
-        return base
-    info = getattr(model, "_qtool_info", None) or {}
-    ckpt = getattr(model, "_qtool_dir", None)
-    if info.get(APPLIED_KEY):
-        if ckpt is None:
-            raise QtoolError("this model was loaded with task scales swapped in; install_scale_api needs its "
-                             "directory to find the base scales")
-        saved = _read_scales(ckpt / BASE_SCALES_FILE)
-        layers = _quant_linears(model)
-        missing = [n for n in layers if f"{n}.scales" not in saved]
-        if missing:
-            raise QtoolError(f"{ckpt / BASE_SCALES_FILE} has no scales for {missing[0]}")
-        base = {n: saved[f"{n}.scales"] for n in layers}
-        for n, layer in layers.items():
-            if base[n].shape != layer.scales.shape or base[n].dtype != layer.scales.dtype:
-                raise QtoolError(f"{ckpt / BASE_SCALES_FILE}: scales of {n} do not match the checkpoint's")
-    else:
-        base = {n: m.scales.detach().to("cpu", copy=True) for n, m in _quant_linears(model).items()}
-    model._qtool_base_scales = base
-    return base
-
-
-def load_scales(model: nn.Module, path: Path | str | ScaleDelta, info: dict | None = None) -> ScaleDelta:
-    """Apply a task's Δs in memory: every QuantLinear's scales become s₀ + Δs. The integer
-    codes are untouched, so switching tasks costs one small copy per layer. Returns the delta."""
-    info = info if info is not None else getattr(model, "_qtool_info", None)
-    if info is None:
-        raise QtoolError("load_scales needs the checkpoint manifest (load the model with load_checkpoint)")
-    delta = path if isinstance(path, ScaleDelta) else read_delta(Path(path))
-    check_delta(delta, info, "this model")
-    layers = _quant_linears(model)
-    base = _base_scales(model)
-    with torch.no_grad():
-        for name, layer in layers.items():
-            layer.scales.copy_(combine_scales(base[name].to(layer.scales.device), delta.tensors[name]))
-    model._qtool_applied = delta.task
-    return delta
-
-
-def restore_base_scales(model: nn.Module) -> None:
-    """Undo load_scales: put the base s₀ back, bit-exact."""
-    base = getattr(model, "_qtool_base_scales", None)
-    if base is None:
-        return
-    with torch.no_grad():
-        for name, layer in _quant_linears(model).items():
-            layer.scales.copy_(base[name].to(layer.scales.device))
-    model._qtool_applied = None
-
-
-apply_delta = load_scales  # the name `qtool eval --delta` uses
 
 
 # ---------------------------------------------------------------- on disk
@@ -144,10 +59,6 @@ class SwapReport:
     seconds: float
     linked: int  # files hard-linked from the source
     copied: int  # files copied because hard links were impossible
-
-
-def _read_scales(path: Path) -> dict[str, Tensor]:
-    return st.load(path, "scales file")[0]
 
 
 def _read_manifest(model_dir: Path) -> dict:

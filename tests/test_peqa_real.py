@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from qtool.artifact.checkpoint import load_checkpoint
-from qtool.artifact.delta import apply_delta, read_delta
+from qtool.artifact.delta import read_delta
+from qtool.artifact.scales import apply_delta
 from qtool.data.tasks import load_task
 from qtool.methods.peqa import finetune_checkpoint
 from qtool.swap import restore_base_dir, swap_scales_dir

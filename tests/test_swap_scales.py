@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from qtool import swap
 from qtool.artifact import safetensors_io as st
 from qtool.artifact.checkpoint import load_checkpoint, read_manifest
-from qtool.artifact.delta import apply_delta, expected_shape, read_delta, remove_delta, save_delta
+from qtool.artifact.delta import expected_shape, read_delta, save_delta
+from qtool.artifact.scales import apply_delta, remove_delta
 from qtool.errors import QtoolError
 from qtool.nn.replace import quant_linears
 

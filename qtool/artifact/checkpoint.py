@@ -32,6 +32,7 @@ from qtool import __version__
 from qtool.artifact import manifest as mf
 from qtool.artifact import safetensors_io as st
 from qtool.artifact.atomic import atomic_dir
+from qtool.artifact.scales import install_scale_api
 from qtool.errors import QtoolError
 from qtool.models.load import sha256_file
 from qtool.nn.nf4linear import NF4Linear
@@ -320,8 +321,6 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu", verify: bool
     if leftover:
         raise QtoolError(f"{path}: no data for {leftover[:3]}")
     _check_loaded(path, model, info)
-    from qtool.swap import install_scale_api
-
     # Before any cast or move: captures the base scales for model.load_scales / restore.
     install_scale_api(model, info, path)
     if verify and base_fingerprint(model, model._qtool_base_scales) != info["fingerprint"]:

@@ -120,24 +120,3 @@ def check_delta(delta: ScaleDelta, info: dict, where: str = "the checkpoint") ->
                              f"expected {expected_shape(entry)}")
         if not torch.isfinite(t).all():
             raise QtoolError(f"{name}: Δs of {mod} holds NaN or infinite values")
-
-
-def apply_delta(model, path: Path, info: dict, checkpoint_dir: Path | None = None) -> ScaleDelta:
-    """Apply a Δs to a loaded model in memory (`qtool eval --delta`); see qtool.swap.load_scales.
-
-    `checkpoint_dir` is needed only when the checkpoint on disk already has task scales
-    swapped in (the base scales are then read from its base_scales.safetensors)."""
-    from qtool import swap
-
-    if checkpoint_dir is not None and getattr(model, "_qtool_dir", None) is None:
-        model._qtool_dir = Path(checkpoint_dir)
-    if getattr(model, "_qtool_info", None) is None:
-        model._qtool_info = info
-    return swap.load_scales(model, path, info)
-
-
-def remove_delta(model) -> None:
-    """Put the base scales back after apply_delta (bit-exact)."""
-    from qtool import swap
-
-    swap.restore_base_scales(model)
