@@ -12,13 +12,14 @@ from qtool.methods import quantize_model
 from qtool.quant.grid import QuantSpec
 
 
-def rtn_checkpoint(fp_model, tok, out: Path, bits: int, group_size: int | None, symmetric: bool = False) -> Path:
-    """Quantize a copy of `fp_model` with RTN and save it as a qtool checkpoint at `out`."""
+def rtn_checkpoint(fp_model, tok, out: Path, bits: int, group_size: int | None, symmetric: bool = False):
+    """Quantize a copy of `fp_model` with RTN and save it as a qtool checkpoint at `out`;
+    returns (out, the quantized model)."""
     model = copy.deepcopy(fp_model)
     quantize_model(model, QuantSpec(bits, group_size, symmetric), "rtn", quiet=True)
     save_checkpoint(model, tok, {"method": "rtn", "bits": bits, "group_size": group_size, "symmetric": symmetric},
                     out)
-    return out
+    return out, model.eval()
 
 
 def rel_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,8 +5,8 @@ g64 and per-channel load in transformers with logits matching qtool's forward; g
 from __future__ import annotations
 
 import pytest
-from interop_util import rel_max_diff, rtn_checkpoint
-from test_interop_ct import TOL, _hf_logits, _qtool_logits
+from interop_util import rtn_checkpoint
+from test_interop_ct import check_against_transformers
 
 from qtool.interop.export import export_checkpoint
 from tests.cli_util import run_cli
@@ -29,18 +29,19 @@ def real(tmp_path_factory):
 @pytest.mark.parametrize("bits,group", [(2, 64), (3, 64), (4, 64), (8, 64), (4, None)])
 def test_real_model_export_matches(real, bits, group):
     fp, tok, root = real
-    ck = rtn_checkpoint(fp, tok, root / f"w{bits}g{group}", bits, group)
+    ck, qmodel = rtn_checkpoint(fp, tok, root / f"w{bits}g{group}", bits, group)
     out = root / f"w{bits}g{group}-ct"
     export_checkpoint(ck, "compressed-tensors", out)
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
-    ids = [tok(p, return_tensors="pt").input_ids for p in PROMPTS]
-    for a, b in zip(_hf_logits(out, ids), _qtool_logits(ck, ids), strict=True):
-        assert rel_max_diff(a, b) < TOL
+    ids = tok(" ".join(PROMPTS), return_tensors="pt").input_ids
+    # measured 2026-12-07: ≤ 1.2e-2 at W2 (fp16 rounding of Ŵ through 30 blocks; the weights
+    # themselves are checked bit for bit), ≤ 2e-3 at W3/W4/W8
+    check_against_transformers(out, qmodel, ids, 3e-2)
 
 
 def test_real_model_g128_refused(real, capsys):
     fp, tok, root = real
-    ck = rtn_checkpoint(fp, tok, root / "w4g128", 4, 128)
+    ck, _ = rtn_checkpoint(fp, tok, root / "w4g128", 4, 128)
     code, _, err = run_cli(capsys, "export", ck, "-f", "compressed-tensors", "-o", root / "w4g128-ct")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "K = 576" in err and "g32, g64, per-channel" in err
