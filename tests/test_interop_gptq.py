@@ -45,10 +45,12 @@ def _dequant(t: dict, name: str, bits: int, v1: bool) -> torch.Tensor:
     return (s[g_idx] * (q - z[g_idx]).float()).t()  # [N, K]
 
 
-@pytest.mark.parametrize("bits,group,sym,act", [(2, 64, False, False), (3, 128, False, True), (4, 32, True, False),
-                                                 (8, None, False, False), (3, None, True, False)])
-def test_gptq_export_decodes_to_qtool_weights(tmp_path, bits, group, sym, act):
-    ck = tiny_checkpoint(tmp_path / "ck", bits, group, sym, act)
+@pytest.mark.parametrize("bits,group,sym,act,inter", [(2, 64, False, False, 256), (3, 128, False, True, 256),
+                                                       (4, 32, True, False, 256), (8, None, False, False, 256),
+                                                       (3, None, True, False, 256), (4, 128, False, False, 160)])
+def test_gptq_export_decodes_to_qtool_weights(tmp_path, bits, group, sym, act, inter):
+    """inter = 160: down_proj has K = 160, a short last group of 32 at g128, which g_idx expresses."""
+    ck = tiny_checkpoint(tmp_path / "ck", bits, group, sym, act, inter=inter)
     export_checkpoint(ck, "gptq", tmp_path / "gptq")
     qc = json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())
     assert qc["checkpoint_format"] == "gptq_v2" and qc["bits"] == bits and qc["desc_act"] == act
