@@ -7,12 +7,13 @@ on it as on any qtool checkpoint.
 
 `as_checkpoint_dir(path)` is the one place a command decides what a model path is: a qtool
 checkpoint is returned as it is; a community checkpoint is converted once into the cache
-(QTOOL_CACHE/imported/<sha256 of its files>, written atomically) and that qtool checkpoint
+(QTOOL_CACHE/imported/<sha256 of its files and the import version>, written atomically) and that qtool checkpoint
 is returned; anything else is returned unchanged for the command to judge.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from qtool.nn.replace import set_module
 
 KINDS = {"gptq": "gptq", "awq": "awq", "compressed-tensors": "compressed-tensors"}
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+IMPORT_VERSION = "1"  # part of the cache key: bump when a conversion changes, so stale imports are redone
 
 
 def quantization_config(path: Path) -> dict | None:
@@ -69,7 +71,8 @@ def as_checkpoint_dir(path: Path | str) -> Path:
     kind = community_kind(path)
     if kind is None:
         return path
-    out = cache_dir() / "imported" / hf_dir_fingerprint(path)[:32]
+    key = hashlib.sha256(f"{IMPORT_VERSION}|{hf_dir_fingerprint(path)}".encode()).hexdigest()[:32]
+    out = cache_dir() / "imported" / key
     if not (out / MANIFEST).is_file():
         import_checkpoint(path, out, overwrite=True)
     return out

@@ -141,6 +141,12 @@ def read_layer(name: str, t: dict[str, Tensor], w: dict) -> tuple[Tensor, Tensor
         G = scales.shape[1]
         if w.get("symmetric", True):
             zeros = torch.full((N, G), 1 << (bits - 1), dtype=torch.uint8)
+        elif t["weight_zero_point"].dtype in (torch.int8, torch.int16) and t["weight_zero_point"].shape == (N, G):
+            # unpacked signed zero-points, as the naive-quantized layout and older writers store them
+            z = t["weight_zero_point"].to(torch.int16) + (1 << (bits - 1))
+            if int(z.min()) < 0 or int(z.max()) >= 1 << bits:
+                raise ValueError(f"zero-points outside the {bits}-bit grid")
+            zeros = z.to(torch.uint8)
         else:
             zeros = unpack_dense(t["weight_zero_point"].t().contiguous(), bits, N).t().contiguous()
             if zeros.shape != (N, G):

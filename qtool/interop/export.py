@@ -143,7 +143,9 @@ def export_checkpoint(ckpt: Path, fmt: str, out: Path, delta: Path | None = None
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_config(ckpt, tmp, qc)
         write_tensors(tmp, tensors)
-        copy_side_files(ckpt, tmp)
+        copied = copy_side_files(ckpt, tmp)
+        if "generation_config.json" not in copied and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)  # the defaults transformers derives from config.json
         if fmt == "gptq":
             (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
         if adapter is not None:
