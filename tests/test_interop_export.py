@@ -51,7 +51,8 @@ def test_delta_and_adapter_export(tmp_path, capsys):
     assert torch.equal(t[f"{Q}.weight_scale"], combine_scales(s0, delta[Q]))
     assert not torch.equal(t[f"{Q}.weight_scale"], s0)
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "out" / "tokenizer.json").is_file() and not (tmp_path / "out" / "qtool.json").exists()
+    assert (tmp_path / "out" / "tokenizer.json").is_file() and (tmp_path / "out" / "generation_config.json").is_file()
+    assert not (tmp_path / "out" / "qtool.json").exists() and not (tmp_path / "out" / "scales.safetensors").exists()
 
 
 def test_refusals_write_nothing(tmp_path, capsys):
