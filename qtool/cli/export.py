@@ -17,7 +17,8 @@ from qtool.cli import options as o
 
 
 def export(
-    model_dir: Annotated[Path, typer.Argument(help="qtool checkpoint directory")],
+    model_dir: Annotated[Path, typer.Argument(help="qtool checkpoint directory (or a GPTQ, AWQ, "
+                                              "compressed-tensors one)")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="compressed-tensors | gptq | bnb-nf4")],
     output: Annotated[Path, typer.Option("--output", "-o", help="output model directory")],
     delta: Annotated[Path | None, typer.Option(help="export with this task's PEQA scales (Δs file)")] = None,
