@@ -119,8 +119,8 @@ def test_gptq_v1_import_adds_one_and_refuses_overflow():
 
 def test_checkpoint_round_trip_and_commands(tmp_path, capsys):
     """GPTQ and compressed-tensors exports of a tiny checkpoint, given back to qtool: the same
-    fingerprint (codes, zeros, scales), and eval / finetune --method peqa / swap-scales -o / export
-    --delta run on the community directories as they are."""
+    fingerprint (codes, zeros, scales), and eval / finetune --method peqa and lora / swap-scales -o /
+    export --delta run on the community directories as they are."""
     ck = tiny_checkpoint(tmp_path / "ck", 3, 64)
     info = json.loads((ck / "qtool.json").read_text())
     corpus = tmp_path / "text.txt"
@@ -141,6 +141,12 @@ def test_checkpoint_round_trip_and_commands(tmp_path, capsys):
                            "--data", corpus, "--format", "text", "-o", delta, "--max-steps", 2, "--batch-size", 2,
                            "--seqlen", 64, "--eval-every", 0, "--eval-samples", 2, "--device", "cpu", "-q")
     assert code == 0, err
+    code, _, err = run_cli(capsys, "finetune", tmp_path / "gptq", "--method", "lora", "--rank", 4, "--task", "t",
+                           "--data", corpus, "--format", "text", "-o", tmp_path / "lora", "--max-steps", 1,
+                           "--batch-size", 2, "--seqlen", 64, "--eval-every", 0, "--eval-samples", 2, "--device",
+                           "cpu", "-q")
+    assert code == 0, err
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     code, _, err = run_cli(capsys, "swap-scales", tmp_path / "gptq", delta)
     assert code == 2 and "give -o" in err
     code, _, err = run_cli(capsys, "swap-scales", tmp_path / "gptq", delta, "-o", tmp_path / "swapped", "-q")
