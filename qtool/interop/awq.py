@@ -29,15 +29,6 @@ def unpack_along_n(packed: Tensor) -> Tensor:
     return out.reshape(packed.shape[0], -1).to(torch.uint8)
 
 
-def pack_along_n(codes: Tensor) -> Tensor:
-    """uint8 [R, N] -> int32 [R, N/8] in AWQ order (the inverse of unpack_along_n; tests build
-    AWQ checkpoints with it)."""
-    R, N = codes.shape
-    by_word = codes.to(torch.int64).reshape(R, N // 8, 8)[..., list(ORDER)]  # channel ORDER[i] -> nibble i
-    words = (by_word << torch.arange(0, 32, 4, dtype=torch.int64)).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def read_config(qc: dict, where: str) -> int | None:
     """The group size (None per channel) of an AWQ quantization config; refuses what qtool cannot hold."""
     version = str(qc.get("version", "gemm")).lower()
