@@ -49,13 +49,14 @@ def _root(
 
 
 def _register() -> None:
-    from qtool.cli import bench, calibrate, evaluate, finetune, quantize, swap_scales
+    from qtool.cli import bench, calibrate, evaluate, export, finetune, quantize, swap_scales
 
     app.command("calibrate", help=calibrate.__doc__)(calibrate.calibrate)
     app.command("quantize", help=quantize.__doc__)(quantize.quantize)
     app.command("eval", help=evaluate.__doc__)(evaluate.evaluate)
     app.command("finetune", help=finetune.__doc__)(finetune.finetune)
     app.command("swap-scales", help=swap_scales.__doc__)(swap_scales.swap_scales)
+    app.command("export", help=export.__doc__)(export.export)
     app.add_typer(bench.app, name="bench", help=bench.__doc__)
 
 

@@ -44,6 +44,7 @@ def evaluate(
 
     dev = o.resolve_device(device)
     o.seed_everything(seed)
+    model = str(o.checkpoint_dir(model)) if Path(model).is_dir() else model
     cfg = EvalConfig(model, corpus, split, seqlen, max_windows, baseline, list(delta or []), list(adapter or []),
                      prompt, max_new_tokens, dev, o.resolve_dtype(dtype, dev), quiet)
     results = run(cfg)

@@ -25,7 +25,8 @@ METHODS = ("peqa", "lora", "qlora")
 
 
 def finetune(
-    model_dir: Annotated[Path, typer.Argument(help="qtool checkpoint directory")],
+    model_dir: Annotated[Path, typer.Argument(help="qtool checkpoint directory, or a GPTQ, "
+                                                   "AWQ, compressed-tensors checkpoint")],
     method: Annotated[str, typer.Option(help="peqa | lora | qlora")] = "peqa",
     task: Annotated[str | None, typer.Option(help="bbc-news | bbc-topic | shakespeare | rotten-tomatoes, "
                                              "or a name for --data")] = None,
@@ -106,6 +107,7 @@ def finetune(
             raise QtoolError(f"--rank must be ≥ 1, got {rank}")
         if not 0 <= dropout < 1:
             raise QtoolError(f"--dropout must be in [0, 1), got {dropout}")
+    model_dir = o.checkpoint_dir(model_dir)
     if num_processes != 1 or dist.launched():
         from qtool.cli import launch
 

@@ -81,6 +81,14 @@ def write_json(target: Path | None, payload: Any) -> None:
             tmp.write_text(text + "\n")
 
 
+def checkpoint_dir(path: Path | str) -> Path:
+    """The qtool checkpoint a model path names: GPTQ, AWQ and compressed-tensors checkpoints are
+    imported losslessly (once, cached; qtool.interop.community); anything else is returned as given."""
+    from qtool.interop.community import as_checkpoint_dir
+
+    return as_checkpoint_dir(Path(path))
+
+
 def parse_nf4_block(value: str) -> int:
     from qtool.quant.nf4 import BLOCK_SIZES
 

@@ -32,6 +32,10 @@ def swap_scales(
 
     if base == (delta is not None):
         raise QtoolError("give either a Δs file or --base")
+    if (ckpt := o.checkpoint_dir(model_dir)) != model_dir and output is None:
+        raise QtoolError(f"{model_dir} is not a qtool checkpoint; swap-scales writes the imported model with the "
+                         "task's scales as a new one: give -o")
+    model_dir = ckpt
     rep = (restore_base_dir(model_dir, output, overwrite) if base
            else swap_scales_dir(model_dir, delta, output, overwrite))
     what = "restored the base scales" if base else f"swapped in task {rep.task!r}"

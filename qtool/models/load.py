@@ -90,6 +90,9 @@ def resolve_source(name_or_path: str) -> SourceInfo:
         raise QtoolError(f"{path} is not a Hugging Face model directory (no config.json)")
     if (path / "qtool.json").is_file():
         raise QtoolError(f"{path} is already a qtool checkpoint; give the original model")
+    if "quantization_config" in json.loads((path / "config.json").read_text()):  # GPTQ, AWQ, compressed-tensors...
+        raise QtoolError(f"{path} is already quantized; finetune, eval, swap-scales and export take it as it is "
+                         "(docs/interop.md); quantize needs the original model")
     return SourceInfo(path.name, str(path), hf_dir_fingerprint(path), "hf-dir")
 
 
