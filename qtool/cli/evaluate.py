@@ -16,7 +16,7 @@ from qtool.cli import options as o
 def evaluate(
     model: Annotated[str, typer.Argument(help="qtool checkpoint dir, or an original model (dir, .gguf, name)")]
     = o.DEFAULT,
-    corpus: Annotated[str, typer.Option(help="'bbc' or a .txt/.jsonl file or directory")] = "bbc",
+    corpus: Annotated[str, typer.Option(help="bbc | wiki | c4 (built-in) or a .txt/.jsonl file or directory")] = "bbc",
     split: Annotated[str, typer.Option(help="split of the built-in corpus")] = "test",
     seqlen: Annotated[int, typer.Option(help="window length (capped by the model's context)")] = 2048,
     max_windows: Annotated[int | None, typer.Option(help="score only the first N windows")] = None,
