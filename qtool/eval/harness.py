@@ -237,8 +237,9 @@ def summarize(results: dict) -> list[dict]:
 
 
 def run_tasks(lm: QtoolLM, names: list[str], limit: int | None = None, num_fewshot: int | None = None,
-              seed: int = 0) -> dict:
-    """Run lm-eval on the named qtool tasks; {'rows': summarize(...), 'raw': lm-eval's results}."""
+              seed: int = 0, max_new_tokens: int | None = None) -> dict:
+    """Run lm-eval on the named qtool tasks; {'rows': summarize(...), 'raw': lm-eval's results}.
+    `max_new_tokens` replaces generative tasks' own generation budget."""
     offline()
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -246,10 +247,11 @@ def run_tasks(lm: QtoolLM, names: list[str], limit: int | None = None, num_fewsh
     from qtool.eval.lm_tasks import write_tasks
 
     root = write_tasks(names)
-    tm = TaskManager(include_path=str(root), include_defaults=False, verbosity="ERROR")
+    tm = TaskManager(include_path=str(root), include_defaults=False)
     res = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
                                   log_samples=False, random_seed=seed, numpy_random_seed=seed,
                                   torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=1000,
+                                  gen_kwargs={"max_gen_toks": max_new_tokens} if max_new_tokens else None,
                                   verbosity="ERROR")
     raw = {k: res.get(k) for k in ("results", "groups", "n-samples", "versions", "n-shot")}
     return {"rows": summarize(raw), "raw": raw}
