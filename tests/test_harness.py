@@ -67,8 +67,8 @@ def test_eval_tasks_end_to_end_on_default_model_matches_independent_scorer(capsy
     seen: dict[tuple, float] = {}
     score = QtoolLM.score_tokens
 
-    def recording(self, pairs):
-        out = score(self, pairs)
+    def recording(self, pairs, progress=False):
+        out = score(self, pairs, progress)
         seen.update({(tuple(c), tuple(x)): ll for (c, x), (ll, _) in zip(pairs, out, strict=True)})
         return out
 

@@ -4,8 +4,8 @@
 Importing this module imports lm-eval (the `eval` extra) and registers the model under the
 name "qtool", so `lm_eval.simple_evaluate(model="qtool", model_args="pretrained=CKPT,...")`
 works after `import qtool.eval.harness`. lm-eval 0.4 has no plugin entry point, so its own
-`lm_eval` command cannot see third-party models; `python -m qtool.eval.harness ARGS` is that
-command with the model registered and qtool's offline tasks on the include path.
+`lm_eval` command cannot see third-party models; `python -m qtool.eval.lm_eval_cli ARGS` is
+that command with the model registered and qtool's offline tasks on the include path.
 
 Scoring (QtoolLM): requests are tokenized as lm-eval's HF model does (context and
 continuation encoded together, then split; trailing spaces of the context move to the
@@ -100,6 +100,18 @@ class QtoolLM(TemplateLM):
         bos = tokenizer.bos_token_id
         self.add_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> QtoolLM:
+        # model_args win over lm_eval's own --device/--batch_size (lm-eval passes both).
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> QtoolLM:
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
     def close(self) -> None:
         self._stack.close()
 
@@ -127,7 +139,8 @@ class QtoolLM(TemplateLM):
     # -------------------------------------------------- scoring
 
     @torch.no_grad()
-    def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    def score_tokens(self, pairs: list[tuple[list[int], list[int]]], progress: bool = False
+                     ) -> list[tuple[float, bool]]:
         """(Σ log p(continuation | context), continuation is the greedy choice) per (context ids,
         continuation ids) pair; contexts are cut from the left to fit max_length."""
         rows = []
@@ -141,7 +154,9 @@ class QtoolLM(TemplateLM):
         head = self.model.get_output_embeddings()
         cap = getattr(self.model.config, "final_logit_softcapping", None)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        for b0 in range(0, len(order), self.batch_size):
+        from tqdm import tqdm
+
+        for b0 in tqdm(range(0, len(order), self.batch_size), desc="qtool loglikelihood", disable=not progress):
             idx = order[b0:b0 + self.batch_size]
             L = len(rows[idx[0]][0])
             ids = torch.full((len(idx), L), pad, dtype=torch.long)
@@ -166,7 +181,7 @@ class QtoolLM(TemplateLM):
         return out  # type: ignore[return-value]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        return self.score_tokens([(ctx, cont) for _, ctx, cont in requests])
+        return self.score_tokens([(ctx, cont) for _, ctx, cont in requests], progress=not disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -255,24 +270,3 @@ def run_tasks(lm: QtoolLM, names: list[str], limit: int | None = None, num_fewsh
                                   verbosity="ERROR")
     raw = {k: res.get(k) for k in ("results", "groups", "n-samples", "versions", "n-shot")}
     return {"rows": summarize(raw), "raw": raw}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`lm_eval` with the qtool model registered and qtool's offline tasks included."""
-    import sys
-
-    from lm_eval.__main__ import cli_evaluate
-
-    from qtool.eval.lm_tasks import expand, write_tasks
-
-    offline()
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--tasks" in args and "--include_path" not in args:
-        names = expand(args[args.index("--tasks") + 1].split(","))
-        args += ["--include_path", str(write_tasks(names))]
-    sys.argv = ["lm_eval", *args]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()
