@@ -91,7 +91,7 @@ class QtoolLM(TemplateLM):
                 self._stack.enter_context(dense_cache(model, dt))
         self.model, self.tokenizer, self.label = model, tokenizer, label or "model"
         self._device = next(model.parameters()).device
-        self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         if self.batch_size < 1:
             raise QtoolError(f"batch_size must be ≥ 1, got {batch_size}")
         cfg_len = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
