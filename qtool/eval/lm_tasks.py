@@ -22,7 +22,7 @@ from pathlib import Path
 from qtool.data import benchmarks as bm
 from qtool.errors import QtoolError
 
-TASKS_VERSION = 1
+TASKS_VERSION = 2
 ALIASES = {"lambada": "lambada_openai", "siqa": "social_iqa", "obqa": "openbookqa", "arc_e": "arc_easy",
            "arc_c": "arc_challenge"}
 HELDOUT = tuple(f"{t}_heldout" for t in bm.COMMONSENSE)
@@ -36,6 +36,9 @@ LEAVES = (*bm.MULTIPLE_CHOICE, "lambada_openai", *MMLU_TASKS, *HELDOUT, "alpaca"
 
 ACC = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
 ACC_NORM = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
+# lm-eval reports acc only for these: BoolQ's " no"/" yes" differ in length, so dividing by it
+# only biases the choice; Social IQa's YAML lists acc alone.
+ACC_ONLY = ("boolq", "social_iqa")
 ALPACA_STOP = ["\n\n### ", "### Instruction:"]
 ALPACA_MAX_NEW_TOKENS = 320
 # The last "The answer is X." of a generation (trailing period optional).
@@ -90,7 +93,10 @@ def _task_files(task: str) -> tuple[dict[str, list[dict]], dict]:
         else:
             docs = bm.load_docs(task)
         multi = bool(docs[0].continuation)
-        return {"test": [_mc_doc(d) for d in docs]}, {"output_type": "multiple_choice", **_mc_config(multi)}
+        fields = {"output_type": "multiple_choice", **_mc_config(multi)}
+        if task.removesuffix("_heldout") in ACC_ONLY:
+            fields["metric_list"] = [ACC]
+        return {"test": [_mc_doc(d) for d in docs]}, fields
     if task == "lambada_openai":
         docs = [{"id": d.id, "query": d.query, "target": " " + d.choices[0]} for d in bm.lambada_openai()]
         return {"test": docs}, {
