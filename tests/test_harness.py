@@ -140,3 +140,14 @@ def test_finetune_builtin_alpaca_without_data_then_score_held_out_items(capsys, 
     rows = json.loads((tmp_path / "e.json").read_text())["rows"]
     assert [r["tasks"][0]["n"] for r in rows] == [2, 2] and "adapter" in rows[1]["label"]
     assert all(0.0 <= r["tasks"][0]["exact_match"] <= 1.0 for r in rows)
+
+
+def test_task_names_resolve_aliases_groups_and_metrics():
+    from qtool.eval.lm_tasks import _task_files, expand, leaves
+
+    names = expand(["lambada", "siqa", "commonsense", "arc_easy"])
+    assert names == ["lambada_openai", "social_iqa", "commonsense", "arc_easy"]
+    assert len(leaves(names)) == 2 + 8 + 1 and len(leaves(["mmlu"])) == 57
+    metrics = {t: [m["metric"] for m in _task_files(t)[1]["metric_list"]] for t in ("boolq", "arc_challenge",
+                                                                                     "winogrande")}
+    assert metrics == {"boolq": ["acc"], "arc_challenge": ["acc", "acc_norm"], "winogrande": ["acc"]}
