@@ -1,4 +1,5 @@
-"""How much of a timed decode call is the harness's? (session 16, docs/benchmarks.md)
+"""How much of a timed decode call is the harness's? (docs/benchmarks.md §Where and how; measured
+2026-11-24: docs/bench-logs/2026-11-24-h100-timing-harness-share.txt)
 
 `time_rotated` replays a CUDA graph of the rotated weight copies (2 for a 70B layer) under
 triton's do_bench, which zeroes a 256 MB buffer before every replay: each replay then starts
@@ -10,7 +11,7 @@ This times the same calls four ways, each for the quantized kernel and for cuBLA
   graph1/read   one graph of the copies, flushed by reading 256 MB (clean lines) instead
   graphR/none   the R-round graph replayed back to back, no flush (copies still rotate)
 
-  python scripts/timing_probe.py [--calls 16] [--json out.json]
+  python scripts/bench/timing_probe.py [--calls 16] [--json out.json]
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def time_ways(calls, min_calls: int) -> dict[str, float]:
 
     from qtool.bench.timing import capture_graph, median_ms
 
-    def zero_flushed(fn) -> float:  # session 15's timing: do_bench zeroes 256 MB before each rep
+    def zero_flushed(fn) -> float:  # the timing used until 2026-11-24: do_bench zeroes 256 MB before each rep
         return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
     for c in calls:

@@ -2,10 +2,11 @@
 kernels/decode_attention.py's split-KV kernels (chunk tile, chunks per SM, warps) against
 SDPA over the whole cache under a mask (what the decoder ran before), in microseconds.
 
-  python scripts/attention_probe.py [--full]
+  python scripts/bench/attention_probe.py [--full]
 
 Default: the shipped tiles and their neighbours, each with the merge in the chunk kernel
-(ticket) and in a second kernel; --full: call C's sweep (block × chunks per SM × warps).
+(ticket) and in a second kernel; --full: the tile sweep (block × chunks per SM × warps) that chose the shipped tiles.
+Recorded in docs/benchmarks.md §Decode and docs/kernels.md §Findings v13.
 
 32 caches (one per layer, 256 MB at batch 1: nothing stays in L2) are attended in turn
 inside one CUDA graph, as in a decode step; the time is per call.
@@ -35,7 +36,7 @@ def _per_call(fn, n: int) -> float:
     return median_ms(g.replay, rep_ms=100) * 1e3 / n
 
 
-# session 13 call C's sweep (two kernels, before the ticketed merge)
+# the full sweep (two kernels, as before the ticketed merge)
 FULL = [(bt, ps, nw) for bt, ps, nw in itertools.product((16, 32, 64), (2, 4, 8, 16), (2, 4, 8))
         if not (bt == 16 and nw == 8)]
 

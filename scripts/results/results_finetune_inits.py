@@ -1,6 +1,6 @@
 """Fine-tuning from different starts on the same grid (issue 5, "What must be shown" item 2).
 
-For each grid × task × init, one run from the checkpoints scripts/results_apiq.sh kept
+For each grid × task × init, one run from the checkpoints scripts/results/results_apiq.sh kept
 (QTOOL_KEEP=1) in APIQ_OUTDIR/<method>-w<bits>g<group>/:
 
   rtn      LoRA, PEFT default init (B = 0) on the RTN base: the QLoRA-style start
@@ -20,7 +20,7 @@ OUT.json is rewritten (atomically, under a lock file, so several processes with 
 is recorded with its error and skipped on re-runs too, unless --retry-errors. At the end a
 markdown table per task (rows = init, columns = grid) is printed and written to OUT.md.
 
-Usage: python scripts/results_finetune_inits.py APIQ_OUTDIR OUT.json [--grids 2:64 3:64]
+Usage: python scripts/results/results_finetune_inits.py APIQ_OUTDIR OUT.json [--grids 2:64 3:64]
        [--tasks bbc-topic rotten-tomatoes bbc-news] [--steps 150] [--seqlen 384] [--batch-size 8]
        [--eval-items 400] [--eval-batch-size 32] [--inits rtn gptq loftq apiq-bw peqa] [--seed 0]
        [--device cuda|cpu]
@@ -69,7 +69,7 @@ def parse_grid(s: str) -> tuple[int, str]:
 
 
 def tag(method: str, bits: int, group: str) -> str:
-    return f"{method}-w{bits}g{group}"  # scripts/results_apiq.sh's checkpoint dir name
+    return f"{method}-w{bits}g{group}"  # scripts/results/results_apiq.sh's checkpoint dir name
 
 
 def run_key(task: str, init: str, bits: int, group: str) -> str:
@@ -236,7 +236,7 @@ def tables(data: dict, tasks: list[str], grids: list[tuple[int, str]], inits: li
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("apiq_outdir", type=Path, help="OUTDIR of scripts/results_apiq.sh run with QTOOL_KEEP=1")
+    ap.add_argument("apiq_outdir", type=Path, help="OUTDIR of scripts/results/results_apiq.sh run with QTOOL_KEEP=1")
     ap.add_argument("out", type=Path, help="results JSON (rewritten after every run; re-runs resume)")
     ap.add_argument("--grids", type=parse_grid, nargs="+", default=[(2, "64"), (3, "64")], metavar="BITS:GROUP")
     ap.add_argument("--tasks", nargs="+", default=["bbc-topic", "rotten-tomatoes", "bbc-news"],

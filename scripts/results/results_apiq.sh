@@ -5,7 +5,7 @@
 # quantize time and peak GPU/host memory from each manifest. Then one Llama-2-7B-shaped block
 # through ApiQ (`qtool bench apiq-block`) for the 7B time/memory projection.
 #
-# Usage: scripts/results_apiq.sh OUTDIR [MODEL]
+# Usage: scripts/results/results_apiq.sh OUTDIR [MODEL]
 # Env:   QTOOL_CONFIGS  bits:group list           (default "2:64 3:64 4:128")
 #        QTOOL_METHODS  methods                   (default "rtn gptq loftq omniquant apiq-lw apiq-bw")
 #        QTOOL_EPOCHS   ApiQ/OmniQuant epochs      (default 20, the paper's)

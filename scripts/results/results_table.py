@@ -1,4 +1,4 @@
-"""Turn the JSON files written by scripts/results_quant.sh into the markdown table of docs/results.md."""
+"""Turn the JSON files written by scripts/results/results_quant.sh into the markdown table of docs/results.md."""
 
 import json
 import sys

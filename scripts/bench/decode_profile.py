@@ -2,10 +2,11 @@
 kernel time per step by kind (our GEMV, cuBLAS, inductor's fused glue, attention, the rest)
 and the step's wall time, fp16 vs quantized, from torch.profiler over graph replays.
 
-  python scripts/decode_profile.py [--bits 4] [--group-size 128] [--batch 1] [--no-fuse] [--attention sdpa]
+  python scripts/bench/decode_profile.py [--bits 4] [--group-size 128] [--batch 1] [--no-fuse] [--attention sdpa]
 
 The step's wall time minus its kernel time is what the GPU spends between kernels (graph
 node launch and dependency gaps); the kernel table of `qtool bench kernels` cannot show it.
+Recorded in docs/benchmarks.md §Decode.
 """
 
 from __future__ import annotations

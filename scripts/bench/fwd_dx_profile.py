@@ -1,12 +1,12 @@
 """Where the eager fwd + dX time of one quantized layer goes: GPU kernels vs the host.
 
-  python scripts/fwd_dx_profile.py [N K M]        (default 4096 4096 2048: 7B.qo)
+  python scripts/bench/fwd_dx_profile.py [N K M]        (default 4096 4096 2048: 7B.qo)
 
 `qtool bench kernels` reports (quantized fwd + dX) / (fp16 fwd + dX) in wall time, eager.
 At small layers both paths can be bound by the time the host takes to issue the call, and
 then the ratio measures Python, not the kernels. This prints, for W4 g128 and fp16, the host
 issue time, the wall time and the GPU kernels' time per call (torch.profiler), and each
-path's top kernels.
+path's top kernels. Recorded in docs/benchmarks.md §M = 2048.
 """
 
 from __future__ import annotations

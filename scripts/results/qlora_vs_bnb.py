@@ -13,7 +13,7 @@ base, the LoRA layers and the optimizer implementation:
 Both: non-quantized weights in bf16, bf16 autocast, lr 2e-4 constant, clip 0.3, no gradient
 checkpointing. Also compares the dequantized NF4 weights of every block linear.
 
-Usage: python scripts/qlora_vs_bnb.py OUT.json [--model smollm2-135m] [--task bbc-topic]
+Usage: python scripts/results/qlora_vs_bnb.py OUT.json [--model smollm2-135m] [--task bbc-topic]
        [--steps 100] [--seeds 0 1 2] [--paged-seeds 0] [--batch-size 8] [--seqlen 512]
        [--impls qtool bnb] [--resume]   (--model also takes a .gguf path)
 """

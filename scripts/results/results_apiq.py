@@ -1,4 +1,4 @@
-"""Turn the JSON files of scripts/results_apiq.sh into OUTDIR/results.md and OUTDIR/results.json."""
+"""Turn the JSON files of scripts/results/results_apiq.sh into OUTDIR/results.md and OUTDIR/results.json."""
 
 import json
 import sys

@@ -1,14 +1,15 @@
 """Registers, resident programs per SM and waves of the M = 1 GEMV's launches, compiled for
 sm_90 on this machine (no GPU): one row per tuned class × layout × Llama shape.
 
-  python scripts/gemv_occupancy.py [--json PATH]
+  python scripts/bench/gemv_occupancy.py [--json PATH]
 
 Each launch is captured from gemv_matmul itself (the config, strides and specialisation the
 H100 would see; kernels/offline.py), so the row-major and tile-major paths and the [N, G]
 tile-major scales that `tile_major_layout` makes are what is compiled. The register count decides how
 many programs share an SM (kernels/occupancy.py); a grid slightly over the resident slots
 runs a second, nearly empty wave. Run it under each Triton version that matters (the
-H100's: PYTHONPATH=<triton 3.6 wheel dir>); TRITON_INTERPRET must be unset.
+H100's: PYTHONPATH=<triton 3.6 wheel dir>); TRITON_INTERPRET must be unset. Recorded in
+docs/kernels.md §Re-tuning and §Findings v7.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """A/B of the M = 1 decode GEMV: fp16 cuBLAS vs the fp32 GEMV (gemv.py) vs the packed-half2
 GEMV (gemv_h2.py), W4 g128 and W2 g64, fp16 activations.
 
-Run (H100):  python scripts/gemv_ab.py $OUT/gemv_ab.json --quick   (< 90 s: default configs)
-             python scripts/gemv_ab.py $OUT/gemv_ab.json           (+ h2 tile variants, ~3 min)
-             python scripts/gemv_ab.py $OUT/v5.json --v5           (fp32 GEMV: tiles over
+Run (H100):  python scripts/bench/gemv_ab.py $OUT/gemv_ab.json --quick   (< 90 s: default configs)
+             python scripts/bench/gemv_ab.py $OUT/gemv_ab.json           (+ h2 tile variants, ~3 min)
+             python scripts/bench/gemv_ab.py $OUT/v5.json --v5           (fp32 GEMV: tiles over
                                                                     several groups, ~4 min;
                                                                     --classes=3:64,4:64 for others)
-             python scripts/gemv_ab.py --sass                      (no GPU: SASS instructions
+             python scripts/bench/gemv_ab.py --sass                      (no GPU: SASS instructions
                                                                     per code in the K loops)
 
 Timing is qtool.bench's (medians of CUDA-event timings through triton's do_bench, every timed
@@ -14,7 +14,8 @@ call on its own weight copy so that one rotation exceeds 4× L2, calls replayed 
 graph, split-K reduction included), so the numbers compare with `qtool bench kernels`. Every
 kernel/config is checked once against the dense product x·Ŵᵀ (Ŵ dequantized in fp16, fp32
 matmul): relative error below 1e-2, else the row is marked BAD. The fp32 GEMV's own tile sweep
-(which wrote tuned_skinny.json's "gemv" section) is this script at commit 5102d1f.
+(which wrote tuned_skinny.json's "gemv" section) is this script at commit 5102d1f. Recorded in
+docs/kernels.md §Tuning table, §Re-tuning (--sass) and §Findings v3–v5.
 """
 
 from __future__ import annotations

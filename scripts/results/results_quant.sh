@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quantization quality table (docs/results.md): fp, RTN and GPTQ at several grids on one
-# model, BBC test perplexity at seqlen 2048. Usage: scripts/results_quant.sh OUTDIR [MODEL]
+# model, BBC test perplexity at seqlen 2048. Usage: scripts/results/results_quant.sh OUTDIR [MODEL]
 # Each step is a plain qtool command; every result lands in OUTDIR/*.json. The configs run
 # as parallel processes: GPTQ's column sweep is launch-bound on a GPU, so they overlap well
 # (each run's wall time in the table is therefore an upper bound of a solo run).
@@ -27,5 +27,5 @@ for cfg in $configs; do
 done
 status=0
 for p in "${pids[@]}"; do wait "$p" || status=1; done
-python3 scripts/results_table.py "$out"
+python3 scripts/results/results_table.py "$out"
 exit $status

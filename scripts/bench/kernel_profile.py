@@ -1,7 +1,8 @@
-"""A few launches of one decode kernel, to profile under Nsight Compute (session 15, docs/benchmarks.md).
+"""A few launches of one decode kernel, to profile under Nsight Compute (docs/kernels.md §Re-tuning;
+its 2026-11-23 profiles: §Findings v15, docs/bench-logs/2026-11-23-h100-ncu-*.txt).
 
   ncu --kernel-name regex:"_skinny_kernel|_gemv_h2_kernel" --launch-skip 3 --launch-count 1 \
-      python scripts/kernel_profile.py 70B.down 16 4 128 BLOCK_N=128 DEQUANT=1 SPLIT_K=12
+      python scripts/bench/kernel_profile.py 70B.down 16 4 128 BLOCK_N=128 DEQUANT=1 SPLIT_K=12
 
 Arguments: shape name, M, bits, group ("ch" = per channel), then tuned-entry keys that override
 the shipped one for this class (the skinny entry at M > 1, the h2 "H2" dict at M = 1). One

@@ -4,7 +4,7 @@ Same task, batches (seed), steps, sequence length and bf16 autocast for every ru
 reports the held-out (validation split) metric of its kept parameters, trainable parameter
 count, artifact size, peak GPU memory and training tokens/s, all from this one process.
 
-Usage: python scripts/results_peqa_vs_lora.py OUTDIR [--model smollm2-135m] [--task bbc-news]
+Usage: python scripts/results/results_peqa_vs_lora.py OUTDIR [--model smollm2-135m] [--task bbc-news]
        [--bits 4 3] [--steps 150] [--seqlen 1024] [--batch-size 8] [--full-lr 5e-5] [--gptq]
 """
 

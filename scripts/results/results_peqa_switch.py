@@ -1,7 +1,7 @@
 """PEQA task switching (docs/results.md): train a Δs per task on one integer base, then score
 every Δs (and none) on every task's held-out split, with the integer weights loaded once.
 
-Usage: python scripts/results_peqa_switch.py OUTDIR [--bits 4 3] [--steps 150] [--model smollm2-135m]
+Usage: python scripts/results/results_peqa_switch.py OUTDIR [--bits 4 3] [--steps 150] [--model smollm2-135m]
        [--quant rtn gptq]   (per-channel bases: RTN as in PEQA, or GPTQ-initialised)
 Writes OUTDIR/switch.json and prints a markdown table per base.
 """
