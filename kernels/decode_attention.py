@@ -125,8 +125,8 @@ def chunking(T: int, bh: int, n_sm: int, block_t: int = 32, per_sm: int = 4) -> 
 
 
 def default_tile(bh: int, n_sm: int) -> tuple[int, int, int]:
-    """(BLOCK_T, chunks per SM, warps) by heads in flight (scripts/attention_probe.py, H100,
-    session 13 calls C, D: docs/kernels.md §v13): batch 1 of a 7B model (32 heads) is
+    """(BLOCK_T, chunks per SM, warps) by heads in flight (scripts/bench/attention_probe.py, H100,
+    2026-11-23: docs/kernels.md §Findings v13): batch 1 of a 7B model (32 heads) is
     latency-bound, many short chunks of 16 slots on one warp each; at batch 16 (512 heads)
     the heads alone fill the GPU and 128-slot tiles on 4 warps win."""
     return (128, 1, 4) if bh >= 2 * n_sm else (16, 8, 1)

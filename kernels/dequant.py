@@ -64,7 +64,7 @@ def dequantize_packed(
 ) -> Tensor:
     """Dense Ŵ [N, K] in `dtype` (fp16/bf16) from the packed layout (row- or tile-major), into
     `out` if given. The default 16 × 512 tile (4 warps) was the fastest of twelve on the H100
-    at 4096×11008 and 8192×8192 over W2/W3/W4 (81–89 % of copy; docs/benchmarks.md §Session 16)."""
+    at 4096×11008 and 8192×8192 over W2/W3/W4 (81–89 % of copy; docs/kernels.md §Findings v16)."""
     from qtool_kernels.tiles import fit_block_k, packed_geometry
 
     N, Wn, TN, TW = packed_geometry(qweight)

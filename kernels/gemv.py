@@ -549,10 +549,10 @@ def default_gemv_config(M: int, N: int, K: int, bits: int, group_size: int | Non
     `programs_per_sm` (8) programs per SM, or of `resident` (how many the compiled kernel fits)
     when fewer, keeping ≥ 4 K tiles per program (_split_k).
     tuned_skinny.json's "gemv" section overrides per "bits:group:M" class ("pc" = per
-    channel), then per bit-width, with what scripts/gemv_ab.py measured; "SPAN_GROUPS" comes
+    channel), then per bit-width, with what scripts/bench/gemv_ab.py measured; "SPAN_GROUPS" comes
     from there only: BLOCK_K may then cover several whole groups (_gemv_groups_kernel: longer
     runs per row). tiled=True (tile-major weights) reads the "gemv_tiled" section instead
-    (scripts/gemv_probe.py tiled). A class's "large" entry applies to layers of at least its
+    (the tile-major probe of docs/kernels.md §Findings v6). A class's "large" entry applies to layers of at least its
     "min_codes" codes (N·K); a tile it gives is the layout's too (tile_major_tile), which
     fixes the tile of tile-major weights. STAGES > 1 pipelines the K loop (cp.async, Triton's
     pipeliner).

@@ -616,7 +616,7 @@ def _gemv_h2_kernel(
     if not PER_CHANNEL:
         # Scales are loaded one tile ahead: they are needed only when a chain is flushed, so
         # ptxas issues their loads late in the trip, and read in the same trip their latency
-        # came on top of the words' (session 17: grouped classes up to 1.5× slower)
+        # came on top of the words' (measured 2026-11-24: grouped classes up to 1.5× slower)
         g0, g1, g2, g3 = _tile_groups(tl.minimum(t_start, k_tiles - 1), qo, G, BLOCK_K, GROUP, UC, BITS, MASK_K)
         sn0, sn1, sn2, sn3 = _load_groups(s_blk, n_ok2, g0, g1, g2, g3, stride_sg, BITS, GROUP, UC, MASK_N)
         if PREFETCH:

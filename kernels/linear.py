@@ -40,7 +40,7 @@ def skinny_max_m() -> int:
 
 # Up to this many rows the CUDA-core GEMV (gemv.py) replaces the skinny kernel: it unpacks
 # each code once per 4 rows of x, so its cost grows with M where the tensor-core kernel's
-# does not. "gemv_max_m" in kernels/tuned_skinny.json overrides it (scripts/gemv_ab.py
+# does not. "gemv_max_m" in kernels/tuned_skinny.json overrides it (scripts/bench/gemv_ab.py
 # measures both); QTOOL_GEMV=0 turns the GEMV off (the skinny kernel for every M it covered).
 GEMV_MAX_M = 4
 

@@ -61,7 +61,7 @@ def split_k_waves(n_tiles: int, k_tiles: int, slots: int, cap: int, min_tiles: i
     """split_k_one_wave, unless its one wave would leave more than 1 − min_fill of the slots
     idle (wide layers: many row blocks, few K tiles): then the smallest split that makes
     `waves` waves of shorter programs, if the K tiles allow it. Measured for the half2 GEMV
-    under back-to-back calls (session 16): 70B.up W4 g128 (448 row blocks, 1,320 slots) took
+    under back-to-back calls (2026-11-24): 70B.up W4 g128 (448 row blocks, 1,320 slots) took
     56.4 µs at split 2 (one wave, 68 % full) and 48.3 µs at split 8 (3 waves); 70B.down,
     whose one wave is 97 % full, was slower at every larger split (49.1–52.5 against 46.1 µs)."""
     split = split_k_one_wave(n_tiles, k_tiles, slots, cap, min_tiles)

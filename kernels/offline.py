@@ -6,7 +6,7 @@ ptxas. Launches are captured from the real entry points (`gemv_matmul` etc. call
 tensors), then specialised exactly as Triton's launcher would specialise them (an int equal
 to 1 becomes a constant, multiples of 16 carry divisibility), because the register count —
 and so how many programs fit on an SM — depends on that. Dev tooling: imported by
-scripts/gemv_occupancy.py and the sm_90 compile test, never on the inference path.
+scripts/bench/gemv_occupancy.py and the sm_90 compile test, never on the inference path.
 Run with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled).
 """
 

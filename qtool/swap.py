@@ -4,7 +4,7 @@ One formula everywhere: s = (s₀ + Δs) rounded to the scale dtype (`combine_sc
 a Δs applied in memory (`load_scales`, `qtool eval --delta`) and one swapped into a
 checkpoint directory (`qtool swap-scales`) give bit-identical scales.
 
-On disk (docs/peqa.md): the checkpoint keeps its scales in `scales.safetensors`. The first
+On disk (docs/methods/peqa.md): the checkpoint keeps its scales in `scales.safetensors`. The first
 swap keeps the base scales as `base_scales.safetensors` (a hard link to the original file,
 so byte-identical) and records the applied Δs under "scale_delta" in qtool.json; later
 swaps start again from the base, and `--base` puts the original file back, so the

@@ -1,4 +1,4 @@
-"""Developer sweep of the skinny kernel's tiles on the decode shapes (one device call).
+"""Developer sweep of the skinny kernel's tiles on the decode shapes (one GPU run).
 
 For each bit-width, times tile/warp/stage choices and a split-K target (programs per SM)
 on 70B.down (8192×28672) at M = 1, against fp16 cuBLAS and the copy bandwidth measured in

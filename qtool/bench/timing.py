@@ -7,8 +7,8 @@ MIN_CALLS calls (the copies repeated in turn): a replay's own launch is then sha
 
 Before each timed replay L2 is emptied by *reading* a 256 MB buffer. triton's do_bench
 zeroes one instead, which leaves L2 full of dirty lines that the timed kernels then write
-back to DRAM while they read: session 16 measured that as 4.6 µs of a 53 µs GEMV on the
-H100 (scripts/timing_probe.py, docs/benchmarks.md §Session 16). A decode step has no such
+back to DRAM while they read: on 2026-11-24 that measured as 4.6 µs of a 53 µs GEMV on the
+H100 (scripts/bench/timing_probe.py, docs/benchmarks.md §Where and how). A decode step has no such
 flood of writes before its matmuls, and the copies already keep the weights out of cache.
 """
 

@@ -18,7 +18,7 @@ The model returned holds QuantLinear layers (the learned clipping folded into sc
 for apiq, each LoRA target wrapped in qtool.nn.lora.LoraLinear with the calibrated A, B, which the
 pipeline writes as OUTPUT/adapter/. The state after every finished block is kept in `state_dir`
 (OUTPUT.apiq-state/ from the CLI) so that --resume continues a killed run and gives the same
-checkpoint. docs/apiq.md explains the choices.
+checkpoint. docs/methods/apiq.md explains the choices.
 """
 
 from __future__ import annotations

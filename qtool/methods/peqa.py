@@ -24,7 +24,7 @@ from qtool.nn.replace import quant_linears
 from qtool.train.loop import TrainConfig, TrainResult, train
 
 # Default learning rates by bit-width (AdamW, cosine, 3 % warm-up, clip 0.3), from the sweep
-# in docs/peqa.md (H100, SmolLM2-135M per-channel RTN, bbc-news, 150 steps of 8 × 512):
+# in docs/methods/peqa.md (H100, SmolLM2-135M per-channel RTN, bbc-news, 150 steps of 8 × 512):
 # W4 improved monotonically up to the largest lr tried, 1e-3 (3e-4 within 0.03 nats);
 # W3 was measured up to 1e-4, still improving. EfficientQAT's E2E-QP value 1e-5 lowered the
 # loss about a third as much as 1e-3 in the same steps. W2 and W8 are not measured.

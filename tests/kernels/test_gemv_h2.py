@@ -376,7 +376,7 @@ def test_h2_tiled_entry_routes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # Outlier activations for the decode-route tests. With unit-variance weights, 44 channels of
 # 2000 put the largest of 4096 outputs at ~57,000–62,000, and now and then past fp16's
-# 65,504: the reference itself was then not representable (calls C and H of session 12).
+# 65,504: the reference itself was then not representable (two GPU runs on 2026-11-23).
 # 1000 keeps the outputs ~2× inside the range; _check_range says so for every draw.
 OUTLIER = 1000.0
 
@@ -437,7 +437,7 @@ def test_h2_gpu_dispatch_and_ab(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rel_err(a, ref) < TOL[torch.float16] and rel_err(b, ref) < TOL[torch.float16]
     assert gemv_path(x.bfloat16(), qweight, 4, 128) == "fp32"
     assert gemv_path(torch.cat([x, x]), qweight, 4, 128) == "fp32"
-    assert gemv_path(x, qweight, 3, 128) == "h2"  # W3 since session 12 (same word count here)
+    assert gemv_path(x, qweight, 3, 128) == "h2"  # W3 since §v12 (same word count here)
     assert gemv_path(x, qweight, 2, 32) == "fp32"  # a W2 g32 tile is half a quad of words
 
 
