@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qtool.methods import QuantizeOptions, register
-from qtool.methods.blocks import capture_inputs, propagate, run_block
+from qtool.methods.blocks import capture_inputs, iter_blocks, propagate, run_block
 from qtool.methods.progress import progress_bar
 from qtool.methods.rtn import quantize_lm_head
 from qtool.models.load import decoder_layers
@@ -95,7 +95,7 @@ def quantize_gptq(model: nn.Module, opts: QuantizeOptions, calib: torch.Tensor) 
     stats: dict[str, dict] = {}
     with progress_bar(opts.quiet) as bar:
         task = bar.add_task("gptq blocks", total=len(layers))
-        for i, block in enumerate(layers):
+        for i, block in iter_blocks(model):
             block.to(device)
             kwargs = inputs.kwargs[i]
             linears = block_linears(block)

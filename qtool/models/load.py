@@ -179,6 +179,28 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     return model, tok, source
 
 
+def open_model_streaming(name_or_path: str, block_dtype: torch.dtype | None = None,
+                         rest_dtype: torch.dtype | None = None):
+    """Returns (Stream, tokenizer, SourceInfo): the model skeleton with everything outside the decoder
+    blocks loaded and the blocks left on the meta device, to be read one at a time
+    (qtool.models.stream). Every tensor is checked against config.json before anything is read."""
+    from transformers import AutoTokenizer
+
+    from qtool.models.stream import open_streaming
+
+    quiet_transformers()
+    source = resolve_source(name_or_path)
+    path = hf_dir_for(source)
+    stream = open_streaming(path, block_dtype, rest_dtype)  # weights, shards, shapes, architecture first
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise QtoolError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    if source.kind in ("builtin", "gguf"):  # a directory converted earlier, maybe by a faulty version
+        check_tokenizer(tok, str(path))
+    return stream, tok, source
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of an HF causal LM."""
     for path in ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers"):
@@ -193,13 +215,21 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def check_supported(model: nn.Module) -> None:
-    """Every weight-bearing leaf in the blocks must be nn.Linear (or a norm/embedding)."""
+    """Every weight-bearing module of the blocks must be one qtool quantizes (nn.Linear) or keeps as it
+    is (norms: 1-D weights). Anything else (a Conv1D, MoE experts fused into 3-D tensors...) is refused
+    here, by architecture and layer type, so that no part of a block is silently left dense."""
     from transformers.pytorch_utils import Conv1D
 
+    arch = type(model).__name__
     for i, block in enumerate(decoder_layers(model)):
         for name, mod in block.named_modules():
             if isinstance(mod, Conv1D | nn.Conv1d | nn.Conv2d):
-                raise QtoolError(
-                    f"unsupported layer type {type(mod).__name__} at layers.{i}.{name}: "
-                    "qtool quantizes nn.Linear layers only"
-                )
+                raise QtoolError(f"unsupported architecture {arch}: layer type {type(mod).__name__} at "
+                                 f"layers.{i}.{name}; qtool quantizes nn.Linear layers only")
+            if isinstance(mod, nn.Linear | nn.Embedding):
+                continue
+            for pname, p in mod.named_parameters(recurse=False):
+                if p.dim() >= 2:
+                    raise QtoolError(f"unsupported architecture {arch}: layer type {type(mod).__name__} at "
+                                     f"layers.{i}.{name} holds a {p.dim()}-D weight ({pname}, shape "
+                                     f"{list(p.shape)}) that qtool cannot quantize")
