@@ -41,7 +41,7 @@ def quantize(
     loftq_iters: Annotated[int, typer.Option(help="loftq: alternating quantize/SVD steps T (0: plain RTN "
                                              "base, default-init adapter)")] = 5,
     targets: Annotated[str, typer.Option(help="apiq: comma-separated layer names that get LoRA")]
-    = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,qkv_proj,gate_up_proj",
     epochs: Annotated[int, typer.Option(help="apiq, omniquant: epochs over the calibration windows per "
                                         "block")] = 20,
     lr_clip: Annotated[float | None, typer.Option(help="apiq, omniquant: learning rate of the clipping "

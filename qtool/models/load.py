@@ -226,10 +226,14 @@ def check_supported(model: nn.Module) -> None:
             if isinstance(mod, Conv1D | nn.Conv1d | nn.Conv2d):
                 raise QtoolError(f"unsupported architecture {arch}: layer type {type(mod).__name__} at "
                                  f"layers.{i}.{name}; qtool quantizes nn.Linear layers only")
-            if isinstance(mod, nn.Linear | nn.Embedding):
-                continue
-            for pname, p in mod.named_parameters(recurse=False):
-                if p.dim() >= 2:
-                    raise QtoolError(f"unsupported architecture {arch}: layer type {type(mod).__name__} at "
-                                     f"layers.{i}.{name} holds a {p.dim()}-D weight ({pname}, shape "
-                                     f"{list(p.shape)}) that qtool cannot quantize")
+        # The highest-dimensional offender first: an MoE block is reported by its fused experts, the
+        # bulk of its weights, rather than by its router.
+        for dims in (3, 2):
+            for name, mod in block.named_modules():
+                if isinstance(mod, nn.Linear | nn.Embedding):
+                    continue
+                for pname, p in mod.named_parameters(recurse=False):
+                    if p.dim() >= dims:
+                        raise QtoolError(f"unsupported architecture {arch}: layer type {type(mod).__name__} at "
+                                         f"layers.{i}.{name} holds a {p.dim()}-D weight ({pname}, shape "
+                                         f"{list(p.shape)}) that qtool cannot quantize")

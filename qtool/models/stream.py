@@ -31,50 +31,89 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 
 
 class ShardReader:
-    """Tensors of an HF directory by name, read one at a time from their safetensors shard."""
+    """Tensors of an HF directory by name, read one at a time from their safetensors shard.
+
+    Reads with plain file reads into a fresh tensor rather than through safetensors' memory map: the
+    pages of a mapped file count in the process's resident set while the mapping lives, so reading a
+    model through open mappings shows (and, under a memory limit, is charged) the whole model."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.weight_map = weight_map(self.path)
-        self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
 
-    def _open(self, file: str):
-        if file not in self._handles:
+    def _header(self, file: str) -> tuple[int, dict]:
+        if file not in self._headers:
+            f = self.path / file
             try:
-                self._handles[file] = safe_open(str(self.path / file), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise QtoolError(f"{self.path / file}: cannot read ({str(e).splitlines()[0]})") from None
-        return self._handles[file]
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    if not 0 < n < 1 << 30:
+                        raise ValueError("bad header length")
+                    header = json.loads(fh.read(n))
+            except (OSError, ValueError, UnicodeDecodeError) as e:
+                raise QtoolError(f"{f}: not a safetensors file ({e})") from None
+            header.pop("__metadata__", None)
+            self._headers[file] = (8 + n, header)
+        return self._headers[file]
+
+    def _entry(self, name: str) -> tuple[int, dict]:
+        file = self.weight_map[name]
+        base, header = self._header(file)
+        if name not in header:
+            raise QtoolError(f"{self.path / file}: tensor {name}, named in the index, is not in the shard")
+        return base, header[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+        return tuple(self._entry(name)[1]["shape"])
 
     def dtype(self, name: str) -> torch.dtype | None:
-        return _DTYPES.get(self._open(self.weight_map[name]).get_slice(name).get_dtype())
+        return _DTYPES.get(self._entry(name)[1]["dtype"])
 
     def nbytes(self, name: str) -> int:
-        n = 1
-        for d in self.shape(name):
-            n *= d
-        dt = self.dtype(name)
-        return n * (torch.finfo(dt).bits // 8 if dt is not None and dt.is_floating_point else 4)
+        start, end = self._entry(name)[1]["data_offsets"]
+        return end - start
 
     def get(self, name: str) -> torch.Tensor:
+        base, e = self._entry(name)
+        dtype = _DTYPES.get(e["dtype"])
+        if dtype is None:
+            raise QtoolError(f"{self.path / self.weight_map[name]}: tensor {name} has dtype {e['dtype']}, "
+                             "which qtool does not read")
+        start, end = e["data_offsets"]
+        shape = e["shape"]
+        out = torch.empty(shape, dtype=dtype)
+        if out.numel() * out.element_size() != end - start:
+            raise QtoolError(f"{self.path / self.weight_map[name]}: tensor {name} is {end - start} bytes, "
+                             f"not the {out.numel() * out.element_size()} its shape needs")
+        buf = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         try:
-            return self._open(self.weight_map[name]).get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise QtoolError(f"{self.path / self.weight_map[name]}: cannot read {name} "
-                             f"({str(e).splitlines()[0]})") from None
+            with open(self.path / self.weight_map[name], "rb") as fh:
+                fh.seek(base + start)
+                got = fh.readinto(buf) if out.numel() else 0
+        except OSError as e:
+            raise QtoolError(f"{self.path / self.weight_map[name]}: cannot read {name} ({e})") from None
+        if got != end - start:
+            raise QtoolError(f"{self.path / self.weight_map[name]}: truncated at tensor {name}")
+        return out
 
     def first_row(self, name: str) -> torch.Tensor:
         """Row 0 of a tensor, read without reading the rest."""
-        return self._open(self.weight_map[name]).get_slice(name)[0:1][0]
+        base, e = self._entry(name)
+        dtype = _DTYPES[e["dtype"]]
+        shape = e["shape"]
+        row = torch.empty(shape[1:], dtype=dtype)
+        buf = memoryview(row.view(-1).view(torch.uint8).numpy())
+        with open(self.path / self.weight_map[name], "rb") as fh:
+            fh.seek(base + e["data_offsets"][0])
+            fh.readinto(buf)
+        return row
 
     def close(self) -> None:
-        self._handles.clear()
+        self._headers.clear()
 
 
 def weight_map(path: Path) -> dict[str, str]:
@@ -135,11 +174,26 @@ class Stream:
             self.on_release(i, block)
         self.layers[i] = Released()
         self.released.append(i)
+        del block
+        trim_heap()
 
     def blocks(self) -> Iterator[tuple[int, nn.Module]]:
         for i in range(len(self.layers)):
             yield i, self.materialise(i)
             self.release(i)
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and a block's worth of freed
+    arrays then stays in the resident set while the next block is read)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def fill(module: nn.Module, reader: ShardReader, prefix: str, dtype: torch.dtype | None,
