@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.memory
+
 LIMIT_GB = 1.5
 # Few wide blocks (122 MB of bf16 each): the peak is one block, whatever their number.
 SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 27, "num_attention_heads": 16,
