@@ -15,8 +15,7 @@ from qtool.artifact.checkpoint import CheckpointWriter, tied_keys
 from qtool.data import calib as calib_mod
 from qtool.errors import QtoolError
 from qtool.methods import NEEDS_CALIBRATION, ApiqOptions, get_method, quantize_model
-from qtool.models.load import open_model_streaming
-from qtool.models.stream import estimate_peak_bytes
+from qtool.models.stream import estimate_peak_bytes, open_model_streaming
 from qtool.nn.lora import DEFAULT_TARGETS, lora_layers, lora_tensors, remove_lora
 from qtool.nn.replace import cast_float
 from qtool.quant.grid import QuantSpec

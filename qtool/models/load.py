@@ -179,28 +179,6 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     return model, tok, source
 
 
-def open_model_streaming(name_or_path: str, block_dtype: torch.dtype | None = None,
-                         rest_dtype: torch.dtype | None = None):
-    """Returns (Stream, tokenizer, SourceInfo): the model skeleton with everything outside the decoder
-    blocks loaded and the blocks left on the meta device, to be read one at a time
-    (qtool.models.stream). Every tensor is checked against config.json before anything is read."""
-    from transformers import AutoTokenizer
-
-    from qtool.models.stream import open_streaming
-
-    quiet_transformers()
-    source = resolve_source(name_or_path)
-    path = hf_dir_for(source)
-    stream = open_streaming(path, block_dtype, rest_dtype)  # weights, shards, shapes, architecture first
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError) as e:
-        raise QtoolError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
-    if source.kind in ("builtin", "gguf"):  # a directory converted earlier, maybe by a faulty version
-        check_tokenizer(tok, str(path))
-    return stream, tok, source
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of an HF causal LM."""
     for path in ("model.layers", "model.language_model.layers", "transformer.h", "model.decoder.layers"):

@@ -22,6 +22,14 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qtool.errors import QtoolError
+from qtool.models.load import (
+    check_supported,
+    check_tokenizer,
+    decoder_layers,
+    hf_dir_for,
+    quiet_transformers,
+    resolve_source,
+)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -224,8 +232,6 @@ def source_dtype(reader: ShardReader, names: list[str]) -> torch.dtype:
 
 
 def layers_prefix(model: nn.Module) -> str:
-    from qtool.models.load import decoder_layers
-
     target = decoder_layers(model)
     for name, mod in model.named_modules():
         if mod is target:
@@ -237,8 +243,6 @@ def meta_model(path: Path) -> nn.Module:
     """The causal LM of config.json on the meta device; one-line error for an unknown architecture."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qtool.models.load import quiet_transformers
 
     quiet_transformers()
     try:
@@ -287,8 +291,6 @@ def open_streaming(path: Path, block_dtype: torch.dtype | None = None, rest_dtyp
     """The model with everything outside the blocks loaded and the blocks on meta.
 
     `block_dtype` / `rest_dtype`: cast blocks / the rest to this dtype when read (None: the source's)."""
-    from qtool.models.load import check_supported
-
     reader = ShardReader(path)
     model = meta_model(path)
     check_supported(model)
@@ -320,3 +322,23 @@ def estimate_peak_bytes(stream: Stream, compute_dtype: torch.dtype | None) -> in
         else:
             rest += nbytes
     return rest + 2 * max(per_block.values(), default=0)
+
+
+def open_model_streaming(name_or_path: str, block_dtype: torch.dtype | None = None,
+                         rest_dtype: torch.dtype | None = None):
+    """Returns (Stream, tokenizer, SourceInfo): the model skeleton with everything outside the decoder
+    blocks loaded and the blocks left on the meta device, to be read one at a time
+    (qtool.models.stream). Every tensor is checked against config.json before anything is read."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    source = resolve_source(name_or_path)
+    path = hf_dir_for(source)
+    stream = open_streaming(path, block_dtype, rest_dtype)  # weights, shards, shapes, architecture first
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise QtoolError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    if source.kind in ("builtin", "gguf"):  # a directory converted earlier, maybe by a faulty version
+        check_tokenizer(tok, str(path))
+    return stream, tok, source
