@@ -18,12 +18,19 @@ LIMIT_GB = 1.5
 SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 27, "num_attention_heads": 16,
          "num_key_value_heads": 4, "vocab_size": 2048, "max_position_embeddings": 256}
 
-# Runs the CLI in a fresh interpreter and reports the peak RSS of that child alone
-# (RUSAGE_CHILDREN of a process that has no other children).
+# Runs the CLI in a fresh interpreter and reports that interpreter's own peak RSS (ru_maxrss of a
+# process that ran only the command: the test process's RUSAGE_CHILDREN would also count every other
+# test's subprocesses). One process, so a timeout kills all of it.
 RUNNER = """
-import resource, subprocess, sys
-rc = subprocess.run([sys.executable, "-c", "from qtool.cli.app import main; main()", *sys.argv[1:]]).returncode
-print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2, rc)
+import resource, sys
+from qtool.cli.app import main
+sys.argv = ["qtool", *sys.argv[1:]]
+try:
+    main()
+    rc = 0
+except SystemExit as e:
+    rc = e.code or 0
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, rc)
 """
 
 
@@ -37,7 +44,7 @@ def big_model(tmp_path_factory) -> Path:
 
 def run_limited(*args) -> tuple[float, int]:
     res = subprocess.run([sys.executable, "-c", RUNNER, *map(str, args)], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=1200)
     peak, rc = res.stdout.split()[-2:]
     assert int(rc) == 0, res.stderr[-2000:]
     return float(peak), int(rc)
