@@ -62,4 +62,6 @@ def test_quantize_streams_under_memory_limit(big_model, tmp_path, method):
                           "--calib-n", "2", "--calib-seqlen", "16")
     info = json.loads((out / "qtool.json").read_text())
     assert len(info["modules"]) == 7 * SHAPE["num_hidden_layers"]  # every Linear of every block
+    size = sum(f.stat().st_size for f in big_model.glob("*.safetensors")) / 1e9
+    print(f"{method}: peak RSS {peak:.3f} GB for {size:.2f} GB of bf16 shards")
     assert peak < LIMIT_GB, f"{method}: peak RSS {peak:.2f} GB ≥ {LIMIT_GB} GB"
