@@ -48,7 +48,7 @@ class QuantizeConfig:
     max_ram_gb: float | None = None  # refuse before any work when the estimated host memory is larger
 
 
-STREAM_SHARD_BYTES = 256 * 1024**2  # a shard being written is held in memory until it is full
+STREAM_SHARD_BYTES = 128 * 1024**2  # a shard being written is held in memory until it is full
 ADAPTER_DIR = "adapter"  # where quantize writes the LoRA adapter of a method that initialises one
 
 

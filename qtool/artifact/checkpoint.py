@@ -187,17 +187,18 @@ class CheckpointWriter:
 
     def _fingerprint(self) -> str:
         """base_fingerprint of the model as written, read back one tensor at a time."""
-        where = {k: self.tmp / f for f, keys in self.final_parts for k in keys}
-        where.update(dict.fromkeys(self.scales, self.tmp / SCALES_FILE))
-        handles: dict[Path, object] = {}
+        from qtool.models.stream import ShardReader
+
+        where = {k: f for f, keys in self.final_parts for k in keys}
+        where.update(dict.fromkeys(self.scales, SCALES_FILE))
+        # Plain reads, one tensor at a time: a memory map of the shards would put the whole written
+        # checkpoint in the resident set.
+        reader = ShardReader(self.tmp, where)
 
         def raw(key: str) -> bytes | None:
-            f = where.get(key)
-            if f is None:
+            if key not in where:
                 return None
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt")
-            return handles[f].get_tensor(key).contiguous().view(torch.uint8).numpy().tobytes()
+            return reader.get(key).contiguous().view(torch.uint8).numpy().tobytes()
 
         h = hashlib.sha256()
         ints = sorted(n for n, m in self.modules.items() if m["kind"] == "int")

@@ -45,9 +45,9 @@ class ShardReader:
     pages of a mapped file count in the process's resident set while the mapping lives, so reading a
     model through open mappings shows (and, under a memory limit, is charged) the whole model."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, files: dict[str, str] | None = None) -> None:
         self.path = Path(path)
-        self.weight_map = weight_map(self.path)
+        self.weight_map = weight_map(self.path) if files is None else files
         self._headers: dict[str, tuple[int, dict]] = {}
 
     def _header(self, file: str) -> tuple[int, dict]:
