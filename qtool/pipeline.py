@@ -12,11 +12,11 @@ import torch
 
 from qtool import dist
 from qtool.artifact.adapter import AdapterSpec, save_adapter
-from qtool.artifact.checkpoint import save_checkpoint
+from qtool.artifact.checkpoint import CheckpointWriter, tied_keys
 from qtool.data import calib as calib_mod
 from qtool.errors import QtoolError
 from qtool.methods import NEEDS_CALIBRATION, ApiqOptions, get_method, quantize_model
-from qtool.models.load import load_model
+from qtool.models.stream import estimate_peak_bytes, open_model_streaming
 from qtool.nn.lora import DEFAULT_TARGETS, lora_layers, lora_tensors, remove_lora
 from qtool.nn.replace import cast_float
 from qtool.quant.grid import QuantSpec
@@ -46,8 +46,10 @@ class QuantizeConfig:
     loftq_iters: int = 5  # loftq: alternations T
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # apiq: layers that get LoRA
     apiq: ApiqOptions = field(default_factory=ApiqOptions)  # apiq-bw | apiq-lw | omniquant training
+    max_ram_gb: float | None = None  # refuse before any work when the estimated host memory is larger
 
 
+STREAM_SHARD_BYTES = 128 * 1024**2  # a shard being written is held in memory until it is full
 ADAPTER_DIR = "adapter"  # where quantize writes the LoRA adapter of a method that initialises one
 
 
@@ -59,11 +61,24 @@ def peak_memory() -> dict:
 
 
 def quantize(cfg: QuantizeConfig) -> dict:
+    """Stream the source one block at a time (qtool.models.stream): read it, quantize it, write it,
+    free it. Peak host memory: the tensors outside the blocks, one block, the calibration activations."""
     get_method(cfg.method)  # unknown / not-yet-implemented methods fail before any work
     if cfg.output.exists() and not cfg.overwrite:
         raise QtoolError(f"output {cfg.output} exists (use --overwrite)")
     torch.manual_seed(cfg.seed)
-    model, tok, source = load_model(cfg.model)
+    # Methods that run blocks forward on calibration data compute in fp32 (as the fp reference did
+    # when whole fp32 models were loaded); the data-free ones quantize each Linear in fp32 from the
+    # source's dtype, so their blocks stay as stored (bf16 for most hub checkpoints).
+    compute = torch.float32 if cfg.method in NEEDS_CALIBRATION else None
+    stream, tok, source = open_model_streaming(cfg.model, block_dtype=compute, rest_dtype=compute)
+    model = stream.model
+    if cfg.max_ram_gb is not None:
+        need = estimate_peak_bytes(stream, compute) + calib_bytes(cfg, model)
+        if need > cfg.max_ram_gb * 1024**3:
+            raise QtoolError(f"{cfg.model} needs about {need / 1024**3:.1f} GB of host memory to quantize with "
+                             f"{cfg.method} (tensors outside the blocks + one block + calibration), more than "
+                             f"--max-ram {cfg.max_ram_gb:g} GB")
     calib_info = None
     ids = None
     if cfg.method in NEEDS_CALIBRATION:
@@ -80,58 +95,112 @@ def quantize(cfg: QuantizeConfig) -> dict:
                       "path": str(cfg.calib_path) if cfg.calib_path else None}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    stats = quantize_model(model, cfg.spec, cfg.method, calib=ids, device=cfg.device,
-                           scale_dtype=cfg.scale_dtype, quantize_lm_head=cfg.quantize_lm_head,
-                           act_order=cfg.act_order, quiet=cfg.quiet, double_quant=cfg.double_quant,
-                           nf4_block_size=cfg.nf4_block_size, lora_rank=cfg.lora_rank,
-                           lora_alpha=cfg.lora_alpha, loftq_iters=cfg.loftq_iters,
-                           lora_targets=cfg.lora_targets, seed=cfg.seed, apiq=cfg.apiq)
-    seconds = time.perf_counter() - t0
-    adapter = take_adapter(model)  # before any cast: the adapter stays fp32
-    if cfg.keep_dtype is not None:
-        cast_float(model, cfg.keep_dtype)
-    info = {
-        "method": cfg.method,
-        "bits": cfg.spec.bits,
-        "group_size": stats.get("nf4_block_size", cfg.spec.group_size),
-        "symmetric": cfg.spec.symmetric,
-        "act_order": cfg.act_order,
-        "quantize_lm_head": cfg.quantize_lm_head,
-        "source": source.to_dict(),
-        "calibration": calib_info,
-        "stats": {**stats, "seconds": round(seconds, 2), **peak_memory(), "device": str(cfg.device),
-                  "seed": cfg.seed},
-    }
-    write_adapter = None
-    if adapter is not None:
-        # Inside the checkpoint's atomic write, after its manifest, so the sidecar records the
-        # fingerprint of the base as written. A sub-directory: the manifest hashes only
-        # top-level files, so the checkpoint itself is unchanged.
-        tensors, spec = adapter
-        fields = {k: v for k, v in stats.items() if isinstance(v, (bool, int, float, str))}
+    adapters = _AdapterSink()
+    writer_cm = (CheckpointWriter(cfg.output, cfg.overwrite, STREAM_SHARD_BYTES) if dist.is_main()
+                 else _NoWriter())
+    with writer_cm as writer:
+        def release(i: int, block: torch.nn.Module) -> None:
+            adapters.take(model)  # the block is still in the model: LoRA names keep their full path
+            if cfg.keep_dtype is not None:
+                cast_float(block, cfg.keep_dtype)
+            writer.add(block, f"{stream.layers_prefix}.{i}.")
 
-        def write_adapter(tmp: Path, written: dict) -> None:
-            save_adapter(tmp / ADAPTER_DIR, tensors, spec, written["fingerprint"], init=cfg.method, **fields)
+        stream.on_release = release
+        model.qtool_stream = stream
+        t0 = time.perf_counter()
+        try:
+            stats = quantize_model(model, cfg.spec, cfg.method, calib=ids, device=cfg.device,
+                                   scale_dtype=cfg.scale_dtype, quantize_lm_head=cfg.quantize_lm_head,
+                                   act_order=cfg.act_order, quiet=cfg.quiet, double_quant=cfg.double_quant,
+                                   nf4_block_size=cfg.nf4_block_size, lora_rank=cfg.lora_rank,
+                                   lora_alpha=cfg.lora_alpha, loftq_iters=cfg.loftq_iters,
+                                   lora_targets=cfg.lora_targets, seed=cfg.seed, apiq=cfg.apiq)
+        finally:
+            del model.qtool_stream
+            stream.reader.close()
+        seconds = time.perf_counter() - t0
+        if len(stream.released) != len(stream.layers):
+            raise QtoolError(f"method {cfg.method} left {len(stream.layers) - len(stream.released)} blocks "
+                             "unprocessed")
+        adapters.take(model)  # the output head never gets one; kept for symmetry with whole models
+        if cfg.keep_dtype is not None:
+            cast_float(model, cfg.keep_dtype)
+        info = {
+            "method": cfg.method,
+            "bits": cfg.spec.bits,
+            "group_size": stats.get("nf4_block_size", cfg.spec.group_size),
+            "symmetric": cfg.spec.symmetric,
+            "act_order": cfg.act_order,
+            "quantize_lm_head": cfg.quantize_lm_head,
+            "source": source.to_dict(),
+            "calibration": calib_info,
+            "stats": {**stats, "seconds": round(seconds, 2), **peak_memory(), "device": str(cfg.device),
+                      "seed": cfg.seed},
+        }
+        write_adapter = None
+        if adapters.tensors:
+            # Inside the checkpoint's atomic write, after its manifest, so the sidecar records the
+            # fingerprint of the base as written. A sub-directory: the manifest hashes only
+            # top-level files, so the checkpoint itself is unchanged.
+            spec = adapters.spec()
+            fields = {k: v for k, v in stats.items() if isinstance(v, (bool, int, float, str))}
 
-    if not dist.is_main():  # data-parallel calibration: every process holds the same model; rank 0 writes
-        return info
-    info = save_checkpoint(model, tok, info, cfg.output, cfg.overwrite, extra=write_adapter)
-    if adapter is not None:
+            def write_adapter(tmp: Path, written: dict) -> None:
+                save_adapter(tmp / ADAPTER_DIR, adapters.tensors, spec, written["fingerprint"], init=cfg.method,
+                             **fields)
+
+        if not dist.is_main():  # data-parallel calibration: every process holds the same model; rank 0 writes
+            return info
+        tied = tied_keys(model)
+        writer.add(model, "", skip=tied)
+        info = writer.finish(model.config, tok, info, tied, extra=write_adapter)
+    if adapters.tensors:
         info = {**info, "adapter": str(cfg.output / ADAPTER_DIR)}
     if cfg.apiq.state_dir is not None and cfg.apiq.state_dir.exists():
         shutil.rmtree(cfg.apiq.state_dir)  # resumable state of a training method: done with it
     return info
 
 
-def take_adapter(model: torch.nn.Module) -> tuple[dict, AdapterSpec] | None:
-    """Detach the LoRA wrappers a method left on the model: (tensors, spec), or None if there are none."""
-    layers = lora_layers(model)
-    if not layers:
+def calib_bytes(cfg: QuantizeConfig, model: torch.nn.Module) -> int:
+    """Host memory of the calibration activations when they stay on the CPU (one fp32 set of block
+    inputs; training methods keep three)."""
+    if cfg.method not in NEEDS_CALIBRATION or cfg.device.type == "cuda":
+        return 0
+    sets = 1 if cfg.method == "gptq" else 3
+    return sets * cfg.calib_n * cfg.calib_seqlen * model.config.hidden_size * 4
+
+
+class _NoWriter:
+    """The checkpoint writer of a process other than rank 0 in data-parallel calibration: it computes
+    the same blocks and writes nothing."""
+
+    def __enter__(self) -> _NoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
         return None
-    w = next(iter(layers.values()))
-    spec = AdapterSpec(w.rank, w.alpha, 0.0, w.lora_magnitude_vector is not None,
-                       tuple(sorted({n.rpartition(".")[2] for n in layers})))
-    tensors = lora_tensors(layers)
-    remove_lora(model)
-    return tensors, spec
+
+    def add(self, *args, **kwargs) -> None:
+        pass
+
+
+class _AdapterSink:
+    """LoRA tensors taken off each block as it is written (loftq, apiq): the adapter is small."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        self.first = None
+        self.leaves: set[str] = set()
+
+    def take(self, model: torch.nn.Module) -> None:
+        layers = lora_layers(model)
+        if not layers:
+            return
+        self.first = self.first or next(iter(layers.values()))
+        self.leaves |= {n.rpartition(".")[2] for n in layers}
+        self.tensors.update(lora_tensors(layers))
+        remove_lora(model)
+
+    def spec(self) -> AdapterSpec:
+        w = self.first
+        return AdapterSpec(w.rank, w.alpha, 0.0, w.lora_magnitude_vector is not None, tuple(sorted(self.leaves)))

@@ -49,7 +49,7 @@ def test_quantize_unsupported_architecture(capsys, tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(d)
     code, _, err = run_cli(capsys, "quantize", "--method", "rtn", "--model", d, "-o", tmp_path / "out", "-q")
     assert code == 2
-    assert "unsupported layer type Conv1D" in err
+    assert "unsupported architecture GPT2LMHeadModel: layer type Conv1D" in err
     assert not (tmp_path / "out").exists()
 
 

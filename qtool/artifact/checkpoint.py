@@ -99,7 +99,7 @@ def module_entry(layer: QuantLinear | NF4Linear) -> dict:
             "scale_dtype": str(layer.scales.dtype).removeprefix("torch.")}
 
 
-def _tied_keys(model: nn.Module) -> set[str]:
+def tied_keys(model: nn.Module) -> set[str]:
     """State-dict keys that alias an earlier tensor (tied lm_head): saved once."""
     seen: dict[int, str] = {}
     tied = set()
@@ -112,19 +112,6 @@ def _tied_keys(model: nn.Module) -> set[str]:
         else:
             seen[ptr] = k
     return tied
-
-
-def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][k] = t
-        size += nbytes
-    return shards
 
 
 def write_manifest(directory: Path, info: dict) -> dict:
@@ -143,61 +130,148 @@ def dump_manifest(directory: Path, info: dict) -> None:
     (Path(directory) / MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=False) + "\n")
 
 
+class CheckpointWriter:
+    """Writes a checkpoint piece by piece into a temporary directory that replaces `out_dir` only
+    when `finish` has run: a streamed quantization adds each block when it is done with it, so the
+    quantized model is never whole in memory. Tensors go to shards of at most `shard_bytes`, each
+    written as soon as it is full; the scales are kept until the end (they are small: 2 bytes per
+    group) and written to scales.safetensors. The fingerprint is computed from the written files,
+    in the order base_fingerprint uses, so it is the same as for a model saved whole."""
+
+    def __init__(self, out_dir: Path, overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> None:
+        self.out_dir, self.overwrite, self.shard_bytes = Path(out_dir), overwrite, shard_bytes
+        if self.out_dir.exists() and not overwrite:
+            raise QtoolError(f"output {self.out_dir} exists (use --overwrite)")
+        self._ctx = atomic_dir(self.out_dir, overwrite=overwrite)
+        self.tmp: Path | None = None
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[tuple[str, list[str]]] = []  # (temporary file name, its keys)
+        self.scales: dict[str, torch.Tensor] = {}
+        self.modules: dict[str, dict] = {}
+        self.nf4, self.dq = False, False
+
+    def __enter__(self) -> CheckpointWriter:
+        self.tmp = self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool | None:
+        return self._ctx.__exit__(*exc)
+
+    def add(self, root: nn.Module, prefix: str = "", skip: set[str] | frozenset = frozenset()) -> None:
+        """The state dict of `root` (a block, or the model less its blocks) under `prefix`; its quantized
+        Linears are recorded in the manifest's modules."""
+        layers = quantized_linears(root)
+        for k, v in root.state_dict().items():
+            if prefix + k in skip or v is None:
+                continue
+            if k.endswith(".scales") and k.removesuffix(".scales") in layers:
+                self.scales[prefix + k] = v.detach().cpu().contiguous()
+            else:
+                self._put(prefix + k, v.detach().cpu().contiguous())
+        for name, m in layers.items():
+            self.modules[prefix + name] = module_entry(m)
+            if isinstance(m, NF4Linear):
+                self.nf4 = True
+                self.dq |= m.double_quant
+
+    def _put(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[key] = t
+        self.pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        name = f".part-{len(self.parts):05d}.safetensors"
+        save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
+        self.parts.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def _fingerprint(self) -> str:
+        """base_fingerprint of the model as written, read back one tensor at a time."""
+        from qtool.models.stream import ShardReader
+
+        where = {k: f for f, keys in self.final_parts for k in keys}
+        where.update(dict.fromkeys(self.scales, SCALES_FILE))
+        # Plain reads, one tensor at a time: a memory map of the shards would put the whole written
+        # checkpoint in the resident set.
+        reader = ShardReader(self.tmp, where)
+
+        def raw(key: str) -> bytes | None:
+            if key not in where:
+                return None
+            return reader.get(key).contiguous().view(torch.uint8).numpy().tobytes()
+
+        h = hashlib.sha256()
+        ints = sorted(n for n, m in self.modules.items() if m["kind"] == "int")
+        nf4s = sorted(n for n, m in self.modules.items() if m["kind"] == "nf4")
+        for names, parts in ((ints, ("qweight", "zeros", "perm", "scales")),
+                             (nf4s, ("nf4_codes", "absmax", "absmax_q", "absmax_scale", "absmax_mean"))):
+            for name in names:
+                h.update(name.encode())
+                for part in parts:
+                    b = raw(f"{name}.{part}")
+                    if b is not None:
+                        h.update(b)
+        return h.hexdigest()
+
+    def finish(self, config, tokenizer, info: dict, tied: set[str],
+               extra: Callable[[Path, dict], None] | None = None) -> dict:
+        """Write the rest (tables, index, scales, config, tokenizer, manifest); the directory is renamed
+        into place when the `with` block ends."""
+        if not self.modules:
+            raise QtoolError("model has no quantized layers to save")
+        if self.nf4:
+            self._put(NF4_LEVELS_KEY, nf4.nf4_levels())
+            if self.dq:
+                self._put(DQ_MAP_KEY, nf4.dynamic_map())
+        self._flush()
+        n = len(self.parts)
+        self.final_parts = []
+        weight_map = {}
+        for i, (tmp_name, keys) in enumerate(self.parts, 1):
+            name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            (self.tmp / tmp_name).rename(self.tmp / name)
+            self.final_parts.append((name, keys))
+            weight_map.update(dict.fromkeys(keys, name))
+        if n > 1:
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
+        save_file(self.scales, str(self.tmp / SCALES_FILE), metadata={"format": "pt", "qtool.kind": "scales"})
+        self.scales = dict.fromkeys(self.scales)  # the tensors themselves are on disk now
+        info = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **info,
+            "modules": self.modules,
+            "tied": sorted(tied),
+            "fingerprint": self._fingerprint(),
+            "versions": library_versions(),
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        config.save_pretrained(self.tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.tmp)
+        info = write_manifest(self.tmp, info)
+        if extra is not None:
+            extra(self.tmp, info)
+        return info
+
+
 def save_checkpoint(model: nn.Module, tokenizer, info: dict, out_dir: Path, overwrite: bool = False,
                     shard_bytes: int = SHARD_BYTES, extra: Callable[[Path, dict], None] | None = None) -> dict:
-    """Write the checkpoint atomically. `info` carries method/grid/source/calibration fields.
+    """Write a whole quantized model atomically. `info` carries method/grid/source/calibration fields.
 
     `extra(tmp_dir, info)` writes more into the directory before it is renamed into place (a
     method's LoRA sidecar, which needs the final fingerprint), so both appear or neither."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise QtoolError(f"output {out_dir} exists (use --overwrite)")
-    layers = quantized_linears(model)
-    if not layers:
+    if not quantized_linears(model):
         raise QtoolError("model has no quantized layers to save")
-    tied = _tied_keys(model)
-    scales, main = {}, {}
-    for k, v in model.state_dict().items():
-        if k in tied or v is None:
-            continue
-        if k.endswith(".scales") and k.removesuffix(".scales") in layers:
-            scales[k] = v.detach().cpu().contiguous()
-        else:
-            main[k] = v.detach().cpu().contiguous()
-    nf4_layers = [m for m in layers.values() if isinstance(m, NF4Linear)]
-    if nf4_layers:
-        main[NF4_LEVELS_KEY] = nf4.nf4_levels()
-        if any(m.double_quant for m in nf4_layers):
-            main[DQ_MAP_KEY] = nf4.dynamic_map()
-    info = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        **info,
-        "modules": {n: module_entry(m) for n, m in layers.items()},
-        "tied": sorted(tied),
-        "fingerprint": base_fingerprint(model),
-        "versions": library_versions(),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        shards = _shards(main, shard_bytes)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                weight_map.update({k: name for k in shard})
-            (tmp / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=1))
-        save_file(scales, str(tmp / SCALES_FILE), metadata={"format": "pt", "qtool.kind": "scales"})
-        info = write_manifest(tmp, info)
-        if extra is not None:
-            extra(tmp, info)
-    return info
+    tied = tied_keys(model)
+    with CheckpointWriter(out_dir, overwrite, shard_bytes) as w:
+        w.add(model, "", skip=tied)
+        return w.finish(model.config, tokenizer, info, tied, extra)
 
 
 def read_manifest(path: Path) -> dict:

@@ -154,6 +154,47 @@ def train(
         train_table(report)
 
 
+@app.command("quantize")
+def quantize(
+    shape: Annotated[str, typer.Option(help="8b (Llama-3-8B shapes) | 70b (one 70B-shaped block, projected) | "
+                                       "tiny (CPU smoke test)")] = "8b",
+    blocks: Annotated[int | None, typer.Option(help="cut the model to N blocks and project the full time")] = None,
+    methods: Annotated[str, typer.Option(help="comma-separated: rtn,nf4,gptq,loftq,apiq-bw")]
+    = "rtn,nf4,gptq,loftq,apiq-bw",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    calib_n: Annotated[int, typer.Option(help="calibration windows (gptq, apiq-bw)")] = 128,
+    calib_seqlen: Annotated[int, typer.Option(help="calibration window length")] = 2048,
+    as_json: JsonOpt = False,
+) -> None:
+    """`qtool quantize` per method on a synthetic model of a real shape: wall time, the method's time,
+    per-block time, projected full-model time, peak RSS and peak GPU memory, beside published anchors.
+
+    The random bf16 model is written once under the qtool cache dir (16 GB for 8b). Examples:
+      qtool bench quantize --shape 8b --blocks 2 --methods rtn,gptq
+      qtool bench quantize --shape 70b --methods rtn,gptq
+      qtool bench quantize --shape tiny --device cpu --calib-n 2 --calib-seqlen 32
+    """
+    from qtool.bench import quantize as bq
+
+    if blocks is not None and blocks < 1:
+        raise QtoolError(f"--blocks must be ≥ 1, got {blocks}")
+    report = bq.run(shape, blocks, tuple(m for m in methods.split(",") if m), device, calib_n, calib_seqlen)
+    if as_json:
+        typer.echo(json.dumps(report, indent=1))
+        return
+    typer.echo(f"{report['shape']} shape, {report['blocks_run']} of {report['blocks_full']} blocks "
+               f"({report['model_gb']} GB bf16), device {report['device']}, calibration {report['calibration']}")
+    typer.echo(f"{'method':<9}{'wall s':>9}{'quant s':>9}{'s/block':>9}{'full s (proj.)':>16}{'RSS GB':>8}"
+               f"{'GPU GB':>8}  note")
+    for r in report["results"]:
+        gpu = "-" if r["peak_gpu_gb"] is None else f"{r['peak_gpu_gb']:.1f}"
+        typer.echo(f"{r['method']:<9}{r['wall_s']:>9.1f}{r['quantize_s']:>9.1f}{r['per_block_s']:>9.2f}"
+                   f"{r['projected_full_s']:>16.0f}{r['peak_rss_gb']:>8.2f}{gpu:>8}  {r['note']}")
+    typer.echo("anchors (published):")
+    for a in report["anchors"]:
+        typer.echo(f"  {a}")
+
+
 def _dtype(name: str):
     import torch
     table = {"fp16": torch.float16, "float16": torch.float16,

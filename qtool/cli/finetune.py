@@ -74,7 +74,8 @@ def finetune(
     dropout: Annotated[float, typer.Option(help="lora/qlora: dropout on the LoRA input")] = 0.05,
     dora: Annotated[bool, typer.Option(help="lora/qlora: DoRA (magnitude vector + LoRA direction)")] = False,
     targets: Annotated[str, typer.Option(help="lora/qlora: comma-separated leaf names of the layers to adapt")]
-    = ",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    = ",".join(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                "gate_up_proj")),
     adapter: Annotated[Path | None, typer.Option(help="lora/qlora: start from this adapter dir (ApiQ/LoftQ "
                                                  "sidecar)")] = None,
     num_processes: Annotated[int, typer.Option(help="data-parallel processes (one per GPU; CPU processes "

@@ -41,7 +41,7 @@ def quantize(
     loftq_iters: Annotated[int, typer.Option(help="loftq: alternating quantize/SVD steps T (0: plain RTN "
                                              "base, default-init adapter)")] = 5,
     targets: Annotated[str, typer.Option(help="apiq: comma-separated layer names that get LoRA")]
-    = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+    = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,qkv_proj,gate_up_proj",
     epochs: Annotated[int, typer.Option(help="apiq, omniquant: epochs over the calibration windows per "
                                         "block")] = 20,
     lr_clip: Annotated[float | None, typer.Option(help="apiq, omniquant: learning rate of the clipping "
@@ -61,6 +61,10 @@ def quantize(
     dtype: Annotated[str, typer.Option("--dtype", help="dtype of the tensors kept unquantized in the checkpoint "
                                        "(embeddings, norms, lm_head): auto = the source's | float32 | bfloat16 | "
                                        "float16; quantization itself always computes in float32")] = "auto",
+    max_ram: Annotated[float | None, typer.Option("--max-ram", help="host memory budget in GB: refuse before any "
+                                                  "work when the streamed quantization would need more "
+                                                  "(estimate: tensors outside the blocks + one block + "
+                                                  "CPU calibration activations)")] = None,
     device: o.Device = "auto",
     seed: o.Seed = 0,
     overwrite: o.Overwrite = False,
@@ -106,7 +110,7 @@ def quantize(
     cfg = QuantizeConfig(model, out, method, spec, calib, calib_n, calib_seqlen, seed, dev, sdt, act_order,
                          quantize_lm_head, overwrite, quiet, keep_dtype, double_quant, nf4_block,
                          lora_rank=rank, lora_alpha=alpha, loftq_iters=loftq_iters, lora_targets=lora_targets,
-                         apiq=apiq)
+                         apiq=apiq, max_ram_gb=max_ram)
     info = run(cfg)
     if not dist.is_main():  # rank 0 wrote the checkpoint and reports
         dist.shutdown()

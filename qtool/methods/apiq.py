@@ -44,7 +44,7 @@ from qtool import dist
 from qtool.artifact.atomic import atomic_file
 from qtool.errors import QtoolError
 from qtool.methods import QuantizeOptions, register
-from qtool.methods.blocks import capture_inputs, run_block
+from qtool.methods.blocks import capture_inputs, iter_blocks, run_block
 from qtool.methods.gptq import input_groups
 from qtool.methods.progress import progress_bar
 from qtool.methods.rtn import quantize_lm_head
@@ -685,10 +685,13 @@ def model_identity(model: nn.Module, calib: Tensor) -> dict:
     h = hashlib.sha256()
     emb = model.get_input_embeddings().weight
     h.update(emb[0].detach().float().cpu().numpy().tobytes())
-    for block in decoder_layers(model):
+    stream = getattr(model, "qtool_stream", None)  # streamed: the blocks are not loaded yet
+    for i, block in enumerate(decoder_layers(model)):
         for name, lin in block_linears(block).items():
             h.update(name.encode())
-            h.update(lin.weight[0].detach().float().cpu().numpy().tobytes())
+            row = (stream.reader.first_row(f"{stream.layers_prefix}.{i}.{name}.weight") if stream is not None
+                   else lin.weight[0])
+            h.update(row.detach().float().cpu().numpy().tobytes())
     calib_hash = hashlib.sha256(calib.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
     return {"model": h.hexdigest(), "calib": calib_hash, "calib_shape": list(calib.shape)}
 
@@ -724,7 +727,7 @@ def calibrate_model(model: nn.Module, opts: QuantizeOptions, calib: Tensor, meth
             out.print(f"[yellow]warning:[/] {msg}", soft_wrap=True)
 
         task = bar.add_task(f"{method} blocks", total=len(layers))
-        for i, block in enumerate(layers):
+        for i, block in iter_blocks(model):
             loaded = state.load(i)
             res, wrappers = calibrate_block(block, i, X, Xq, inputs.kwargs[i], cfg, device,
                                             loaded[0] if loaded else None, warn, opts.apiq.cuda_graphs)

@@ -9,12 +9,24 @@ model plus one block's work.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from qtool.models.load import decoder_layers
+
+
+def iter_blocks(model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+    """(index, block) in order. For a streamed model (qtool.models.stream) each block is read from the
+    shards when its turn comes and written out and freed when the caller asks for the next one; the
+    caller must be done with a block (and its quantized layers in place) by then."""
+    stream = getattr(model, "qtool_stream", None)
+    if stream is not None:
+        yield from stream.blocks()
+    else:
+        yield from enumerate(decoder_layers(model))
 
 
 class _Stop(Exception):

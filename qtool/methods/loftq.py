@@ -19,6 +19,7 @@ from torch import nn
 
 from qtool.errors import QtoolError
 from qtool.methods import QuantizeOptions, register
+from qtool.methods.blocks import iter_blocks
 from qtool.methods.nf4 import block_size_of
 from qtool.methods.progress import progress_bar
 from qtool.methods.rtn import quantize_lm_head
@@ -76,7 +77,7 @@ def run(model: nn.Module, opts: QuantizeOptions, nf4: bool) -> dict:
     layers = decoder_layers(model)
     with progress_bar(opts.quiet) as bar:
         task = bar.add_task(f"loftq{'-nf4' if nf4 else ''} blocks", total=len(layers))
-        for block in layers:
+        for _, block in iter_blocks(model):
             for name, lin in block_linears(block).items():
                 W = lin.weight.detach().to(opts.device, torch.float32)
                 quant = nf4_quantizer(block_size, opts.double_quant, lin.bias) if nf4 else int_quant

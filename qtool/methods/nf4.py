@@ -8,6 +8,7 @@ from torch import nn
 
 from qtool.errors import QtoolError
 from qtool.methods import QuantizeOptions, register
+from qtool.methods.blocks import iter_blocks
 from qtool.methods.progress import progress_bar
 from qtool.models.load import decoder_layers
 from qtool.nn.nf4linear import NF4Linear
@@ -38,7 +39,7 @@ def quantize_nf4(model: nn.Module, opts: QuantizeOptions, calib=None) -> dict:
     stored_bits, n_params = 0.0, 0
     with progress_bar(opts.quiet) as bar:
         task = bar.add_task("nf4 blocks", total=len(layers))
-        for block in layers:
+        for _, block in iter_blocks(model):
             for name, lin in block_linears(block).items():
                 q = quantize_linear(lin, opts, block_size)
                 set_module(block, name, q)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from qtool.methods import QuantizeOptions, register
+from qtool.methods.blocks import iter_blocks
 from qtool.methods.progress import progress_bar
 from qtool.models.load import decoder_layers
 from qtool.nn.qlinear import QuantLinear
@@ -26,7 +27,7 @@ def quantize_rtn(model: nn.Module, opts: QuantizeOptions, calib=None) -> dict:
     layers = decoder_layers(model)
     with progress_bar(opts.quiet) as bar:
         task = bar.add_task("rtn blocks", total=len(layers))
-        for block in layers:
+        for _, block in iter_blocks(model):
             for name, lin in block_linears(block).items():
                 set_module(block, name, quantize_linear(lin, opts))
             bar.update(task, advance=1)

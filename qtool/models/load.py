@@ -196,13 +196,25 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def check_supported(model: nn.Module) -> None:
-    """Every weight-bearing leaf in the blocks must be nn.Linear (or a norm/embedding)."""
+    """Every weight-bearing module of the blocks must be one qtool quantizes (nn.Linear) or keeps as it
+    is (norms: 1-D weights). Anything else (a Conv1D, MoE experts fused into 3-D tensors...) is refused
+    here, by architecture and layer type, so that no part of a block is silently left dense."""
     from transformers.pytorch_utils import Conv1D
 
+    arch = type(model).__name__
     for i, block in enumerate(decoder_layers(model)):
         for name, mod in block.named_modules():
             if isinstance(mod, Conv1D | nn.Conv1d | nn.Conv2d):
-                raise QtoolError(
-                    f"unsupported layer type {type(mod).__name__} at layers.{i}.{name}: "
-                    "qtool quantizes nn.Linear layers only"
-                )
+                raise QtoolError(f"unsupported architecture {arch}: layer type {type(mod).__name__} at "
+                                 f"layers.{i}.{name}; qtool quantizes nn.Linear layers only")
+        # The highest-dimensional offender first: an MoE block is reported by its fused experts, the
+        # bulk of its weights, rather than by its router.
+        for dims in (3, 2):
+            for name, mod in block.named_modules():
+                if isinstance(mod, nn.Linear | nn.Embedding):
+                    continue
+                for pname, p in mod.named_parameters(recurse=False):
+                    if p.dim() >= dims:
+                        raise QtoolError(f"unsupported architecture {arch}: layer type {type(mod).__name__} at "
+                                         f"layers.{i}.{name} holds a {p.dim()}-D weight ({pname}, shape "
+                                         f"{list(p.shape)}) that qtool cannot quantize")

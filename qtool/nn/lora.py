@@ -23,9 +23,11 @@ from torch import Tensor, nn
 
 from qtool.errors import QtoolError
 
-# The linears of a Llama/Gemma block; QLoRA's "every linear layer" (lm_head excluded, as in PEFT's
-# "all-linear" and the QLoRA reference code).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The linears of a Llama/Gemma/Mistral/Qwen/OLMo block, and Phi-3's fused qkv_proj and gate_up_proj
+# (quantized and adapted as they are stored); QLoRA's "every linear layer" (lm_head excluded, as in
+# PEFT's "all-linear" and the QLoRA reference code).
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                   "gate_up_proj")
 
 
 def base_weight(layer: nn.Module) -> Tensor:

@@ -112,8 +112,12 @@ def choose_qparams(
 
 def quantize(W: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     """Codes uint8 [N, K]: clamp(round(W / s) + z, 0, 2^b - 1)."""
-    K = W.shape[1]
+    N, K = W.shape
     g = spec.group_len(K)
+    if K % g == 0:  # broadcast over a group view: the same elementwise ops, no [N, K] copies of s and z
+        Wg = W.float().reshape(N, K // g, g)
+        q = torch.round(Wg / scale.float()[..., None]) + zero.float()[..., None]
+        return torch.clamp(q, 0, spec.qmax).to(torch.uint8).reshape(N, K)
     s = expand_groups(scale.float(), g, K)
     z = expand_groups(zero.float(), g, K)
     return torch.clamp(torch.round(W.float() / s) + z, 0, spec.qmax).to(torch.uint8)
@@ -132,6 +136,19 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int | Non
 def rtn(W: Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
     """Round-to-nearest. Scales are rounded to their storage dtype before the codes are
     chosen, so the stored (scale, code) pairs are exactly what was optimised."""
-    scale, zero = choose_qparams(W, spec)
-    scale = scale.to(scale_dtype).float()
-    return QuantizedWeight(quantize(W, scale, zero, spec), scale.to(scale_dtype), zero)
+    N, K = W.shape
+    rows = max(1, _RTN_CHUNK // max(K, 1))  # rows are independent: bound the fp32 temporaries
+    codes, scales, zeros = [], [], []
+    for r0 in range(0, N, rows):
+        w = W[r0 : r0 + rows]
+        scale, zero = choose_qparams(w, spec)
+        scale = scale.to(scale_dtype).float()
+        codes.append(quantize(w, scale, zero, spec))
+        scales.append(scale.to(scale_dtype))
+        zeros.append(zero)
+    if len(codes) == 1:
+        return QuantizedWeight(codes[0], scales[0], zeros[0])
+    return QuantizedWeight(torch.cat(codes), torch.cat(scales), torch.cat(zeros))
+
+
+_RTN_CHUNK = 1 << 22  # elements per chunk of rows (16 MiB of fp32 per temporary)

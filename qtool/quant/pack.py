@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_ROW_CHUNK = 4096  # rows per chunk: the bit matrix is N·K·b bytes, keep it bounded
+_CHUNK_BITS = 1 << 22  # bits per chunk: the bit matrix is int64, 8 bytes a bit (32 MiB per chunk)
 
 
 def packed_words(K: int, bits: int) -> int:
@@ -28,16 +28,29 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     N, K = codes.shape
     K32 = (K + 31) // 32 * 32
     out = torch.empty(N, K32 // 32 * bits, dtype=torch.int32, device=codes.device)
+    if 32 % bits == 0:  # 2, 4, 8 bits: whole codes per word, one shift-and-sum (the same bit stream)
+        per = 32 // bits
+        shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * bits
+        rows = max(1, _CHUNK_BITS // K32)
+        for r0 in range(0, N, rows):
+            c = codes[r0 : r0 + rows].to(torch.int64)
+            if K32 != K:
+                c = torch.nn.functional.pad(c, (0, K32 - K))
+            words = (c.reshape(c.shape[0], -1, per) << shifts).sum(-1)
+            words = torch.where(words >= 2**31, words - 2**32, words)
+            out[r0 : r0 + rows] = words.to(torch.int32)
+        return out
     shifts_in = torch.arange(bits, device=codes.device, dtype=torch.int64)
     weights = torch.ones(32, dtype=torch.int64, device=codes.device) << torch.arange(32, device=codes.device)
-    for r0 in range(0, N, _ROW_CHUNK):
-        c = codes[r0 : r0 + _ROW_CHUNK].to(torch.int64)
+    rows = max(1, _CHUNK_BITS // (K32 * bits))
+    for r0 in range(0, N, rows):
+        c = codes[r0 : r0 + rows].to(torch.int64)
         if K32 != K:
             c = torch.nn.functional.pad(c, (0, K32 - K))
         stream = (c.unsqueeze(-1) >> shifts_in) & 1  # [n, K32, b] bits, LSB first
         words = (stream.reshape(c.shape[0], -1, 32) * weights).sum(-1)  # [n, W] in [0, 2^32)
         words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement view
-        out[r0 : r0 + _ROW_CHUNK] = words.to(torch.int32)
+        out[r0 : r0 + rows] = words.to(torch.int32)
     return out
 
 
@@ -61,8 +74,9 @@ def unpack(packed: Tensor, bits: int, K: int) -> Tensor:
     spans = (shift + bits > 32).to(torch.int64)  # only then is the next word needed
     mask = (1 << bits) - 1
     out = torch.empty(N, K, dtype=torch.uint8, device=packed.device)
-    for r0 in range(0, N, _ROW_CHUNK):
-        w = packed[r0 : r0 + _ROW_CHUNK].to(torch.int64) & 0xFFFFFFFF
+    rows = max(1, _CHUNK_BITS // (8 * K32))  # a few int64 [rows, K32] temporaries, 32 MiB each
+    for r0 in range(0, N, rows):
+        w = packed[r0 : r0 + rows].to(torch.int64) & 0xFFFFFFFF
         window = w[:, word] | ((w[:, nxt] * spans) << 32)
-        out[r0 : r0 + _ROW_CHUNK] = ((window >> shift) & mask)[:, :K].to(torch.uint8)
+        out[r0 : r0 + rows] = ((window >> shift) & mask)[:, :K].to(torch.uint8)
     return out
