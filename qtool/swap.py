@@ -44,7 +44,7 @@ from qtool.artifact.scales import (  # noqa: F401 (combine_scales, install_scale
     restore_base_scales,
 )
 from qtool.errors import QtoolError
-from qtool.models.load import sha256_file
+from qtool.models.cache import sha256_file
 
 MANIFEST = "qtool.json"
 

@@ -4,12 +4,11 @@
 # and GPTQ calibration time on 1 vs 2 vs 4 GPUs, all on a random Llama of Llama-3-8B's shapes.
 #   OUT=dist-runs bash scripts/multi_gpu_runs.sh
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-dist-runs}
 mkdir -p "$OUT" && cd "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee gpus.csv
 
-[ -d llama3-8b-synth ] || python "$ROOT/scripts/synthetic_llama.py" llama3-8b-synth
+[ -d llama3-8b-synth ] || python -c "from pathlib import Path; from qtool.models.synthetic import llama_config, write_model; write_model(Path('llama3-8b-synth'), llama_config())"
 [ -d synth-w4 ] || qtool quantize -m llama3-8b-synth --method rtn --bits 4 --group-size 128 -o synth-w4 --quiet
 [ -d synth-nf4 ] || qtool quantize -m llama3-8b-synth --method nf4 -o synth-nf4 --quiet
 

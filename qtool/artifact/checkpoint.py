@@ -34,7 +34,7 @@ from qtool.artifact import safetensors_io as st
 from qtool.artifact.atomic import atomic_dir
 from qtool.artifact.scales import install_scale_api
 from qtool.errors import QtoolError
-from qtool.models.load import sha256_file
+from qtool.models.cache import sha256_file
 from qtool.nn.nf4linear import NF4Linear
 from qtool.nn.qlinear import QuantLinear
 from qtool.nn.replace import nf4_linears, quant_linears, quantized_linears, set_module

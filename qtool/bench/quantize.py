@@ -60,7 +60,7 @@ class MethodResult:
 
 def model_dir(shape: str, blocks: int | None, seed: int = 0) -> Path:
     """The synthetic model of `shape` cut to `blocks` blocks, written on first use."""
-    from qtool.models.load import cache_dir
+    from qtool.models.cache import cache_dir
     from qtool.models.synthetic import llama_config, write_model
 
     cfg = dict(SHAPES[shape])

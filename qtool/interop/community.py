@@ -24,7 +24,8 @@ from qtool.errors import QtoolError
 from qtool.interop import awq, gptq
 from qtool.interop import compressed_tensors as ct
 from qtool.interop.hf_dir import read_config, read_tensors
-from qtool.models.load import cache_dir, hf_dir_fingerprint, quiet_transformers
+from qtool.models.cache import cache_dir
+from qtool.models.load import hf_dir_fingerprint, quiet_transformers
 from qtool.nn.qlinear import QuantLinear
 from qtool.nn.replace import set_module
 

@@ -43,10 +43,10 @@ from torch import Tensor, nn
 from qtool import dist
 from qtool.artifact.atomic import atomic_file
 from qtool.errors import QtoolError
-from qtool.methods import QuantizeOptions, register
 from qtool.methods.blocks import capture_inputs, iter_blocks, run_block
 from qtool.methods.gptq import input_groups
 from qtool.methods.progress import progress_bar
+from qtool.methods.registry import QuantizeOptions, register
 from qtool.methods.rtn import quantize_lm_head
 from qtool.models.load import decoder_layers
 from qtool.nn.lora import LoraLinear

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from qtool import dist
-from qtool.methods import QuantizeOptions, register
 from qtool.methods.blocks import capture_inputs, iter_blocks, propagate, run_block
 from qtool.methods.progress import progress_bar
+from qtool.methods.registry import QuantizeOptions, register
 from qtool.methods.rtn import quantize_lm_head
 from qtool.models.load import decoder_layers
 from qtool.nn.qlinear import QuantLinear

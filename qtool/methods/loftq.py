@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from qtool.errors import QtoolError
-from qtool.methods import QuantizeOptions, register
 from qtool.methods.blocks import iter_blocks
 from qtool.methods.nf4 import block_size_of
 from qtool.methods.progress import progress_bar
+from qtool.methods.registry import QuantizeOptions, register
 from qtool.methods.rtn import quantize_lm_head
 from qtool.models.load import decoder_layers
 from qtool.nn.lora import LoraLinear

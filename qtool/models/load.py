@@ -20,6 +20,7 @@ from torch import nn
 
 from qtool.errors import QtoolError
 from qtool.models.builtin import BUILTINS, builtin_gguf
+from qtool.models.cache import cache_dir, cached_sha256, sha256_file  # noqa: F401 (also imported from here)
 
 
 @dataclass
@@ -35,48 +36,20 @@ class SourceInfo:
         return {"name": self.name, "path": self.path, "sha256": self.sha256, "kind": self.kind}
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("QTOOL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "qtool"
-    )
-    return Path(root)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _cached_sha256(path: Path) -> str:
-    """sha256 of a large immutable file, memoised by (path, size, mtime) in the cache dir."""
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:32]
-    memo = cache_dir() / "sha256" / key
-    if memo.is_file():
-        return memo.read_text().strip()
-    digest = sha256_file(path)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest)
-    return digest
-
-
 def hf_dir_fingerprint(path: Path) -> str:
     """sha256 over the weight and config files of an HF directory (names + contents)."""
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
         if f.suffix in {".safetensors", ".json"} and f.is_file():
             h.update(f.name.encode())
-            h.update(_cached_sha256(f).encode())
+            h.update(cached_sha256(f).encode())
     return h.hexdigest()
 
 
 def resolve_source(name_or_path: str) -> SourceInfo:
     if name_or_path in BUILTINS:
         path = builtin_gguf(name_or_path)
-        return SourceInfo(name_or_path, str(path), _cached_sha256(path), "builtin")
+        return SourceInfo(name_or_path, str(path), cached_sha256(path), "builtin")
     path = Path(name_or_path).expanduser()
     if not path.exists():
         names = ", ".join(BUILTINS)
@@ -85,7 +58,7 @@ def resolve_source(name_or_path: str) -> SourceInfo:
     if path.is_file():
         if path.suffix != ".gguf":
             raise QtoolError(f"model file {path} is not a .gguf file")
-        return SourceInfo(path.name, str(path), _cached_sha256(path), "gguf")
+        return SourceInfo(path.name, str(path), cached_sha256(path), "gguf")
     if not (path / "config.json").is_file():
         raise QtoolError(f"{path} is not a Hugging Face model directory (no config.json)")
     if (path / "qtool.json").is_file():
