@@ -8,11 +8,11 @@ import json
 
 import torch
 from interop_util import tiny_checkpoint
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from qtool.artifact.adapter import AdapterSpec, save_adapter
 from qtool.artifact.delta import save_delta
-from qtool.swap import combine_scales
+from qtool.artifact.scales import combine_scales
 from tests.cli_util import run_cli
 
 Q = "model.layers.0.self_attn.q_proj"
@@ -66,6 +66,9 @@ def test_refusals_write_nothing(tmp_path, capsys):
     _adapter(tmp_path / "mts", info)
     cfg = json.loads((tmp_path / "mts" / "adapter_config.json").read_text())
     (tmp_path / "mts" / "adapter_config.json").write_text(json.dumps({**cfg, "modules_to_save": ["lm_head"]}))
+    # as PEFT would write it: no qtool content hash (qtool never writes modules_to_save itself)
+    weights = tmp_path / "mts" / "adapter_model.safetensors"
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt"})
     cases = [(("--delta", tmp_path / "other.safetensors"), "trained on base"),
              (("--adapter", tmp_path / "other-ad"), "made for base"),
              (("--adapter", tmp_path / "dora"), "DoRA"),
