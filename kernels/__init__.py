@@ -6,25 +6,39 @@ not cover, and the torch fallback runs. Design and the notes of each kernel vers
 docs/kernels.md. Every kernel has its `reference_*` beside it.
 """
 
-# Relative imports: run from the repository root, this folder is also importable as plain
-# `kernels` (cwd on sys.path), and transformers probes `import kernels` for Hugging Face's
-# hub package; absolute `qtool_kernels` imports here would then recurse into a half-built module.
-from .dequant import dequantize_packed, reference_dequantize
-from .gemv import default_gemv_config, gemv_matmul, reference_gemv, tile_major_tile
-from .linear import GEMV_MAX_M, SKINNY_MAX_M, forward_packed, gemv_max_m, quant_linear, skinny_max_m
-from .nf4 import (
-    NF4_SKINNY_MAX_M,
-    NF4Weight,
-    dequantize_nf4,
-    nf4_forward,
-    nf4_linear,
-    nf4_linear_ref,
-    nf4_skinny_matmul,
-    reference_dequantize_nf4,
-)
-from .scale_grad import reference_scale_grad, scale_grad
-from .skinny import reference_skinny, skinny_matmul
-from .tiles import row_major, tile_major
+import sys
+
+if __name__ != "qtool_kernels":
+    # Run from the repository root, this folder is also importable as plain `kernels` (cwd on
+    # sys.path): the name of Hugging Face's hub-kernel package, which transformers probes and
+    # bitsandbytes' CPU backend imports (`from kernels import get_kernel`). A second copy loaded
+    # under that name would register qtool's torch ops again and replace the ones compiled graphs
+    # call, so the name is made to point at the one copy (which has no `get_kernel`: callers fall
+    # back as when the hub package is missing).
+    try:
+        import qtool_kernels as _installed
+
+        sys.modules[__name__] = _installed
+    except ImportError:
+        pass
+else:
+    # Relative imports: absolute `qtool_kernels` imports would recurse into a half-built module.
+    from .dequant import dequantize_packed, reference_dequantize
+    from .gemv import default_gemv_config, gemv_matmul, reference_gemv, tile_major_tile
+    from .linear import GEMV_MAX_M, SKINNY_MAX_M, forward_packed, gemv_max_m, quant_linear, skinny_max_m
+    from .nf4 import (
+        NF4_SKINNY_MAX_M,
+        NF4Weight,
+        dequantize_nf4,
+        nf4_forward,
+        nf4_linear,
+        nf4_linear_ref,
+        nf4_skinny_matmul,
+        reference_dequantize_nf4,
+    )
+    from .scale_grad import reference_scale_grad, scale_grad
+    from .skinny import reference_skinny, skinny_matmul
+    from .tiles import row_major, tile_major
 
 __all__ = [
     "GEMV_MAX_M",
