@@ -11,7 +11,7 @@ from tiny_models import tiny_llama
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    # Keep the GGUF conversion cache across the session but out of the user's home when asked.
+    # Keep the GGUF conversion cache across the test run but out of the user's home when asked.
     if "QTOOL_CACHE" not in os.environ and os.environ.get("CI"):
         os.environ["QTOOL_CACHE"] = str(tmp_path_factory.mktemp("qtool-cache"))
     yield

@@ -45,7 +45,7 @@ def big_model(tmp_path_factory) -> Path:
 
 
 def run_limited(*args) -> tuple[float, int]:
-    # A user's environment, not the test session's (tests/kernels/conftest.py sets TRITON_INTERPRET,
+    # A user's environment, not the test run's (tests/kernels/conftest.py sets TRITON_INTERPRET,
     # other tests knobs of their own), and a working directory outside the repository.
     env = {k: os.environ[k] for k in ("PATH", "HOME", "QTOOL_CACHE", "PYTHONPATH", "TMPDIR") if k in os.environ}
     res = subprocess.run([sys.executable, "-c", RUNNER, *map(str, args)], capture_output=True, text=True,
