@@ -2,7 +2,7 @@
 # The multi-GPU runs listed in docs/distributed.md ("GPU runs not yet made"), on a host with
 # at least 4 GPUs: fine-tuning tokens/s of PEQA and QLoRA on 1, 2, 4 GPUs (scaling efficiency)
 # and GPTQ calibration time on 1 vs 2 vs 4 GPUs, all on a random Llama of Llama-3-8B's shapes.
-#   OUT=dist-runs bash scripts/multi_gpu_runs.sh
+#   OUT=dist-runs bash scripts/results/multi_gpu_runs.sh
 set -euo pipefail
 OUT=${OUT:-dist-runs}
 mkdir -p "$OUT" && cd "$OUT"

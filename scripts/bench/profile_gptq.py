@@ -1,6 +1,6 @@
 """cProfile of GPTQ on the first BLOCKS blocks of SmolLM2-135M (docs/models.md, "GPTQ: where the time went").
 
-Usage: python scripts/profile_gptq.py [BLOCKS] [WINDOWS] [SEQLEN]   (default 3 8 512)
+Usage: python scripts/bench/profile_gptq.py [BLOCKS] [WINDOWS] [SEQLEN]   (default 3 8 512)
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 stem, plus the row's label when the file scored several: base, + Δs, + adapter), acc and
 acc_norm (and exact_match, perplexity) per task, in percent with the standard error.
 
-Usage: python scripts/eval_table.py zero-shot/fp.json zero-shot/rtn-w4.json ...
+Usage: python scripts/results/eval_table.py zero-shot/fp.json zero-shot/rtn-w4.json ...
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # The zero-shot table of docs/eval.md: SmolLM2-135M-Instruct (the built-in model) as shipped
 # and RTN W4/W3/W2 g128, optionally GPTQ W3/W2 g128 (GPTQ=1), on ApiQ's eight commonsense
 # tasks through lm-evaluation-harness, offline.
-# Usage: LIMIT=50 OUT=zs bash scripts/results_zero_shot.sh   (LIMIT empty: the full sets)
+# Usage: LIMIT=50 OUT=zs bash scripts/results/results_zero_shot.sh   (LIMIT empty: the full sets)
 set -euo pipefail
 LIMIT=${LIMIT-50}
 OUT=${OUT:-zero-shot}

@@ -4,7 +4,7 @@
 # halves (`finetune --task commonsense`) and is scored on every test half
 # (`eval --tasks commonsense_heldout`, lm-eval acc / acc_norm). Needs a CUDA GPU for sensible times.
 #
-# Usage: scripts/results_commonsense_ft.sh OUTDIR [MODEL]
+# Usage: scripts/results/results_commonsense_ft.sh OUTDIR [MODEL]
 # Env:   QTOOL_BITS    bit-widths, group 64           (default "4 3 2")
 #        QTOOL_METHODS methods                        (default "lora-w8 qlora rtn-lora gptq-lora loftq apiq-bw peqa")
 #        QTOOL_SEEDS   fine-tuning seeds              (default "0")
@@ -13,7 +13,7 @@
 # Methods: lora-w8 = LoRA on an RTN W8 g64 base (the ≈ fp upper bound: qtool fine-tunes quantized
 # bases only), once; qlora = QLoRA on NF4 (4 bits only); rtn-lora / gptq-lora = LoRA on an RTN /
 # GPTQ base; loftq, apiq-bw = LoRA started from the method's adapter; peqa = PEQA scales on RTN.
-# Results: OUTDIR/eval-<method>-w<bits>-s<seed>.json; table: scripts/eval_table.py OUTDIR/eval-*.json
+# Results: OUTDIR/eval-<method>-w<bits>-s<seed>.json; table: scripts/results/eval_table.py OUTDIR/eval-*.json
 set -euo pipefail
 out=${1:?usage: results_commonsense_ft.sh OUTDIR [MODEL]}
 model=${2:-smollm2-135m}
