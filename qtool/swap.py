@@ -21,7 +21,6 @@ import ctypes  # noqa: F401 (tests patch swap.ctypes.util)
 import errno
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from qtool.artifact import safetensors_io as st
-from qtool.artifact.atomic import clean_stale, dir_lock, disk_errors, exchange, fsync_tree
+from qtool.artifact.atomic import atomic_dir, dir_lock, exchange
 from qtool.artifact.checkpoint import dump_manifest as _write_manifest  # the name tests patch
 from qtool.artifact.delta import check_delta, read_delta
 from qtool.artifact.scales import (  # noqa: F401 (combine_scales, install_scale_api: the API's old home)
@@ -103,21 +102,9 @@ def _staging(model_dir: Path, out_dir: Path | None, overwrite: bool):
             raise QtoolError("-o must differ from MODEL_DIR (omit -o to swap in place)")
         if out_dir.exists() and not overwrite:
             raise QtoolError(f"output {out_dir} exists (use --overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.swap-{os.getpid()}-"))
-    try:
-        with disk_errors(target):
-            yield tmp
-            fsync_tree(tmp)
-            if out_dir is None or out_dir.exists():
-                _exchange(tmp, target)  # tmp now holds the old directory
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    # In place, the staged directory replaces model_dir by one atomic exchange (atomic_dir).
+    with atomic_dir(target, overwrite=True) as tmp:
+        yield tmp
 
 
 def _populate(src: Path, dst: Path, skip: set[str]) -> tuple[int, int]:
